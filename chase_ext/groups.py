@@ -1,0 +1,38 @@
+"""Data types for channel groups (shared by graph.py, channels.py, slim.py, optimizer.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A Conv (groups=1) or Linear that reads the group's channels on its input (dim 1).
+
+    Channel ``c`` occupies input columns ``[c * repeat, (c + 1) * repeat)``; ``repeat`` is 1
+    for a conv and H*W for a Linear after ``flatten`` of a C x H x W map.
+    """
+
+    module: str
+    repeat: int = 1
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that live or die together.
+
+    producers: Conv(groups=1)/Linear module names whose weight dim 0 are the channels
+        (several only for residual-coupled groups); a channel's score is the sum over them.
+    followers: channel-wise modules with per-channel tensors between producers and
+        consumers (BatchNorm/InstanceNorm, depthwise convs), in model order.
+    consumers: modules whose input slice of each channel goes with it.
+    channels: original channel count C_l.
+    """
+
+    producers: list[str]
+    consumers: list[Consumer]
+    followers: list[str] = field(default_factory=list)
+    channels: int = 0
+
+    @property
+    def name(self) -> str:
+        return "+".join(self.producers)
