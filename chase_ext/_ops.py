@@ -1,0 +1,123 @@
+"""The native ops: loads ``chase_ext._C``, registers fake kernels, typed wrappers.
+
+Every function here has the name, arguments and results of its twin in
+``chase_ext.reference`` (which documents the semantics); the optimizer can use either.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
+
+__all__ = [
+    "build_info",
+    "select_threshold",
+    "mask_update_",
+    "channel_stats",
+    "masked_apply_",
+    "gather_channels_",
+]
+
+_ops = torch.ops.chase_ext
+KEY_MAX = 2**32 - 1
+
+
+def build_info() -> dict:
+    """Version, whether CUDA kernels are compiled in, their CUDA version and archs."""
+    return {
+        "version": _C.__version__,
+        "has_cuda": bool(_C.has_cuda),
+        "cuda_version": _C.cuda_version,
+        "cuda_archs": _C.cuda_archs,
+    }
+
+
+def _rows(ts) -> int:
+    return sum((t.shape[0] if t.dim() > 0 else 1) for t in ts)
+
+
+@torch.library.register_fake("chase_ext::select_threshold")
+def _(keys, masks, live_rows, live_cols, mask_value, k, largest, absolute):
+    return torch.empty(2, dtype=torch.int64, device="cpu")
+
+
+@torch.library.register_fake("chase_ext::mask_update_")
+def _(weights, masks, scores, live_rows, live_cols, states, state_owner, prune_counts, grow_counts):
+    dev = weights[0].device
+    n = _rows(weights)
+    return torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, dtype=torch.float32, device=dev)
+
+
+@torch.library.register_fake("chase_ext::channel_stats")
+def _(weights, masks):
+    dev = weights[0].device
+    n = _rows(weights)
+    return torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, dtype=torch.float32, device=dev)
+
+
+@torch.library.register_fake("chase_ext::masked_apply_")
+def _(tensors, masks, owner):
+    return None
+
+
+@torch.library.register_fake("chase_ext::gather_channels_")
+def _(tensor, keep, dim):
+    return None
+
+
+def select_threshold(
+    keys: list[Tensor],
+    masks: list[Tensor],
+    live_rows: list[Tensor],
+    live_cols: list[Tensor],
+    mask_value: bool,
+    k: int,
+    largest: bool,
+    absolute: bool,
+) -> Tensor:
+    """(key, cutoff) of the k-th best candidate; see ``reference.select_threshold``."""
+    if not keys:  # the dispatcher needs a tensor to pick a backend
+        if k != 0:
+            raise ValueError(f"chase_ext.select_threshold: k={k} is out of range: only 0 candidate slots")
+        return torch.tensor([KEY_MAX if largest else 0, 0], dtype=torch.int64)
+    return _ops.select_threshold(keys, masks, live_rows, live_cols, mask_value, k, largest, absolute)
+
+
+def mask_update_(
+    weights: list[Tensor],
+    masks: list[Tensor],
+    scores: list[Tensor],
+    live_rows: list[Tensor],
+    live_cols: list[Tensor],
+    states: list[Tensor],
+    state_owner: list[int],
+    prune_counts: list[int],
+    grow_counts: list[int],
+) -> tuple[Tensor, Tensor]:
+    """Fused prune + grow + mask rewrite + zeroing + per-row stats (one pass after selection)."""
+    if not weights:
+        if any(prune_counts) or any(grow_counts):
+            raise ValueError("chase_ext.mask_update_: counts given for an empty list of weights")
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    return _ops.mask_update_(
+        weights, masks, scores, live_rows, live_cols, states, list(state_owner), list(prune_counts), list(grow_counts)
+    )
+
+
+def channel_stats(weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Per output channel active count (int64) and Σ|w| (float32), concatenated."""
+    if not weights:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    return _ops.channel_stats(weights, masks)
+
+
+def masked_apply_(tensors: list[Tensor], masks: list[Tensor], owner: list[int]) -> None:
+    """``tensors[j] <- where(masks[owner[j]], tensors[j], 0)``, one call for all."""
+    if tensors:
+        _ops.masked_apply_(tensors, masks, list(owner))
+
+
+def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:
+    """Compact ``tensor`` along ``dim`` in place into the prefix of its memory."""
+    _ops.gather_channels_(tensor, keep, dim)

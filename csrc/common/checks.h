@@ -1,0 +1,95 @@
+// Argument validation shared by the CPU and CUDA implementations. Every check runs
+// before any tensor is written, and every message names the offending argument.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace chase_ext {
+
+using TensorList = c10::ArrayRef<at::Tensor>;
+
+inline void check_float_list(const char* op, const char* name, TensorList ts) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    auto dt = ts[i].scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name, "[", i,
+                "] must be float32, float16 or bfloat16, got ", dt);
+    TORCH_CHECK(ts[i].is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
+  }
+}
+
+inline void check_same_dtype(const char* op, const char* name, TensorList ts) {
+  for (size_t i = 1; i < ts.size(); ++i)
+    TORCH_CHECK(ts[i].scalar_type() == ts[0].scalar_type(), op, ": ", name, "[", i, "] has dtype ",
+                ts[i].scalar_type(), " but ", name, "[0] has ", ts[0].scalar_type(),
+                " (one dtype per list)");
+}
+
+inline void check_like(const char* op, const char* name, TensorList ts, const char* ref_name,
+                       TensorList ref) {
+  TORCH_CHECK(ts.size() == ref.size(), op, ": ", name, " has ", ts.size(), " tensors but ", ref_name,
+              " has ", ref.size());
+  for (size_t i = 0; i < ts.size(); ++i) {
+    TORCH_CHECK(ts[i].sizes() == ref[i].sizes(), op, ": ", name, "[", i, "] has shape ", ts[i].sizes(),
+                " but ", ref_name, "[", i, "] has shape ", ref[i].sizes());
+    TORCH_CHECK(ts[i].device() == ref[i].device(), op, ": ", name, "[", i, "] is on ", ts[i].device(),
+                " but ", ref_name, "[", i, "] is on ", ref[i].device());
+  }
+}
+
+inline void check_masks(const char* op, TensorList masks, TensorList ref, const char* ref_name) {
+  check_like(op, "masks", masks, ref_name, ref);
+  for (size_t i = 0; i < masks.size(); ++i) {
+    TORCH_CHECK(masks[i].scalar_type() == at::kBool, op, ": masks[", i, "] must be bool, got ",
+                masks[i].scalar_type());
+    TORCH_CHECK(masks[i].is_contiguous(), op, ": masks[", i, "] must be contiguous");
+  }
+}
+
+inline void check_devices(const char* op, const char* name, TensorList ts, const at::Device& dev) {
+  for (size_t i = 0; i < ts.size(); ++i)
+    TORCH_CHECK(ts[i].device() == dev, op, ": ", name, "[", i, "] is on ", ts[i].device(), " but ",
+                "the other tensors are on ", dev);
+}
+
+// live_rows / live_cols: empty (all live) or one bool vector per weight of shape[0] / shape[1].
+inline void check_live(const char* op, const char* name, TensorList live, TensorList ref, int dim) {
+  if (live.empty()) return;
+  TORCH_CHECK(live.size() == ref.size(), op, ": ", name, " has ", live.size(),
+              " tensors; expected 0 (all live) or ", ref.size());
+  for (size_t i = 0; i < live.size(); ++i) {
+    TORCH_CHECK(ref[i].dim() > dim, op, ": ", name, "[", i, "] given for a tensor of ", ref[i].dim(),
+                " dims");
+    TORCH_CHECK(live[i].scalar_type() == at::kBool && live[i].dim() == 1 &&
+                    live[i].numel() == ref[i].size(dim) && live[i].is_contiguous(),
+                op, ": ", name, "[", i, "] must be a contiguous 1-D bool tensor of ", ref[i].size(dim),
+                " entries, got ", live[i].scalar_type(), " of shape ", live[i].sizes());
+    TORCH_CHECK(live[i].device() == ref[i].device(), op, ": ", name, "[", i, "] is on ",
+                live[i].device(), " but its tensor is on ", ref[i].device());
+  }
+}
+
+inline void check_counts(const char* op, const char* name, c10::IntArrayRef counts, size_t n) {
+  TORCH_CHECK(counts.size() == 1 || counts.size() == n, op, ": ", name, " must hold 1 count (global)",
+              " or ", n, " (one per tensor), got ", counts.size());
+  for (size_t i = 0; i < counts.size(); ++i)
+    TORCH_CHECK(counts[i] >= 0, op, ": ", name, "[", i, "]=", counts[i], " is negative");
+}
+
+inline void check_owner(const char* op, TensorList states, c10::IntArrayRef owner, TensorList weights,
+                        const char* owner_name) {
+  TORCH_CHECK(owner.size() == states.size(), op, ": ", owner_name, " has ", owner.size(),
+              " entries but there are ", states.size(), " state tensors");
+  for (size_t i = 0; i < states.size(); ++i) {
+    TORCH_CHECK(owner[i] >= 0 && owner[i] < (int64_t)weights.size(), op, ": ", owner_name, "[", i,
+                "]=", owner[i], " is out of range [0, ", weights.size(), ")");
+    const auto& w = weights[owner[i]];
+    TORCH_CHECK(states[i].sizes() == w.sizes(), op, ": states[", i, "] has shape ", states[i].sizes(),
+                " but its owner has shape ", w.sizes());
+    TORCH_CHECK(states[i].device() == w.device(), op, ": states[", i, "] is on ", states[i].device(),
+                " but its owner is on ", w.device());
+    TORCH_CHECK(states[i].is_contiguous(), op, ": states[", i, "] must be contiguous");
+    TORCH_CHECK(states[i].is_floating_point(), op, ": states[", i, "] must be floating point, got ",
+                states[i].scalar_type());
+  }
+}
+
+}  // namespace chase_ext

@@ -1,0 +1,53 @@
+// channel_stats on CPU: per output channel (dim 0) active count and sum |w|, all tensors
+// in one call (a segmented reduction over rows).
+#include <torch/library.h>
+
+#include "cpu/multi_tensor.h"
+
+namespace chase_ext::cpu {
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> channel_stats(at::TensorList weights, at::TensorList masks) {
+  const char* op = "chase_ext.channel_stats";
+  check_float_list(op, "weights", weights);
+  check_same_dtype(op, "weights", weights);
+  check_masks(op, masks, weights, "weights");
+  const auto L = make_layouts(weights, {}, {});
+  int64_t rows = 0;
+  for (const auto& l : L) rows += l.rows;
+  auto counts = at::zeros({rows}, at::kLong);
+  auto sums = at::zeros({rows}, at::kFloat);
+  int64_t* cp = counts.data_ptr<int64_t>();
+  float* up = sums.data_ptr<float>();
+  if (weights.empty()) return {counts, sums};
+  dispatch_float(weights[0].scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    int64_t base = 0;
+    for (size_t t = 0; t < weights.size(); ++t) {
+      const Layout& l = L[t];
+      const T* w = weights[t].data_ptr<T>();
+      const bool* m = masks[t].data_ptr<bool>();
+      at::parallel_for(0, l.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, l.row_stride)),
+                       [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          int64_t cnt = 0;
+          double sum = 0;
+          for (int64_t i = r * l.row_stride, e = i + l.row_stride; i < e; ++i) {
+            cnt += m[i];
+            sum += m[i] ? std::abs(static_cast<double>(static_cast<float>(w[i]))) : 0.0;
+          }
+          cp[base + r] = cnt;
+          up[base + r] = (float)sum;
+        }
+      });
+      base += l.rows;
+    }
+  });
+  return {counts, sums};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(chase_ext, CPU, m) { m.impl("channel_stats", &channel_stats); }
+
+}  // namespace chase_ext::cpu
