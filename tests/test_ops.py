@@ -1,0 +1,333 @@
+"""Every native op against chase_ext.reference (hypothesis), opcheck, compile, errors."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from chase_ext import reference as R
+
+ops = pytest.importorskip("chase_ext._ops", reason="chase_ext._C is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(0, 3), (1, 1), (3, 0), (5, 4), (4, 3, 3, 3), (7, 2, 1), (2, 5, 2, 2), (1,), (6,)]
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def make_case(seed, n_tensors, dtype, device, ties, live, shapes=None, density=None):
+    """Random weights/scores/masks; `ties` quantises values so many keys are equal."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or [SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))] for _ in range(n_tensors)]
+    d = density if density is not None else float(torch.rand(1, generator=g))
+
+    def values(shape):
+        x = torch.randn(shape, generator=g)
+        if ties:
+            x = torch.round(x * 2) / 2  # a handful of distinct values, +-0 included
+        return x.to(dtype).to(device)
+
+    ws = [values(s) for s in shapes]
+    ms = [(torch.rand(s, generator=g) < d).to(device) for s in shapes]
+    for w, m in zip(ws, ms):
+        w.mul_(m)
+    scores = [values(s) for s in shapes]
+    lr, lc = [], []
+    if live and all(len(s) >= 2 for s in shapes):
+        lr = [(torch.rand(s[0], generator=g) < 0.8).to(device) for s in shapes]
+        lc = [(torch.rand(s[1], generator=g) < 0.8).to(device) for s in shapes]
+    return ws, ms, scores, lr, lc, g
+
+
+def clone(ts):
+    return [t.clone() for t in ts]
+
+
+def count(cands):
+    return int(sum(int(c.sum()) for c in cands))
+
+
+def live_list(ws, lr, lc):
+    return [R.live_slots(w, lr[i] if lr else None, lc[i] if lc else None) for i, w in enumerate(ws)]
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), dtype=st.sampled_from(DTYPES),
+       ties=st.booleans(), live=st.booleans(), largest=st.booleans(), absolute=st.booleans(),
+       mask_value=st.booleans(), kpos=st.sampled_from(["zero", "all", "one", "mid"]))
+def test_select_threshold_matches_reference(device, seed, n, dtype, ties, live, largest, absolute, mask_value, kpos):
+    ws, ms, _, lr, lc, g = make_case(seed, n, dtype, device, ties, live)
+    cand = count([(m == mask_value) & l for m, l in zip(ms, live_list(ws, lr, lc))])
+    k = {"zero": 0, "all": cand, "one": min(1, cand), "mid": cand // 2}[kpos]
+    got = ops.select_threshold(ws, ms, lr, lc, mask_value, k, largest, absolute)
+    want = R.select_threshold([w.cpu() for w in ws], [m.cpu() for m in ms], [x.cpu() for x in lr],
+                              [x.cpu() for x in lc], mask_value, k, largest, absolute)
+    assert got.tolist() == want.tolist()
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), dtype=st.sampled_from(DTYPES),
+       ties=st.booleans(), live=st.booleans(), per_tensor=st.booleans(), with_states=st.booleans(),
+       frac=st.sampled_from([0.0, 0.3, 1.0]), grow_frac=st.sampled_from([0.0, 0.5, 1.0]))
+def test_mask_update_matches_reference(device, seed, n, dtype, ties, live, per_tensor, with_states, frac, grow_frac):
+    ws, ms, scores, lr, lc, g = make_case(seed, n, dtype, device, ties, live)
+    lv = live_list(ws, lr, lc)
+    if per_tensor:
+        active = [int((m & l).sum()) for m, l in zip(ms, lv)]
+        prune = [round(frac * a) for a in active]
+        free = [int(l.sum()) - a + p for l, a, p in zip(lv, active, prune)]
+        grow = [round(grow_frac * f) for f in free]
+    else:
+        active = count([m & l for m, l in zip(ms, lv)])
+        prune = [round(frac * active)]
+        grow = [round(grow_frac * (count(lv) - active + prune[0]))]
+    states = [torch.randn(w.shape, generator=g).to(device) for w in ws for _ in range(2)] if with_states else []
+    owner = [i for i in range(len(ws)) for _ in range(2)] if with_states else []
+    a = (clone(ws), clone(ms), clone(states))
+    b = ([w.cpu() for w in ws], [m.cpu() for m in ms], [s.cpu() for s in states])
+    cnt, sums = ops.mask_update_(a[0], a[1], scores, lr, lc, a[2], owner, prune, grow)
+    rc, rs = R.mask_update_(b[0], b[1], [s.cpu() for s in scores], [x.cpu() for x in lr], [x.cpu() for x in lc],
+                            b[2], owner, prune, grow)
+    for x, y in zip(a[1], b[1]):
+        assert torch.equal(x.cpu(), y)
+    for x, y in zip(a[0] + a[2], b[0] + b[2]):
+        assert torch.equal(x.cpu(), y)
+    assert torch.equal(cnt.cpu(), rc)
+    torch.testing.assert_close(sums.cpu(), rs, rtol=1e-5, atol=1e-5)
+    # the active count is exactly what was asked for
+    if not per_tensor:
+        assert count([m & l for m, l in zip(a[1], lv)]) == active - prune[0] + grow[0]
+
+
+def test_mask_update_keeps_value_of_pruned_and_regrown(device):
+    # slot 0 has the smallest |w| (pruned) and the largest score (grown back): it keeps its
+    # value and state. Slot 3 was inactive and is grown: it starts at exactly 0.
+    for impl in (ops, R):
+        w = torch.tensor([[0.1, 2.0, 3.0, 7.0]], device=device)  # slot 3 breaks the invariant on purpose
+        m = torch.tensor([[True, True, True, False]], device=device)
+        s = torch.tensor([[9.0, 0.0, 0.0, 5.0]], device=device)
+        st_ = torch.tensor([[1.0, 1.0, 1.0, 4.0]], device=device)
+        impl.mask_update_([w], [m], [s], [], [], [st_], [0], [2], [2])
+        # pruned: slots 0 (0.1) and 1 (2.0); grown: slot 0 (9.0) and slot 3 (5.0)
+        assert m.tolist() == [[True, False, True, True]]
+        assert w.tolist() == [[pytest.approx(0.1), 0.0, 3.0, 0.0]]
+        assert st_.tolist() == [[1.0, 0.0, 1.0, 0.0]]
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), dtype=st.sampled_from(DTYPES))
+def test_channel_stats_matches_reference(device, seed, n, dtype):
+    ws, ms, *_ = make_case(seed, n, dtype, device, ties=False, live=False)
+    c, s = ops.channel_stats(ws, ms)
+    rc, rs = R.channel_stats([w.cpu() for w in ws], [m.cpu() for m in ms])
+    assert torch.equal(c.cpu(), rc)
+    torch.testing.assert_close(s.cpu(), rs, rtol=1e-5, atol=1e-5)
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), dtype=st.sampled_from(DTYPES))
+def test_masked_apply_matches_reference(device, seed, n, dtype):
+    ws, ms, scores, *_ = make_case(seed, n, dtype, device, ties=False, live=False)
+    ts = [torch.randn_like(w) for w in ws] + [s.float() for s in scores]
+    owner = list(range(len(ws))) * 2
+    a, b = clone(ts), [t.cpu() for t in ts]
+    ops.masked_apply_(a, ms, owner)
+    R.masked_apply_(b, [m.cpu() for m in ms], owner)
+    for x, y in zip(a, b):
+        assert torch.equal(x.cpu(), y)
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), shape=st.sampled_from([(6, 4), (5, 3, 2, 2), (4, 7), (3, 1), (1, 5, 3)]),
+       dim=st.integers(0, 1), dtype=st.sampled_from(DTYPES), keep_frac=st.sampled_from([0.0, 0.5, 1.0]))
+def test_gather_channels_matches_reference(device, seed, shape, dim, dtype, keep_frac):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(shape, generator=g).to(dtype).to(device)
+    C = shape[dim]
+    keep = torch.randperm(C, generator=g)[: round(keep_frac * C)].sort().values
+    a, b = t.clone(), t.cpu().clone()
+    ops.gather_channels_(a, keep, dim)
+    R.gather_channels_(b, keep, dim)
+    assert torch.equal(a.cpu(), b)
+    m = t.numel() // C * len(keep)
+    assert torch.equal(a.flatten()[:m].cpu(), t.cpu().index_select(dim, keep).flatten())
+
+
+def test_gather_channels_keeps_storage(device):
+    t = torch.arange(24.0, device=device).view(4, 6)
+    ptr = t.data_ptr()
+    ops.gather_channels_(t, torch.tensor([1, 4]), 1)
+    assert t.data_ptr() == ptr
+    assert t.flatten()[:8].tolist() == [1, 4, 7, 10, 13, 16, 19, 22]
+
+
+# ---------------------------------------------------------------- CPU == CUDA, bit for bit
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), ties=st.booleans(), live=st.booleans())
+def test_cpu_equals_cuda(seed, ties, live):
+    ws, ms, scores, lr, lc, _ = make_case(seed, 3, torch.float32, "cpu", ties, live,
+                                          shapes=[(16, 8, 3, 3), (32, 16), (8, 4, 1, 1)])
+    lv = live_list(ws, lr, lc)
+    active = count([m & l for m, l in zip(ms, lv)])
+    prune, grow = [active // 3], [active // 3 + 5]
+    cuda = ([w.cuda() for w in ws], [m.cuda() for m in ms])
+    ops.mask_update_(cuda[0], cuda[1], [s.cuda() for s in scores], [x.cuda() for x in lr], [x.cuda() for x in lc],
+                     [], [], prune, grow)
+    ops.mask_update_(ws, ms, scores, lr, lc, [], [], prune, grow)
+    for x, y in zip(ms + ws, cuda[1] + cuda[0]):
+        assert torch.equal(x, y.cpu())
+
+
+# ---------------------------------------------------------------- opcheck and compile
+def _opcheck_cases(device):
+    ws, ms, scores, lr, lc, g = make_case(3, 2, torch.float32, device, ties=True, live=True,
+                                          shapes=[(4, 3, 2, 2), (5, 4)], density=0.5)
+    states = [torch.randn_like(w) for w in ws]
+    lv = live_list(ws, lr, lc)
+    active = count([m & l for m, l in zip(ms, lv)])
+    return [
+        (torch.ops.chase_ext.select_threshold.default, (ws, ms, lr, lc, True, 3, False, True)),
+        (torch.ops.chase_ext.mask_update_.default,
+         (clone(ws), clone(ms), scores, lr, lc, states, [0, 1], [active // 2], [active // 2])),
+        (torch.ops.chase_ext.channel_stats.default, (ws, ms)),
+        (torch.ops.chase_ext.masked_apply_.default, (clone(scores), ms, [0, 1])),
+        (torch.ops.chase_ext.gather_channels_.default, (torch.randn(6, 4, device=device), torch.tensor([0, 2, 5]), 0)),
+    ]
+
+
+@pytest.mark.parametrize("i", range(5))
+def test_opcheck(device, i):
+    op, args = _opcheck_cases(device)[i]
+    # the data-dependent selection cannot be differentiated; skip autograd registration check
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_torch_compile_fullgraph(device):
+    ws, ms, *_ = make_case(5, 2, torch.float32, device, ties=False, live=False, shapes=[(4, 3, 3, 3), (6, 4)])
+    owner = [0, 1]
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(ws, ms):
+        c, s = torch.ops.chase_ext.channel_stats(ws, ms)
+        torch.ops.chase_ext.masked_apply_(ws, ms, owner)
+        return c, s * 2
+
+    a = clone(ws)
+    c, s = step(a, ms)
+    rc, rs = R.channel_stats([w.cpu() for w in ws], [m.cpu() for m in ms])
+    assert torch.equal(c.cpu(), rc)
+    torch.testing.assert_close(s.cpu(), rs * 2)
+
+
+# ---------------------------------------------------------------- errors
+def _snapshot(*lists):
+    return [[t.clone() for t in ts] for ts in lists]
+
+
+def _bits(t):
+    return t.contiguous().view(torch.uint8)
+
+
+def _unchanged(before, *lists):
+    """Bit-for-bit equality (NaN included)."""
+    return all(torch.equal(_bits(x), _bits(y)) for b, ts in zip(before, lists) for x, y in zip(b, ts))
+
+
+def test_errors_name_the_argument_and_write_nothing(device):
+    ws, ms, scores, lr, lc, _ = make_case(7, 2, torch.float32, device, ties=False, live=False,
+                                          shapes=[(4, 3), (5, 2)], density=0.5)
+    states = [torch.randn_like(w) for w in ws]
+    before = _snapshot(ws, ms, states)
+    active = count(ms)
+    cases = [
+        (dict(prune=[active + 1], grow=[0]), "prune_counts"),
+        (dict(prune=[0], grow=[10**6]), "grow_counts"),
+        (dict(prune=[1, 2, 3], grow=[1, 2, 3]), "prune_counts"),
+        (dict(prune=[-1], grow=[0]), "prune_counts"),
+        (dict(masks=[m.float() for m in ms]), "masks[0]"),
+        (dict(scores=[scores[0], scores[1][:2]]), "scores[1]"),
+        (dict(states=[states[0][:1]], owner=[0]), "states[0]"),
+        (dict(states=states, owner=[0, 5]), "state_owner[1]"),
+        (dict(live_rows=[torch.ones(3, dtype=torch.bool, device=device)] * 2), "live_rows[0]"),
+        (dict(weights_dtype=torch.int32), "weights[0]"),
+    ]
+    for kw, needle in cases:
+        w = [x.to(kw["weights_dtype"]) for x in ws] if "weights_dtype" in kw else ws
+        with pytest.raises(RuntimeError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            ops.mask_update_(w, kw.get("masks", ms), kw.get("scores", scores), kw.get("live_rows", []), [],
+                             kw.get("states", states), kw.get("owner", [0, 1]),
+                             kw.get("prune", [1]), kw.get("grow", [1]))
+        assert _unchanged(before, ws, ms, states), needle
+
+
+def test_non_finite_raises_and_writes_nothing(device):
+    ws, ms, scores, *_ = make_case(8, 2, torch.float32, device, ties=False, live=False,
+                                   shapes=[(4, 3), (5, 2)], density=0.5)
+    for bad, needle in (("w", "weights"), ("s", "scores")):
+        w, s = clone(ws), clone(scores)
+        (w if bad == "w" else s)[1][2, 1] = float("nan") if bad == "w" else float("inf")
+        before = _snapshot(w, ms)
+        with pytest.raises(RuntimeError, match=f"{needle} has non-finite"):
+            ops.mask_update_(w, ms, s, [], [], [], [], [1], [1])
+        assert _unchanged(before, w, ms)
+        with pytest.raises(ValueError, match=f"{needle}"):
+            R.mask_update_(clone(w), clone(ms), s, [], [], [], [], [1], [1])
+
+
+def test_gather_errors(device):
+    t = torch.randn(4, 3, device=device)
+    before = t.clone()
+    for keep, dim, needle in ((torch.tensor([2, 1]), 0, "strictly increasing"), (torch.tensor([0, 4]), 0, "keep\\[1\\]"),
+                              (torch.tensor([0]), 2, "dim"), (torch.tensor([0.0]), 0, "int64")):
+        with pytest.raises(RuntimeError, match=needle):
+            ops.gather_channels_(t, keep, dim)
+        assert torch.equal(t, before)
+
+
+def test_select_threshold_k_out_of_range(device):
+    ws, ms, *_ = make_case(9, 1, torch.float32, device, ties=False, live=False, shapes=[(4, 3)], density=0.5)
+    with pytest.raises(RuntimeError, match="k=100"):
+        ops.select_threshold(ws, ms, [], [], True, 100, False, True)
+    with pytest.raises(ValueError, match="k=100"):
+        R.select_threshold(ws, ms, [], [], True, 100, False, True)
+
+
+def test_empty_lists():
+    assert ops.select_threshold([], [], [], [], True, 0, True, True).tolist() == [2**32 - 1, 0]
+    assert ops.mask_update_([], [], [], [], [], [], [], [0], [0])[0].numel() == 0
+    assert ops.channel_stats([], [])[0].numel() == 0
+    ops.masked_apply_([], [], [])
+
+
+def test_build_info():
+    info = ops.build_info()
+    assert set(info) == {"version", "has_cuda", "cuda_version", "cuda_archs"}
+    import chase_ext
+    assert info["version"] == chase_ext.__version__
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_mask_update_large_multi_chunk(device, ties, per_tensor):
+    # big enough that the kernels split the work into many chunks / blocks, with tie
+    # classes that straddle chunk boundaries
+    shapes = [(300, 200), (64, 32, 3, 3), (10, 1000), (128, 64, 1, 1)]
+    ws, ms, scores, lr, lc, g = make_case(11, 4, torch.float32, device, ties, live=True, shapes=shapes, density=0.2)
+    lv = live_list(ws, lr, lc)
+    if per_tensor:
+        act = [int((m & l).sum()) for m, l in zip(ms, lv)]
+        prune, grow = [a // 4 for a in act], [a // 4 + 3 for a in act]
+    else:
+        act = count([m & l for m, l in zip(ms, lv)])
+        prune, grow = [act // 4], [act // 4 + 100]
+    a = (clone(ws), clone(ms))
+    ops.mask_update_(a[0], a[1], scores, lr, lc, [], [], prune, grow)
+    b = ([w.cpu() for w in ws], [m.cpu() for m in ms])
+    R.mask_update_(b[0], b[1], [s.cpu() for s in scores], [x.cpu() for x in lr], [x.cpu() for x in lc], [], [],
+                   prune, grow)
+    for x, y in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.equal(x.cpu(), y)
+    cand = count([m & l for m, l in zip(ms, lv)])
+    for k in (0, 1, 7, cand // 3, cand):
+        got = ops.select_threshold(ws, ms, lr, lc, True, k, True, True)
+        want = R.select_threshold([w.cpu() for w in ws], [m.cpu() for m in ms], [x.cpu() for x in lr],
+                                  [x.cpu() for x in lc], True, k, True, True)
+        assert got.tolist() == want.tolist()
