@@ -1,0 +1,118 @@
+"""Mask-update cost on ResNet-50/ImageNet-shaped weights (54 tensors, 25.5 M values):
+fused native op vs vectorized reference vs paper-style code, density 0.1, global scope,
+grow by gradient, prune and grow 5% of N.
+
+`CHASE_BENCH_QUICK=1` shrinks the model 8x in width and runs each variant once (CI
+keeps the benchmark from rotting); the full run records medians, ratios and the
+bandwidth floor in benchmarks/results/<machine>.json.
+"""
+import os
+import statistics
+import time
+
+import pytest
+import torch
+
+from chase_ext import reference as R
+
+from conftest import QUICK, RESULTS, machine_name
+from paper_style import mask_update as paper_mask_update
+from shapes import resnet50_weight_shapes
+from timing import copy_bandwidth, interleaved, save_results
+
+ops = pytest.importorskip("chase_ext._ops", reason="chase_ext._C is not built")
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DENSITY, SWAP = 0.1, 0.05
+
+
+def make_problem(device, seed=0):
+    shapes = resnet50_weight_shapes(width_div=8 if QUICK else 1)
+    g = torch.Generator().manual_seed(seed)
+    ws, ms, gs = [], [], []
+    for s in shapes:
+        m = torch.rand(s, generator=g) < DENSITY
+        ws.append((torch.randn(s, generator=g) * m).to(device))
+        ms.append(m.to(device))
+        gs.append(torch.randn(s, generator=g).to(device))
+    n = sum(w.numel() for w in ws)
+    k = round(SWAP * n)
+    return ws, ms, gs, n, k
+
+
+def fused(ws, ms, gs, k):
+    ops.mask_update_(ws, ms, gs, [], [], [], [], [k], [k])
+
+
+def reference(ws, ms, gs, k):
+    R.mask_update_(ws, ms, gs, [], [], [], [], [k], [k])
+
+
+def paper(ws, ms, gs, k):
+    paper_mask_update(ws, ms, gs, [], [], k, k)
+
+
+VARIANTS = {"fused": fused, "reference": reference, "paper_style": paper}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_results_equal(device):
+    """All three variants give the same masks and weights (no ties in these inputs)."""
+    ws, ms, gs, n, k = make_problem(device)
+    outs = {}
+    for name, fn in VARIANTS.items():
+        w, m = [x.clone() for x in ws], [x.clone() for x in ms]
+        fn(w, m, gs, k)
+        outs[name] = (w, m)
+    for name in ("reference", "paper_style"):
+        for a, b in zip(outs["fused"][1] + outs["fused"][0], outs[name][1] + outs[name][0]):
+            assert torch.equal(a, b), name
+    assert sum(int(m.sum()) for m in outs["fused"][1]) == sum(int(m.sum()) for m in ms)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_mask_update(benchmark, device, variant):
+    ws, ms, gs, n, k = make_problem(device)
+
+    def setup():
+        return ([w.clone() for w in ws], [m.clone() for m in ms], gs, k), {}
+
+    def run(*a):
+        VARIANTS[variant](*a)
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.extra_info.update(n=n, k=k, device=device)
+    benchmark.pedantic(run, setup=setup, rounds=1 if QUICK else 5, iterations=1)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mask_update_side_by_side(device):
+    """Interleaved medians, ratios and the bandwidth floor, saved per machine."""
+    ws, ms, gs, n, k = make_problem(device)
+    rounds = 1 if QUICK else 7
+    variants = {
+        name: ((lambda: ([w.clone() for w in ws], [m.clone() for m in ms], gs, k)), fn)
+        for name, fn in VARIANTS.items()
+    }
+    times = interleaved(variants, rounds, device)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    bw = copy_bandwidth(device)
+    bytes_floor = n * (ws[0].element_size() + gs[0].element_size() + 2)  # read W, G, M; write M
+    floor = bytes_floor / bw
+    payload = {
+        "n": n, "k_prune": k, "k_grow": k, "density": DENSITY, "tensors": len(ws), "rounds": rounds,
+        "median_s": med,
+        "speedup_vs_reference": med["reference"] / med["fused"],
+        "speedup_vs_paper_style": med["paper_style"] / med["fused"],
+        "copy_bandwidth_GBps": bw / 1e9,
+        "bandwidth_floor_s": floor,
+        "fused_over_floor": med["fused"] / floor,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    print(payload)
+    if not QUICK:
+        save_results(os.path.join(RESULTS, machine_name() + ".json"), f"mask_update_{device}", payload)

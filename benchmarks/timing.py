@@ -1,0 +1,50 @@
+"""Side-by-side timing: variants interleaved (A B C A B C ...) so machine drift hits
+all of them alike; medians and ratios come from one run."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+def _sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(variants: dict, rounds: int, device="cpu") -> dict:
+    """variants: name -> (setup() -> args, fn(*args)). Returns name -> list of seconds."""
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for name, (setup, fn) in variants.items():
+            args = setup()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn(*args)
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def copy_bandwidth(device="cpu", nbytes=256 << 20, rounds=7) -> float:
+    """Measured bytes/s of a large tensor copy (bytes read + bytes written)."""
+    src = torch.ones(nbytes // 4, device=device)
+    dst = torch.empty_like(src)
+    ts = interleaved({"copy": (lambda: (), lambda: dst.copy_(src))}, rounds, device)["copy"]
+    return 2 * nbytes / statistics.median(ts)
+
+
+def save_results(path: str, key: str, payload: dict) -> None:
+    """Merge one benchmark's figures into the machine's results file."""
+    data = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            data = json.load(f)
+    data[key] = payload
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
