@@ -331,3 +331,26 @@ def test_mask_update_large_multi_chunk(device, ties, per_tensor):
         want = R.select_threshold([w.cpu() for w in ws], [m.cpu() for m in ms], [x.cpu() for x in lr],
                                   [x.cpu() for x in lc], True, k, True, True)
         assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_mask_update_sampled_bracket_and_fallback(device, adversarial):
+    # > 65536 slots, so the kernels bracket the thresholds from a strided sample. With
+    # `adversarial`, the sampled positions (every 4th slot) hold values unlike the rest,
+    # so the bracket misses and the exact multi-pass path must take over.
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(512, 512, generator=g)
+    s = torch.randn(512, 512, generator=g)
+    if adversarial:
+        flat_w, flat_s = w.view(-1), s.view(-1)
+        flat_w[::4] = 100 + flat_w[::4].abs()
+        flat_s[::4] = 1e-3 * flat_s[::4]
+    m = torch.rand(512, 512, generator=g) < 0.3
+    w = w * m
+    act = int(m.sum())
+    prune, grow = [act // 3], [act // 3 + 11]
+    a = ([w.clone().to(device)], [m.clone().to(device)])
+    ops.mask_update_(a[0], a[1], [s.to(device)], [], [], [], [], prune, grow)
+    b = ([w.clone()], [m.clone()])
+    R.mask_update_(b[0], b[1], [s], [], [], [], [], prune, grow)
+    assert torch.equal(a[1][0].cpu(), b[1][0]) and torch.equal(a[0][0].cpu(), b[0][0])

@@ -3,6 +3,7 @@
 // writing pass, so every error is raised before anything is written.
 #include <torch/library.h>
 
+#include "cpu/bracket_select.h"
 #include "cpu/multi_tensor.h"
 
 namespace chase_ext::cpu {
@@ -13,12 +14,164 @@ struct StateRef {
   int64_t elem;  // bytes per element; zero is all-zero bits in every float format
 };
 
+constexpr const char* kOp = "chase_ext.mask_update_";
+
+// Exact prune and grow selections by two multi-pass radix selects (the general path).
+template <class WV, class SV>
+std::pair<Selection, Selection> radix_pass(const std::vector<Layout>& L, const std::vector<Chunk>& chunks,
+                                           int64_t kp, int64_t kg, const std::string& pname,
+                                           const std::string& gname, WV wval, SV sval,
+                                           const std::vector<bool*>& mp) {
+  auto wkey = [&](int t, int64_t i) { return sortable_key(wval(t, i), true); };
+  auto skey = [&](int t, int64_t i) { return sortable_key(sval(t, i), true); };
+  const Selection p = radix_select(
+      L, chunks, kp, false, kOp, pname, [&](int t, int64_t i, bool live) { return live && mp[t][i]; }, wkey,
+      [&](int t, int64_t i) { return !std::isfinite(wval(t, i)); }, "weights");
+  auto pruned = [&](int t, int64_t i, bool live) {
+    return live && mp[t][i] && in_selection(wkey(t, i), L[t].offset + i, p.key, p.cutoff, false);
+  };
+  const Selection g = radix_select(
+      L, chunks, kg, true, kOp, gname,
+      [&](int t, int64_t i, bool live) { return live && (!mp[t][i] || pruned(t, i, live)); }, skey,
+      [&](int t, int64_t i) { return !std::isfinite(sval(t, i)); }, "scores");
+  return {p, g};
+}
+
+// Both selections from one pass over the data, bracketed by a strided sample (see
+// bracket_select.h). nullopt when a bracket missed; errors are raised as in radix_pass.
+template <class WV, class SV>
+std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layout>& L, const std::vector<int>& scope,
+                                                         const std::vector<Chunk>& chunks, int64_t kp, int64_t kg,
+                                                         const std::string& pname, const std::string& gname,
+                                                         WV wval, SV sval, const std::vector<bool*>& mp) {
+  int64_t total = 0;
+  for (int t : scope) total += L[t].numel;
+  const int64_t stride = std::max<int64_t>(1, total / 65536);
+  // Sample: prune keys of active slots; grow keys of inactive slots and of the active
+  // slots the prune is likely to take (below the sampled prune quantile).
+  std::vector<uint32_t> sp, sg;
+  std::vector<std::pair<uint32_t, uint32_t>> sa;  // active: (prune key, flipped grow key)
+  int64_t n_sampled = 0;
+  sample_slots(L, scope, stride, [&](int t, int64_t i, bool live) {
+    ++n_sampled;
+    if (!live) return;
+    const uint32_t fkg = ~sortable_key(sval(t, i), true);
+    if (mp[t][i]) {
+      sa.push_back({sortable_key(wval(t, i), true), fkg});
+    } else {
+      sg.push_back(fkg);
+    }
+  });
+  const double f = (double)n_sampled / std::max<int64_t>(1, total);  // sampled share
+  for (const auto& a : sa) sp.push_back(a.first);
+  Bracket bp;
+  if (kp == 0) {
+    bp = {0, 0};  // abs keys are >= 2^31: nothing below or inside
+  } else {
+    const double qp = sp.empty() ? 0.5 : kp * f / sp.size();
+    std::vector<uint32_t> tmp = sp;
+    const Bracket mid = bracket_from_sample(tmp, qp);
+    bp = mid;
+    // likely-pruned samples join the grow sample
+    std::vector<uint32_t> q = sp;
+    const int64_t r = std::min<int64_t>((int64_t)q.size() - 1, (int64_t)std::llround(qp * q.size()));
+    if (r >= 0) {
+      std::nth_element(q.begin(), q.begin() + r, q.end());
+      for (const auto& a : sa)
+        if (a.first <= q[r]) sg.push_back(a.second);
+    }
+  }
+  Bracket bg;
+  if (kg == 0) {
+    bg = {0, 0};  // flipped keys: "below 0" is empty; key 0 (= +NaN) is rejected anyway
+  } else {
+    bg = bracket_from_sample(sg, sg.empty() ? 0.5 : kg * f / sg.size());
+  }
+
+  struct Part {
+    int64_t p_total = 0, p_below = 0, g_total = 0, g_below = 0;
+    std::vector<Cand> pbuf, gbuf;
+    std::vector<uint32_t> pbuf_g;  // flipped grow key of each pbuf entry
+    char bad_w = 0, bad_s = 0;
+  };
+  std::vector<Part> parts(chunks.size());
+  parallel_chunks(chunks, [&](int64_t c, const Chunk& ch) {
+    Part& P = parts[c];
+    for (const Unit& u : ch) {
+      const int t = u.t;
+      const int64_t off = L[t].offset;
+      const bool* m = mp[t];
+      for_slots(L[t], u.r0, u.r1, [&](int64_t i, bool live) {
+        const float w = wval(t, i), g = sval(t, i);
+        P.bad_w |= !std::isfinite(w);
+        P.bad_s |= !std::isfinite(g);
+        if (!live) return;
+        const uint32_t fkg = ~sortable_key(g, true);
+        bool grow_cand = !m[i];
+        if (m[i]) {
+          ++P.p_total;
+          const uint32_t kw = sortable_key(w, true);
+          if (kw < bp.lo) {
+            ++P.p_below;
+            grow_cand = true;  // certainly pruned
+          } else if (kw <= bp.hi) {
+            P.pbuf.push_back({kw, off + i});
+            P.pbuf_g.push_back(fkg);
+          }
+        }
+        if (grow_cand) {
+          ++P.g_total;
+          if (fkg < bg.lo) {
+            ++P.g_below;
+          } else if (fkg <= bg.hi) {
+            P.gbuf.push_back({fkg, off + i});
+          }
+        }
+      });
+    }
+  });
+  int64_t p_total = 0, p_below = 0, g_total = 0, g_below = 0;
+  for (const Part& P : parts) {
+    TORCH_CHECK(!P.bad_w, kOp, ": weights has non-finite values");
+  }
+  for (const Part& P : parts) {
+    TORCH_CHECK(!P.bad_s, kOp, ": scores has non-finite values");
+    p_total += P.p_total;
+    p_below += P.p_below;
+    g_total += P.g_total;
+    g_below += P.g_below;
+  }
+  TORCH_CHECK(kp <= p_total, kOp, ": ", pname, "=", kp, " is out of range: only ", p_total, " candidate slots");
+  std::vector<Cand> pbuf, gbuf;
+  std::vector<uint32_t> pbuf_g;
+  for (Part& P : parts) {
+    pbuf.insert(pbuf.end(), P.pbuf.begin(), P.pbuf.end());
+    pbuf_g.insert(pbuf_g.end(), P.pbuf_g.begin(), P.pbuf_g.end());
+    gbuf.insert(gbuf.end(), P.gbuf.begin(), P.gbuf.end());
+  }
+  const auto p = resolve(kp, p_below, pbuf, false);
+  if (!p) return std::nullopt;
+  // bracketed prune candidates that were taken become grow candidates
+  for (size_t j = 0; j < pbuf.size(); ++j) {
+    if (!in_selection(pbuf[j].key, pbuf[j].gidx, p->key, p->cutoff, false)) continue;
+    ++g_total;
+    if (pbuf_g[j] < bg.lo) {
+      ++g_below;
+    } else if (pbuf_g[j] <= bg.hi) {
+      gbuf.push_back({pbuf_g[j], pbuf[j].gidx});
+    }
+  }
+  TORCH_CHECK(kg <= g_total, kOp, ": ", gname, "=", kg, " is out of range: only ", g_total, " candidate slots");
+  const auto g = resolve(kg, g_below, gbuf, true);
+  if (!g) return std::nullopt;
+  return std::make_pair(*p, *g);
+}
+
 template <class W, class S>
 std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, TensorList scores,
                                        const std::vector<Layout>& L, TensorList states,
                                        c10::IntArrayRef owner, c10::IntArrayRef prune_counts,
                                        c10::IntArrayRef grow_counts) {
-  const char* op = "chase_ext.mask_update_";
   const size_t n = weights.size();
   std::vector<W*> wp(n);
   std::vector<const S*> sp(n);
@@ -47,20 +200,16 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
     const auto chunks = make_chunks(L, scopes[s], num_chunks());
     const std::string pname = global ? "prune_counts" : "prune_counts[" + std::to_string(s) + "]";
     const std::string gname = global ? "grow_counts" : "grow_counts[" + std::to_string(s) + "]";
-    const Selection p = radix_select(
-        L, chunks, prune_counts[s], false, op, pname,
-        [&](int t, int64_t i, bool live) { return live && mp[t][i]; }, wkey,
-        [&](int t, int64_t i) { return !std::isfinite(wval(t, i)); }, "weights");
-    auto pruned = [&](int t, int64_t i, bool live) {
-      return live && mp[t][i] && in_selection(wkey(t, i), L[t].offset + i, p.key, p.cutoff, false);
-    };
-    const Selection g = radix_select(
-        L, chunks, grow_counts[s], true, op, gname,
-        [&](int t, int64_t i, bool live) { return live && (!mp[t][i] || pruned(t, i, live)); }, skey,
-        [&](int t, int64_t i) { return !std::isfinite(sval(t, i)); }, "scores");
+    std::pair<Selection, Selection> pg;
+    if (auto fast = bracketed(L, scopes[s], chunks, prune_counts[s], grow_counts[s], pname, gname, wval, sval,
+                              mp)) {
+      pg = *fast;
+    } else {
+      pg = radix_pass(L, chunks, prune_counts[s], grow_counts[s], pname, gname, wval, sval, mp);
+    }
     for (int t : scopes[s]) {
-      psel[t] = p;
-      gsel[t] = g;
+      psel[t] = pg.first;
+      gsel[t] = pg.second;
     }
   }
 
@@ -86,18 +235,19 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
         int64_t cnt = 0;
         double sum = 0;
         for_slots(l, r, r + 1, [&](int64_t i, bool live) {
+          // branch-light: both keys are cheap, masks are random
           const int64_t gi = l.offset + i;
           const bool old = mp[t][i];
-          const bool pr = live && old && in_selection(wkey(t, i), gi, p.key, p.cutoff, false);
-          const bool after = old && !pr;
-          const bool nw = after || (live && in_selection(skey(t, i), gi, g.key, g.cutoff, true));
-          if (!(old && nw)) {
-            wp[t][i] = W(0.f);
+          const bool pr = live & old & in_selection(wkey(t, i), gi, p.key, p.cutoff, false);
+          const bool after = old & !pr;
+          const bool nw = after | (live & in_selection(skey(t, i), gi, g.key, g.cutoff, true));
+          if (!(old & nw)) {
+            if (wval(t, i) != 0.f || std::signbit(wval(t, i))) wp[t][i] = W(0.f);
             for (const StateRef& s : st) std::memset(s.data + i * s.elem, 0, s.elem);
           } else {
             sum += std::abs(static_cast<double>(wval(t, i)));
           }
-          mp[t][i] = nw;
+          if (nw != old) mp[t][i] = nw;
           cnt += nw;
         });
         cp[row_base + r] = cnt;

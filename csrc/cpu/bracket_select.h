@@ -1,0 +1,102 @@
+// Exact selection in (about) one pass: a deterministic strided sample brackets the k-th
+// key in [lo, hi]; one pass counts the candidates below lo and collects those inside the
+// bracket; the k-th is then found by radix select over the small buffer. When the
+// sample misses (the k-th lies outside the bracket) the caller falls back to the
+// multi-pass radix select, so results never depend on the sample, only speed does.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <optional>
+#include <vector>
+
+#include "cpu/multi_tensor.h"
+
+namespace chase_ext::cpu {
+
+struct Cand {
+  uint32_t key;  // in "smaller is better" order
+  int64_t gidx;
+};
+
+struct Bracket {
+  uint32_t lo = 0, hi = kKeyMax;
+};
+
+// A bracket around the q-quantile of the sampled keys, wide enough for sampling error.
+// `sample` is reordered.
+inline Bracket bracket_from_sample(std::vector<uint32_t>& sample, double q) {
+  Bracket b;
+  const int64_t n = (int64_t)sample.size();
+  if (n == 0) return b;
+  q = std::min(1.0, std::max(0.0, q));
+  const double m = 5.0 * std::sqrt(q * (1 - q) / n) + 4.0 / n + 1e-3;
+  const int64_t lo_rank = (int64_t)std::floor((q - m) * n), hi_rank = (int64_t)std::ceil((q + m) * n);
+  if (lo_rank > 0) {
+    std::nth_element(sample.begin(), sample.begin() + lo_rank, sample.end());
+    b.lo = sample[lo_rank];
+  }
+  if (hi_rank < n - 1) {
+    std::nth_element(sample.begin(), sample.begin() + hi_rank, sample.end());
+    b.hi = sample[hi_rank];
+  }
+  return b;
+}
+
+// The need-th smallest (1-based) of the buffer by key, ties by global index, by radix
+// select over the keys (16 + 16 bits). Returns (key, cutoff) in the buffer's key order.
+inline Selection select_in_buffer(const std::vector<Cand>& buf, int64_t need) {
+  constexpr int B = 1 << 16;
+  std::vector<int64_t> h(B, 0);
+  for (const Cand& c : buf) ++h[c.key >> 16];
+  uint32_t hi = 0;
+  for (; hi < (uint32_t)B; ++hi) {
+    if (need <= h[hi]) break;
+    need -= h[hi];
+  }
+  std::fill(h.begin(), h.end(), 0);
+  for (const Cand& c : buf)
+    if ((c.key >> 16) == hi) ++h[c.key & 0xFFFF];
+  uint32_t lo = 0;
+  for (; lo < (uint32_t)B; ++lo) {
+    if (need <= h[lo]) break;
+    need -= h[lo];
+  }
+  const uint32_t key = (hi << 16) | lo;
+  std::vector<int64_t> ties;
+  for (const Cand& c : buf)
+    if (c.key == key) ties.push_back(c.gidx);
+  std::nth_element(ties.begin(), ties.begin() + (need - 1), ties.end());
+  return {key, ties[need - 1] + 1};
+}
+
+// Resolves a selection of k from (count below the bracket, buffer inside it); nullopt
+// when the bracket missed the k-th.
+inline std::optional<Selection> resolve(int64_t k, int64_t below, const std::vector<Cand>& buf, bool largest) {
+  if (k == 0) return Selection{largest ? kKeyMax : 0u, 0};
+  const int64_t need = k - below;
+  if (need <= 0 || need > (int64_t)buf.size()) return std::nullopt;
+  Selection s = select_in_buffer(buf, need);
+  if (largest) s.key = ~s.key;
+  return s;
+}
+
+// Global index -> (tensor, slot, live) for the strided sample.
+inline void sample_slots(const std::vector<Layout>& L, const std::vector<int>& tensors, int64_t stride,
+                         const std::function<void(int, int64_t, bool)>& f) {
+  int64_t next = 0, base = 0;
+  for (int t : tensors) {
+    const Layout& l = L[t];
+    for (int64_t i = next - base; i < l.numel; i += stride) {
+      const int64_t r = i / l.row_stride;
+      bool live = !l.live_row || l.live_row[r];
+      if (l.live_col && l.col_stride) live = live && l.live_col[(i / l.col_stride) % l.cols];
+      f(t, i, live);
+      next = base + i + stride;
+    }
+    base += l.numel;
+    next = std::max(next, base);
+  }
+}
+
+}  // namespace chase_ext::cpu
