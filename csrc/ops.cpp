@@ -1,7 +1,10 @@
 // Every op schema, once, plus the pybind11 module carrying build information.
 // Backends register implementations in csrc/cpu/*.cpp and csrc/cuda/*.cu.
-#include <torch/extension.h>
+// CMake builds this file with CHASE_EXT_NO_PYTHON (a plain op library, no pybind11).
 #include <torch/library.h>
+#ifndef CHASE_EXT_NO_PYTHON
+#include <torch/extension.h>
+#endif
 
 #ifndef CHASE_EXT_VERSION
 #define CHASE_EXT_VERSION "0.0.0"
@@ -23,6 +26,7 @@ TORCH_LIBRARY(chase_ext, m) {
   m.def("gather_channels_(Tensor(a!) tensor, Tensor keep, int dim) -> ()");
 }
 
+#ifndef CHASE_EXT_NO_PYTHON
 PYBIND11_MODULE(_C, mod) {
   mod.attr("__version__") = CHASE_EXT_VERSION;
 #ifdef WITH_CUDA
@@ -38,3 +42,4 @@ PYBIND11_MODULE(_C, mod) {
 #endif
   mod.attr("cuda_archs") = CHASE_EXT_CUDA_ARCHS;
 }
+#endif

@@ -1,0 +1,256 @@
+"""The validated configuration of :class:`chase_ext.ChaseOptimizer` (SPEC §8).
+
+One name per knob, shared by this dataclass, the optimizer's keywords and the docs.
+Every invalid value raises ``ValueError`` (``TypeError`` for a wrong type) at
+construction, naming the field and the accepted range.
+
+Schedule knobs (``update_interval``, ``t_end``, ``t_explore_end``, ``channel_interval``,
+``channel_end``) follow the fraction-or-steps rule: a ``float`` in (0, 1] is a fraction of
+``total_steps`` rounded to the nearest step (Python ``round``, half to even); an ``int``
+is a step count; a float outside (0, 1] (including 0.0), a ``bool``, a negative int, or an
+interval that resolves to 0 steps is an error. The resolved step counts are the
+read-only properties ``update_steps``, ``t_end_steps``, ``t_explore_end_steps``,
+``channel_interval_steps`` and ``channel_end_steps``.
+
+Choices where SPEC is silent (documented here, enforced by validation):
+
+* ``density`` must lie in (0, 1]; ``channel_sparsity`` in [0, 1).
+* ``soft_bound``, ``soft_bound_end``, ``swap_fraction``, ``swap_fraction_end`` lie in [0, 1].
+  (An end value above the start value is allowed: the cosine then rises.)
+* ``min_channel_ratio`` (β) lies in [0, 1].
+* ``round_to`` is ``None`` or an int >= 1; ``slim_during_training`` is ``False``, ``True``
+  (every event) or an int k >= 1 (every k-th event, counting events from 1).
+* ``dense_first_layer=True`` is only meaningful with ``init="uniform"``; with ``"erk"`` it
+  is rejected rather than silently ignored.
+* A schedule step count larger than ``total_steps`` is accepted (e.g. ``t_end`` beyond
+  the run simply never stops updates early).
+* With ``channel_sparsity > 0`` either ``example_inputs`` or ``channel_groups`` is
+  required, and the channel schedule must end at the budget (SPEC §4): some parameter
+  update step ``u`` with ``u % update_interval == 0``, ``u >= last event step`` and
+  ``u < min(t_end, total_steps)`` must exist.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["ChaseConfig", "resolve_steps", "last_channel_event"]
+
+_SCHEDULE_FIELDS = ("update_interval", "t_end", "t_explore_end", "channel_interval", "channel_end")
+_INTERVALS = ("update_interval", "channel_interval")
+
+
+def resolve_steps(name: str, value: Any, total_steps: int, *, interval: bool = False) -> int:
+    """Apply the fraction-or-steps rule of SPEC §8 to one schedule knob."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int step count or a float fraction in (0, 1], got bool {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"{name} must be a step count >= {1 if interval else 0} or a fraction in (0, 1], got {value}")
+        steps = value
+    elif isinstance(value, float):
+        if not (0.0 < value <= 1.0) or math.isnan(value):
+            raise ValueError(
+                f"{name}={value!r}: a float is a fraction of total_steps and must lie in (0, 1]; "
+                f"give an int for a step count"
+            )
+        steps = round(value * total_steps)
+    else:
+        raise TypeError(f"{name} must be an int step count or a float fraction in (0, 1], got {type(value).__name__}")
+    if interval and steps < 1:
+        raise ValueError(f"{name}={value!r} resolves to {steps} steps; an interval must be at least 1 step")
+    return int(steps)
+
+
+def last_channel_event(channel_interval: int, update_interval: int, channel_end: int) -> int:
+    """Step of the last channel event: the first event step >= max(T_ch, 1) (SPEC §4).
+
+    Events fire at t >= 1 with ``t % channel_interval == (update_interval // 2) % channel_interval``.
+    """
+    off = (update_interval // 2) % channel_interval
+    start = max(channel_end, 1)
+    t = start + ((off - start) % channel_interval)
+    return t
+
+
+def _check_unit(name: str, v: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    ok = (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
+    if not ok or math.isnan(v):
+        rng = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        raise ValueError(f"{name} must lie in {rng}, got {v!r}")
+    return v
+
+
+def _check_choice(name: str, v: Any, choices: tuple[str, ...]) -> None:
+    if v not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(repr(c) for c in choices)}; got {v!r}")
+
+
+def _check_names(name: str, v: Any) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = (v,)
+    try:
+        out = tuple(v)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of names/globs, got {type(v).__name__}") from None
+    for x in out:
+        if not isinstance(x, str):
+            raise TypeError(f"{name} must hold strings (names or globs), got {x!r}")
+    return out
+
+
+@dataclass
+class ChaseConfig:
+    """Every knob of the method (SPEC §8). See the module docstring for the rules."""
+
+    density: float
+    total_steps: int
+    channel_sparsity: float = 0.0
+    example_inputs: Any = field(default=None, repr=False, compare=False)
+    init: str = "erk"
+    grow: str = "gradient"
+    scope: str = "global"
+    update_interval: int | float | None = None
+    t_end: int | float | None = None
+    soft_bound: float = 0.05
+    soft_bound_end: float = 0.0
+    t_explore_end: int | float = 0.8
+    swap_fraction: float = 0.5
+    swap_fraction_end: float = 0.005
+    channel_interval: int | float | None = None
+    channel_end: int | float = 0.8
+    min_channel_ratio: float = 0.2
+    channel_score: str = "umm"
+    round_to: int | None = None
+    slim_during_training: bool | int = False
+    exclude: tuple[str, ...] = ()
+    exclude_channels: tuple[str, ...] = ()
+    coupled_channels: bool = False
+    channel_groups: Any = field(default=None, repr=False)
+    dense_first_layer: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # total_steps first: the schedule knobs are resolved against it
+        if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int):
+            raise TypeError(f"total_steps must be an int >= 1, got {self.total_steps!r}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be an int >= 1, got {self.total_steps}")
+        self.density = _check_unit("density", self.density, 0.0, 1.0, lo_open=True)
+        self.channel_sparsity = _check_unit("channel_sparsity", self.channel_sparsity, 0.0, 1.0, hi_open=True)
+        _check_choice("init", self.init, ("erk", "uniform"))
+        _check_choice("grow", self.grow, ("gradient", "random"))
+        _check_choice("scope", self.scope, ("global", "layer"))
+        _check_choice("channel_score", self.channel_score, ("umm", "active_mean", "active_fraction"))
+        for n in ("soft_bound", "soft_bound_end", "swap_fraction", "swap_fraction_end", "min_channel_ratio"):
+            setattr(self, n, _check_unit(n, getattr(self, n), 0.0, 1.0))
+        if self.round_to is not None:
+            if isinstance(self.round_to, bool) or not isinstance(self.round_to, int):
+                raise TypeError(f"round_to must be None or an int >= 1, got {self.round_to!r}")
+            if self.round_to < 1:
+                raise ValueError(f"round_to must be None or an int >= 1, got {self.round_to}")
+        s = self.slim_during_training
+        if not isinstance(s, bool):
+            if not isinstance(s, int):
+                raise TypeError(f"slim_during_training must be False, True or an int k >= 1, got {s!r}")
+            if s < 1:
+                raise ValueError(f"slim_during_training must be False, True or an int k >= 1, got {s}")
+        self.exclude = _check_names("exclude", self.exclude)
+        self.exclude_channels = _check_names("exclude_channels", self.exclude_channels)
+        for n in ("coupled_channels", "dense_first_layer"):
+            if not isinstance(getattr(self, n), bool):
+                raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
+        if self.dense_first_layer and self.init != "uniform":
+            raise ValueError('dense_first_layer=True needs init="uniform" (ERK sets every layer\'s density itself)')
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {self.seed!r}")
+
+        T = self.total_steps
+        ui = max(1, T // 80) if self.update_interval is None else self.update_interval
+        self._update_steps = resolve_steps("update_interval", ui, T, interval=True)
+        self._t_end_steps = T if self.t_end is None else resolve_steps("t_end", self.t_end, T)
+        self._t_explore_end_steps = resolve_steps("t_explore_end", self.t_explore_end, T)
+        if self.channel_interval is None:
+            self._channel_interval_steps = self._update_steps
+        else:
+            self._channel_interval_steps = resolve_steps("channel_interval", self.channel_interval, T, interval=True)
+        self._channel_end_steps = resolve_steps("channel_end", self.channel_end, T)
+
+        if self.channel_sparsity > 0:
+            if self.example_inputs is None and self.channel_groups is None:
+                raise ValueError(
+                    "channel_sparsity > 0 needs example_inputs (to trace channel groups) or channel_groups"
+                )
+            last = last_channel_event(self._channel_interval_steps, self._update_steps, self._channel_end_steps)
+            stop = min(self._t_end_steps, T)
+            dt = self._update_steps
+            u = -(-last // dt) * dt  # first update step >= last event
+            if u < 1:
+                u = dt
+            if u >= stop:
+                raise ValueError(
+                    f"channel schedule ends too late: the last channel event is at step {last} "
+                    f"(channel_end={self._channel_end_steps}, channel_interval={self._channel_interval_steps}), "
+                    f"but no parameter update (every update_interval={dt} steps) falls at or after it and "
+                    f"before min(t_end, total_steps)={stop}, so the freed weights would never be re-grown; "
+                    f"lower channel_end or raise t_end"
+                )
+
+    # resolved schedule, in steps
+    @property
+    def update_steps(self) -> int:
+        return self._update_steps
+
+    @property
+    def t_end_steps(self) -> int:
+        return self._t_end_steps
+
+    @property
+    def t_explore_end_steps(self) -> int:
+        return self._t_explore_end_steps
+
+    @property
+    def channel_interval_steps(self) -> int:
+        return self._channel_interval_steps
+
+    @property
+    def channel_end_steps(self) -> int:
+        return self._channel_end_steps
+
+    @property
+    def last_channel_event(self) -> int | None:
+        if self.channel_sparsity <= 0:
+            return None
+        return last_channel_event(self._channel_interval_steps, self._update_steps, self._channel_end_steps)
+
+    @property
+    def slim_every(self) -> int:
+        """0 = never slim at events, else slim at every k-th event."""
+        s = self.slim_during_training
+        if isinstance(s, bool):
+            return 1 if s else 0
+        return int(s)
+
+    def replace(self, **changes: Any) -> "ChaseConfig":
+        """A validated copy with some fields changed."""
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        unknown = set(changes) - set(kw)
+        if unknown:
+            raise TypeError(f"unknown ChaseConfig field(s): {', '.join(sorted(unknown))}")
+        kw.update(changes)
+        return ChaseConfig(**kw)
+
+    def fingerprint(self) -> dict:
+        """The fields that decide masks; stored in checkpoints and compared on load."""
+        return {
+            "density": self.density,
+            "total_steps": self.total_steps,
+            "channel_sparsity": self.channel_sparsity,
+            "init": self.init,
+            "scope": self.scope,
+            "seed": self.seed,
+        }

@@ -1,0 +1,712 @@
+"""ChaseOptimizer: the schedule that drives masks, channel events and slimming.
+
+``ChaseOptimizer(optimizer, model, *, density, total_steps, ..., backend="native")`` is a
+real ``torch.optim.Optimizer`` that shares ``param_groups``, ``state`` and ``defaults``
+with the optimizer it wraps, so LR schedulers, ``GradScaler``, ``zero_grad`` and
+``state_dict`` work on it as on the wrapped one.
+
+Step order (SPEC §3.0, §4): ``t`` counts the steps that actually ran (``GradScaler`` calls
+``step()`` only when the gradients are finite, so a skipped step never reaches us and
+does not count). On step ``t``:
+
+1. if ``t`` is an update step (``t % update_interval == 0 and t < t_end``): the sparse
+   weights (and, for gradient growth, their gradients) are checked finite with a single
+   host sync, raising ``FloatingPointError`` with nothing changed; then ``|grad|`` of every
+   sparse tensor is copied (the growth scores, read before the wrapped step);
+2. the wrapped optimizer steps;
+3. one ``masked_apply_`` zeroes masked weights and every same-shape optimizer-state tensor
+   (and the bias entries of removed channels);
+4. a channel event, if one falls on ``t`` (and slimming, if due);
+5. the parameter update: one ``mask_update_`` call for the whole model.
+
+Non-update, non-event steps do no host sync: they only build the ``masked_apply_`` call.
+
+Choices where SPEC is vague:
+
+* **Closures**: with ``step(closure)`` the gradient growth scores are the gradients present
+  when ``step`` is called (compute them before, or they count as 0), because the closure
+  runs inside the wrapped step.
+* **Gradients are never masked**; masked slots of weights and states are zeroed after every
+  step instead (an elementwise optimizer's active slots are unaffected by this).
+* **DDP / DataParallel** models are unwrapped (``.module``) so parameter names have no
+  ``module.`` prefix. Decisions depend only on weights, DDP-averaged gradients and the
+  seeded CPU generator, so every rank takes the same ones without communication.
+  Slimming during training changes parameter shapes under DDP, which DDP does not support;
+  slim after training or rebuild DDP.
+* **Explicit groups**: ``channel_groups`` is any spec accepted by
+  ``chase_ext.graph.explicit_groups`` (``ChannelGroup`` objects or dicts); it wins over
+  tracing when both it and ``example_inputs`` are given.
+* Every producer and consumer weight of a group must be a sparse tensor (else
+  ``ValueError`` at construction); a depthwise follower that is not sparse (excluded) is
+  left alone.
+* ``slim_during_training=k`` slims after the k-th, 2k-th, ... event (events counted from 1,
+  including events that removed nothing); call ``slim_()`` at the end for the rest.
+* **Checkpoints**: ``state_dict()`` is the wrapped optimizer's state dict plus a
+  ``"chase"`` entry (masks, ``t``, RNG state, per-tensor counts, channel records and slim
+  records). ``load_state_dict`` validates everything first (raising ``ValueError`` with
+  nothing changed), replays slims the current model has not seen, then loads. To resume a
+  slimmed run in a fresh full-width model, build model + optimizer + ChaseOptimizer, load
+  the ChaseOptimizer state dict, then the model state dict.
+* Masks are stored (and checkpointed) as ``torch.bool`` tensors shaped like their
+  parameters, on the parameter's device; not bit-packed.
+* ``load_state_dict`` compares the mask-deciding config fields (density, total_steps,
+  channel_sparsity, init, scope, seed), the sparse tensor names and original shapes, N,
+  B, the group names and widths, and the wrapped optimizer's group sizes.
+* ``FloatingPointError`` (a subclass of ``ArithmeticError``) is raised for non-finite
+  weights or gradients at an update step.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import sparsity as _sp
+from .channels import ChannelState, channel_floor, group_scores, select_channels, target_live
+from .config import ChaseConfig
+from .density import erk_counts
+from .groups import ChannelGroup
+from .reference import live_slots
+from .schedules import is_channel_event, is_update_step
+
+__all__ = ["ChaseOptimizer"]
+
+_STATE_VERSION = 1
+
+
+def _load_backend(backend: str):
+    if backend == "reference":
+        from . import reference
+
+        return reference
+    if backend == "native":
+        try:
+            from . import _ops
+        except Exception as e:  # no silent fallback: say how to get the reference path
+            raise ImportError(
+                "chase_ext native ops (chase_ext._C) could not be loaded; build the extension "
+                "or pass backend='reference'"
+            ) from e
+        return _ops
+    raise ValueError(f"backend must be 'native' or 'reference', got {backend!r}")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+class ChaseOptimizer(torch.optim.Optimizer):
+    """Channel-aware dynamic sparse training around any ``torch.optim.Optimizer``."""
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        config: ChaseConfig | None = None,
+        *,
+        backend: str = "native",
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, ChaseOptimizer):
+            raise TypeError("optimizer is already a ChaseOptimizer")
+        if config is None:
+            config = ChaseConfig(**kwargs)
+        elif kwargs:
+            config = config.replace(**kwargs)
+        self.ops = _load_backend(backend)
+        self.backend = backend
+        self.optimizer = optimizer
+        self.config = config
+        self.model = _unwrap(model)
+
+        # --- torch.optim.Optimizer plumbing, shared with the wrapped optimizer
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+        self._warned_capturable_if_run_uncaptured = True
+
+        # --- sparse tensors
+        cfg = config
+        sparse = _sp.find_sparse(self.model, cfg.exclude)
+        if not sparse:
+            raise ValueError("the model has no sparse tensors (Conv/Linear weights not excluded)")
+        self._names = [n for n, _ in sparse]
+        self._params = [p for _, p in sparse]
+        self._index = {n: i for i, n in enumerate(self._names)}
+        self._orig_shapes = [tuple(p.shape) for p in self._params]
+        self.total_sparse = int(sum(p.numel() for p in self._params))
+        self.budget = int(round(cfg.density * self.total_sparse))
+        self._t = 0
+        self._gen = torch.Generator()
+        self._gen.manual_seed(cfg.seed)
+
+        counts = _sp.init_counts(self._orig_shapes, self.budget, cfg.init, cfg.dense_first_layer)
+        self._k = list(counts)  # per-tensor counts (layer scope)
+        masks = _sp.init_masks(self._params, counts, self._gen)
+        self._mask_dict: dict[str, torch.Tensor] = dict(zip(self._names, masks))
+
+        # --- channel groups
+        self.groups: list[ChannelGroup] = []
+        self._ch: ChannelState | None = None
+        if cfg.channel_sparsity > 0:
+            self._setup_channels()
+        self._rebuild_live()
+        with torch.no_grad():
+            self._masked_apply()
+
+    # ------------------------------------------------------------------ setup
+    def _setup_channels(self) -> None:
+        cfg = self.config
+        spec = cfg.channel_groups
+        if spec is not None:
+            from .graph import explicit_groups
+
+            groups = explicit_groups(self.model, spec)
+        else:
+            from .graph import find_channel_groups
+
+            groups = find_channel_groups(
+                self.model,
+                cfg.example_inputs,
+                exclude=cfg.exclude,
+                exclude_channels=cfg.exclude_channels,
+                coupled=cfg.coupled_channels,
+            )
+        modules = dict(self.model.named_modules())
+        self.groups = groups
+        n = len(self._params)
+        self._row_group: list[int | None] = [None] * n
+        self._col_group: list[tuple[int, int] | None] = [None] * n
+        self._g_prod: list[list[int]] = []
+        self._g_fan_in: list[list[int]] = []
+        self._g_bias: list[list[nn.Parameter]] = []
+        channels = []
+        for gi, g in enumerate(groups):
+            C = int(g.channels)
+            prods, fans, biases = [], [], []
+            for m in g.producers:
+                i = self._index.get(f"{m}.weight")
+                if i is None:
+                    raise ValueError(f"channel group {g.name!r}: producer {m!r} has no sparse weight (excluded?)")
+                shp = self._orig_shapes[i]
+                if shp[0] != C:
+                    raise ValueError(f"channel group {g.name!r}: producer {m!r} has {shp[0]} output channels, group says {C}")
+                if self._row_group[i] is not None:
+                    raise ValueError(f"{m!r} is a producer of two channel groups")
+                self._row_group[i] = gi
+                prods.append(i)
+                fans.append(int(math.prod(shp[1:])))
+                b = getattr(modules.get(m), "bias", None)
+                if isinstance(b, nn.Parameter):
+                    biases.append(b)
+            for f in g.followers:
+                mod = modules.get(f)
+                if isinstance(mod, _sp.SPARSE_MODULES):  # depthwise conv: rows are channels
+                    i = self._index.get(f"{f}.weight")
+                    if i is not None:
+                        if self._row_group[i] is not None:
+                            raise ValueError(f"{f!r} belongs to two channel groups")
+                        self._row_group[i] = gi
+                    b = getattr(mod, "bias", None)
+                    if isinstance(b, nn.Parameter):
+                        biases.append(b)
+            for c in g.consumers:
+                i = self._index.get(f"{c.module}.weight")
+                if i is None:
+                    raise ValueError(
+                        f"channel group {g.name!r}: consumer {c.module!r} has no sparse weight (excluded?)"
+                    )
+                if self._orig_shapes[i][1] != C * c.repeat:
+                    raise ValueError(
+                        f"channel group {g.name!r}: consumer {c.module!r} reads {self._orig_shapes[i][1]} inputs, "
+                        f"expected channels*repeat = {C}*{c.repeat}"
+                    )
+                if self._col_group[i] is not None:
+                    raise ValueError(f"{c.module!r} is a consumer of two channel groups")
+                self._col_group[i] = (gi, int(c.repeat))
+            self._g_prod.append(prods)
+            self._g_fan_in.append(fans)
+            self._g_bias.append(biases)
+            channels.append(C)
+        self._ch = ChannelState(channels)
+        self._floors = [
+            channel_floor(C, cfg.channel_sparsity, cfg.min_channel_ratio, cfg.round_to) for C in channels
+        ]
+
+    def _rebuild_live(self) -> None:
+        """Live row/col vectors and bias masks from the channel state (after any change)."""
+        n = len(self._params)
+        self._live_rows: list[torch.Tensor | None] = [None] * n
+        self._live_cols: list[torch.Tensor | None] = [None] * n
+        self._bias_masks: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._any_removed = False
+        ch = self._ch
+        if ch is None:
+            self._live_arg = ([], [])
+            return
+        phys = [ch.physical_live(g) for g in range(len(ch.channels))]
+        partial = [not bool(pl.all()) for pl in phys]
+        for i, p in enumerate(self._params):
+            g = self._row_group[i]
+            if g is not None:
+                self._live_rows[i] = phys[g]
+            gc = self._col_group[i]
+            if gc is not None:
+                self._live_cols[i] = phys[gc[0]].repeat_interleave(gc[1])
+        self._any_removed = any(partial)
+        if self._any_removed:
+            lr, lc = [], []
+            for i, p in enumerate(self._params):
+                r = self._live_rows[i]
+                c = self._live_cols[i]
+                lr.append((r if r is not None else torch.ones(p.shape[0], dtype=torch.bool)).to(p.device))
+                lc.append((c if c is not None else torch.ones(p.shape[1], dtype=torch.bool)).to(p.device))
+            self._live_arg = (lr, lc)
+            for g, part in enumerate(partial):
+                if part:
+                    for b in self._g_bias[g]:
+                        self._bias_masks.append((b, phys[g].to(b.device)))
+        else:
+            self._live_arg = ([], [])
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Parameter name -> bool mask (True = active), current physical shapes."""
+        return self._mask_dict
+
+    @property
+    def t(self) -> int:
+        """Optimizer steps actually taken."""
+        return self._t
+
+    def active_count(self) -> int:
+        return int(sum(int(m.sum()) for m in self._mask_dict.values()))
+
+    def sparse_names(self) -> list[str]:
+        return list(self._names)
+
+    def channel_report(self) -> list[dict]:
+        if self._ch is None:
+            return []
+        live = self._ch.live_counts()
+        return [
+            {"group": g.name, "producers": list(g.producers), "channels": int(C), "live": int(lv)}
+            for g, C, lv in zip(self.groups, self._ch.channels, live)
+        ]
+
+    def channel_stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Param name -> (active count per row, int64; Σ|w| per row over active slots, float32)."""
+        ws = [p.detach() for p in self._params]
+        counts, sums = self.ops.channel_stats(ws, self._mask_list())
+        out, off = {}, 0
+        for n, w in zip(self._names, ws):
+            r = w.shape[0]
+            out[n] = (counts[off : off + r], sums[off : off + r])
+            off += r
+        return out
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    # shared with the wrapped optimizer
+    @property
+    def param_groups(self):  # type: ignore[override]
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.optimizer.state = value
+
+    def __repr__(self) -> str:
+        return f"ChaseOptimizer({self.optimizer!r}, density={self.config.density}, t={self._t})"
+
+    # ------------------------------------------------------------------ internals
+    def _mask_list(self) -> list[torch.Tensor]:
+        return [self._mask_dict[n] for n in self._names]
+
+    def _state_list(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Every optimizer-state tensor shaped like a sparse param, with its owner index."""
+        states, owner = [], []
+        st = self.optimizer.state
+        for i, p in enumerate(self._params):
+            s = st.get(p)
+            if s:
+                for v in s.values():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v is not p:
+                        states.append(v)
+                        owner.append(i)
+        return states, owner
+
+    def _masked_apply(self) -> None:
+        tensors = [p.detach() for p in self._params]
+        masks = self._mask_list()
+        owner = list(range(len(tensors)))
+        states, sowner = self._state_list()
+        tensors += states
+        owner += sowner
+        if self._bias_masks:
+            st = self.optimizer.state
+            for b, bm in self._bias_masks:
+                j = len(masks)
+                masks.append(bm)
+                tensors.append(b.detach())
+                owner.append(j)
+                s = st.get(b)
+                if s:
+                    for v in s.values():
+                        if isinstance(v, torch.Tensor) and v.shape == b.shape and v is not b:
+                            tensors.append(v)
+                            owner.append(j)
+        self.ops.masked_apply_(tensors, masks, owner)
+
+    def _check_finite(self, grads: bool) -> None:
+        ts, names = [], []
+        for n, p in zip(self._names, self._params):
+            ts.append(p.detach())
+            names.append(f"weight {n!r}")
+            if grads and p.grad is not None:
+                ts.append(p.grad.detach())
+                names.append(f"gradient of {n!r}")
+        dev = ts[0].device
+        ok = torch.stack([torch.isfinite(x).all().to(dev) for x in ts])
+        if not bool(ok.all()):
+            bad = [nm for nm, o in zip(names, ok.tolist()) if not o]
+            raise FloatingPointError(
+                f"ChaseOptimizer: non-finite values at update step {self._t + 1} in {', '.join(bad)}; "
+                "nothing was changed (step not taken)"
+            )
+
+    def _live_numels(self) -> list[int]:
+        out = []
+        for i, p in enumerate(self._params):
+            r = self._live_rows[i]
+            c = self._live_cols[i]
+            out.append(
+                _sp.live_numel(
+                    p.shape,
+                    None if r is None else int(r.sum()),
+                    None if c is None else int(c.sum()),
+                )
+            )
+        return out
+
+    def _live_shapes(self) -> list[tuple[int, ...]]:
+        out = []
+        for i, p in enumerate(self._params):
+            shp = list(p.shape)
+            r, c = self._live_rows[i], self._live_cols[i]
+            if r is not None:
+                shp[0] = int(r.sum())
+            if c is not None:
+                shp[1] = int(c.sum())
+            out.append(tuple(shp))
+        return out
+
+    def _nnz(self) -> list[int]:
+        ms = self._mask_list()
+        dev = ms[0].device
+        return [int(x) for x in torch.stack([m.sum().to(dev) for m in ms]).tolist()]
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        cfg = self.config
+        t = self._t + 1
+        upd = is_update_step(t, cfg.update_steps, cfg.t_end_steps)
+        ev = (
+            self._ch is not None
+            and not self._ch.done
+            and is_channel_event(t, cfg.channel_interval_steps, cfg.update_steps)
+        )
+        scores = None
+        if upd:
+            gradient = cfg.grow == "gradient"
+            self._check_finite(grads=gradient)
+            if gradient:
+                scores = [
+                    p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    for p in self._params
+                ]
+        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
+        self._t = t
+        with torch.no_grad():
+            self._masked_apply()
+            if ev:
+                scores = self._channel_event(t, scores)
+            if upd:
+                self._update(t, scores)
+        return loss
+
+    def _update(self, t: int, scores: list[torch.Tensor] | None) -> None:
+        cfg = self.config
+        nnz = self._nnz()
+        if cfg.scope == "global":
+            prune, grow, _ = _sp.global_counts(
+                t,
+                sum(nnz),
+                self.budget,
+                self.total_sparse,
+                sum(self._live_numels()),
+                t_explore_end=cfg.t_explore_end_steps,
+                t_end=cfg.t_end_steps,
+                soft_bound0=cfg.soft_bound,
+                soft_bound_end=cfg.soft_bound_end,
+                swap0=cfg.swap_fraction,
+                swap_end=cfg.swap_fraction_end,
+            )
+            pc, gc = [prune], [grow]
+        else:
+            pc, gc = _sp.layer_counts(
+                t, nnz, self._k, self._live_numels(),
+                t_end=cfg.t_end_steps, swap0=cfg.swap_fraction, swap_end=cfg.swap_fraction_end,
+            )
+        if cfg.grow == "random":
+            scores = [
+                torch.rand(p.numel(), generator=self._gen).view(p.shape).to(p.device) for p in self._params
+            ]
+        assert scores is not None
+        states, owner = self._state_list()
+        lr, lc = self._live_arg
+        self.ops.mask_update_(
+            [p.detach() for p in self._params], self._mask_list(), scores, lr, lc, states, owner, pc, gc
+        )
+
+    # ------------------------------------------------------------------ channels
+    def _channel_scores(self) -> list[list[tuple[float, int]]]:
+        """(score, original channel) of every alive channel, per group."""
+        ch = self._ch
+        assert ch is not None
+        prod = [i for ps in self._g_prod for i in ps]
+        ws = [self._params[i].detach() for i in prod]
+        ms = [self._mask_dict[self._names[i]] for i in prod]
+        counts, sums = self.ops.channel_stats(ws, ms)
+        counts, sums = counts.tolist(), sums.tolist()
+        off, per_prod = 0, {}
+        for i, w in zip(prod, ws):
+            r = w.shape[0]
+            per_prod[i] = (counts[off : off + r], sums[off : off + r])
+            off += r
+        out = []
+        kind = self.config.channel_score
+        for g in range(len(ch.channels)):
+            total = None
+            for i, fan in zip(self._g_prod[g], self._g_fan_in[g]):
+                c, s = per_prod[i]
+                sc = group_scores(kind, c, s, fan)
+                total = sc if total is None else [a + b for a, b in zip(total, sc)]
+            present = ch.present[g].tolist()
+            alive = ch.alive[g]
+            out.append([(total[j], o) for j, o in enumerate(present) if bool(alive[o])])
+        return out
+
+    def _channel_event(self, t: int, scores):
+        cfg = self.config
+        ch = self._ch
+        assert ch is not None
+        ch.events += 1
+        if t >= cfg.channel_end_steps:
+            ch.done = True
+        target = target_live(t, cfg.channel_end_steps, cfg.channel_sparsity, ch.total)
+        live = ch.live_counts()
+        need = sum(live) - target
+        if need > 0:
+            sc = self._channel_scores()
+            removed = select_channels(sc, live, self._floors, ch.channels, need, cfg.round_to)
+            if any(removed):
+                for g, r in enumerate(removed):
+                    ch.remove(g, r)
+                self._after_removal()
+        k = cfg.slim_every
+        if k and ch.events % k == 0:
+            scores = self._slim(scores)
+        return scores
+
+    def _after_removal(self) -> None:
+        self._rebuild_live()
+        for i, p in enumerate(self._params):
+            r, c = self._live_rows[i], self._live_cols[i]
+            if r is None and c is None:
+                continue
+            m = self._mask_dict[self._names[i]]
+            m.logical_and_(live_slots(p.detach(), r, c))
+        self._masked_apply()
+        if self.config.scope == "layer":
+            self._k = erk_counts(self._live_shapes(), self.budget)
+
+    # ------------------------------------------------------------------ slimming
+    def slim_(self) -> "ChaseOptimizer":
+        """Physically remove every removed channel (SPEC §5). Returns self."""
+        with torch.no_grad():
+            self._slim(None)
+        return self
+
+    def _slim(self, scores):
+        ch = self._ch
+        if ch is None:
+            return scores
+        keep = ch.pending_keep()
+        if all(k is None for k in keep):
+            return scores
+        idx = self._gather_index(keep)
+        self._apply_slim(keep)
+        if scores is not None:
+            out = []
+            for s, (ri, ci) in zip(scores, idx):
+                if ri is not None:
+                    s = s.index_select(0, ri.to(s.device))
+                if ci is not None:
+                    s = s.index_select(1, ci.to(s.device))
+                out.append(s)
+            scores = out
+        return scores
+
+    def _gather_index(self, keep):
+        out = []
+        for i in range(len(self._params)):
+            ri = ci = None
+            g = self._row_group[i]
+            if g is not None and keep[g] is not None:
+                ri = keep[g]
+            gc = self._col_group[i]
+            if gc is not None and keep[gc[0]] is not None:
+                k, rep = keep[gc[0]], gc[1]
+                ci = (k.view(-1, 1) * rep + torch.arange(rep).view(1, -1)).flatten()
+            out.append((ri, ci))
+        return out
+
+    def _apply_slim(self, keep) -> None:
+        from .slim import slim_ as _slim_model
+
+        gather = self.ops.gather_channels_
+        _slim_model(self.model, self.groups, list(keep), optimizer=self.optimizer, masks=self._mask_dict, gather=gather)
+        self._ch.commit_slim(keep)
+        self._rebuild_live()
+
+    # ------------------------------------------------------------------ checkpoints
+    def _chase_state(self) -> dict:
+        return {
+            "version": _STATE_VERSION,
+            "t": self._t,
+            "names": list(self._names),
+            "orig_shapes": [list(s) for s in self._orig_shapes],
+            "total_sparse": self.total_sparse,
+            "budget": self.budget,
+            "config": self.config.fingerprint(),
+            "masks": [self._mask_dict[n].detach().clone() for n in self._names],
+            "k": list(self._k),
+            "rng": self._gen.get_state(),
+            "channels": None if self._ch is None else self._ch.state_dict(),
+            "groups": [g.name for g in self.groups],
+        }
+
+    def state_dict(self) -> dict:
+        sd = self.optimizer.state_dict()
+        sd = dict(sd)
+        sd["chase"] = self._chase_state()
+        return sd
+
+    def _expected_shapes(self, present: list[torch.Tensor]) -> list[tuple[int, ...]]:
+        out = []
+        for i, shp in enumerate(self._orig_shapes):
+            s = list(shp)
+            g = self._row_group[i] if self._ch is not None else None
+            if g is not None:
+                s[0] = len(present[g])
+            gc = self._col_group[i] if self._ch is not None else None
+            if gc is not None:
+                s[1] = len(present[gc[0]]) * gc[1]
+            out.append(tuple(s))
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or "chase" not in state_dict:
+            raise ValueError("not a ChaseOptimizer state dict (no 'chase' entry)")
+        cs = state_dict["chase"]
+        inner = {k: v for k, v in state_dict.items() if k != "chase"}
+        # ---- validate everything before touching anything
+        if cs.get("version") != _STATE_VERSION:
+            raise ValueError(f"ChaseOptimizer checkpoint version {cs.get('version')!r}, expected {_STATE_VERSION}")
+        if list(cs["names"]) != self._names:
+            raise ValueError(
+                "checkpoint does not match this model: sparse tensors differ "
+                f"(checkpoint {len(cs['names'])}: {cs['names'][:3]}..., model {len(self._names)}: {self._names[:3]}...)"
+            )
+        if [tuple(s) for s in cs["orig_shapes"]] != self._orig_shapes:
+            raise ValueError("checkpoint does not match this model: original sparse tensor shapes differ")
+        fp = self.config.fingerprint()
+        diff = [k for k in fp if cs["config"].get(k) != fp[k]]
+        if diff:
+            raise ValueError(
+                "checkpoint was written with a different config: "
+                + ", ".join(f"{k}={cs['config'].get(k)!r} (now {fp[k]!r})" for k in diff)
+            )
+        if cs["total_sparse"] != self.total_sparse or cs["budget"] != self.budget:
+            raise ValueError(
+                f"checkpoint does not match: N/B {cs['total_sparse']}/{cs['budget']} vs {self.total_sparse}/{self.budget}"
+            )
+        if list(cs["groups"]) != [g.name for g in self.groups]:
+            raise ValueError("checkpoint does not match: channel groups differ")
+        chs = cs["channels"]
+        replay: list = []
+        if self._ch is not None:
+            if list(chs["channels"]) != self._ch.channels:
+                raise ValueError("checkpoint does not match: channel counts of the groups differ")
+            mine, theirs = self._ch.slim_records, list(chs["slim_records"])
+            if theirs[: len(mine)] != mine:
+                raise ValueError("checkpoint's slim records do not extend this model's (cannot un-slim a model)")
+            replay = theirs[len(mine) :]
+            exp = self._expected_shapes([torch.as_tensor(p) for p in chs["present"]])
+        else:
+            exp = list(self._orig_shapes)
+        if [tuple(m.shape) for m in cs["masks"]] != exp:
+            raise ValueError("checkpoint masks have unexpected shapes")
+        if not replay:
+            cur = [tuple(p.shape) for p in self._params]
+            if cur != exp:
+                raise ValueError(f"checkpoint shapes {exp} do not match the model's current shapes {cur}")
+        groups = inner.get("param_groups", [])
+        if len(groups) != len(self.optimizer.param_groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.optimizer.param_groups)
+        ):
+            raise ValueError("checkpoint's optimizer param_groups do not match the wrapped optimizer's")
+        # ---- replay structure, then load
+        with torch.no_grad():
+            for rec in replay:
+                keep = [None if k is None else torch.as_tensor(k, dtype=torch.int64) for k in rec]
+                self._apply_slim(keep)
+        self.optimizer.load_state_dict(inner)
+        self._t = int(cs["t"])
+        for n, p, m in zip(self._names, self._params, cs["masks"]):
+            self._mask_dict[n] = m.detach().clone().to(device=p.device, dtype=torch.bool)
+        self._k = [int(x) for x in cs["k"]]
+        self._gen.set_state(cs["rng"])
+        if self._ch is not None:
+            self._ch.load_state_dict(chs)
+        self._rebuild_live()
+        with torch.no_grad():
+            self._masked_apply()

@@ -1,0 +1,373 @@
+"""Physical channel removal ("slimming", SPEC §5), replay for checkpoints, dense export.
+
+``slim_(model, groups, keep, optimizer=..., masks=..., gather=...)``
+    For every group ``i`` with ``keep[i]`` not ``None`` (a sorted, strictly increasing
+    int64 tensor of the *current* physical channel indices to keep), removes the other
+    channels in place:
+
+    * producers (Conv groups=1 / Linear): weight rows (dim 0) and bias entries;
+      ``out_channels`` / ``out_features``;
+    * followers: BatchNorm/InstanceNorm ``weight``, ``bias``, ``running_mean``,
+      ``running_var`` and ``num_features``; depthwise convs: weight rows, bias,
+      ``in_channels``, ``out_channels`` and ``groups``;
+    * consumers: input columns (dim 1) of the weight, ``repeat`` consecutive columns per
+      channel (a Linear after ``flatten`` of a C x H x W map has ``repeat = H*W``);
+      ``in_channels`` / ``in_features``;
+    * ``masks`` (dict: parameter name -> tensor shaped like the parameter): the entries
+      of changed parameters are replaced by gathered tensors;
+    * ``optimizer.state[p]``: every tensor whose shape equals ``p``'s old shape (momentum,
+      ``exp_avg``, ``exp_avg_sq``, ...) is gathered the same way; scalars (``step``) and
+      other shapes are left alone. ``p.grad`` is gathered too.
+
+    Parameter objects keep their identity: only ``p.data`` changes, so the optimizer's
+    ``param_groups`` and any reference a user holds stay valid. Buffers keep identity
+    too (``buf.data`` is replaced).
+
+    Memory: each tensor is compacted in place by ``gather(tensor, keep_idx, dim)`` (the
+    semantics of :func:`chase_ext.reference.gather_channels_`: the kept channels are
+    written into the prefix of the tensor's memory), then the prefix is cloned into a
+    tensor of the new size and the old storage is released. The peak extra memory is one
+    (slimmed) tensor, not a second copy of the model. A non-contiguous tensor is first
+    made contiguous (one extra copy of that tensor) and the result is contiguous.
+
+    Autograd trap: a parameter caches its ``AccumulateGrad`` node, which remembers the
+    old shape; an autograd graph still alive during slimming (the user's last ``loss``)
+    keeps that node alive and the next backward would fail with "invalid gradient ...
+    expected shape". PyTorch drops the cache only when ``.data`` changes dtype or device,
+    so ``slim_`` first sets ``p.data`` to an empty tensor of another floating dtype and
+    then to the slim data. The old graph itself can no longer be back-propagated.
+
+    Everything is validated (widths, indices, duplicate tensor/dim use) before anything
+    is written. Returns a *record* ``{"groups": [dict...], "keep": [LongTensor...]}`` of
+    the groups that changed (plain lists, strings, ints and CPU tensors: it can go into a
+    state dict). ``ChannelGroup.channels`` (the original width) is not changed.
+
+``replay_(model, records)``
+    Applies a list of such records, in order, to a freshly built full-width model, so that
+    a checkpoint of a slimmed model can be loaded with ``load_state_dict``.
+
+``export_dense(model)``
+    A deep copy that is an ordinary ``nn.Module``: hooks and attributes that belong to
+    ``chase_ext`` (and parametrizations defined in ``chase_ext``) are removed, the
+    parameters are plain tensors; it works with ``torch.export.export``. Masked weights
+    are already exactly zero; they stay as dense zeros.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from .graph import group_from_dict, group_to_dict
+from .groups import ChannelGroup
+
+__all__ = ["slim_", "replay_", "export_dense"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+
+Gather = Callable[[Tensor, Tensor, int], None]
+
+
+# --------------------------------------------------------------------------- helpers
+def _compact(t: Tensor, idx: Tensor, dim: int, gather: Gather) -> Tensor:
+    """A new contiguous tensor holding ``t.index_select(dim, idx)``; ``t`` is clobbered."""
+    if not t.is_contiguous():
+        t = t.contiguous()
+    gather(t, idx.to(t.device), dim)
+    shape = list(t.shape)
+    shape[dim] = int(idx.numel())
+    n = math.prod(shape)
+    return t.reshape(-1)[:n].view(shape).clone()
+
+
+def _set_param_data(p: Tensor, new: Tensor) -> None:
+    """``p.data = new`` that also drops the cached AccumulateGrad node (see module doc)."""
+    if p.is_floating_point() or p.is_complex():
+        other = torch.float64 if p.dtype != torch.float64 else torch.float32
+    else:
+        other = torch.int64 if p.dtype != torch.int64 else torch.int32
+    p.data = torch.empty(0, dtype=other, device=new.device)
+    p.data = new
+
+
+def _expand(idx: Tensor, repeat: int) -> Tensor:
+    if repeat == 1:
+        return idx
+    return (idx.view(-1, 1) * repeat + torch.arange(repeat, dtype=idx.dtype, device=idx.device)).reshape(-1)
+
+
+class _Slimmer:
+    def __init__(self, model, optimizer, masks, gather):
+        self.model = model
+        self.optimizer = optimizer
+        self.masks = masks
+        self.gather = gather
+        self.pname = {}
+        for n, p in model.named_parameters():
+            self.pname.setdefault(id(p), n)
+
+    def param(self, p: nn.Parameter, idx: Tensor, dim: int) -> None:
+        old_shape = p.shape
+        grad = p.grad
+        new = _compact(p.data, idx, dim, self.gather)
+        new_grad = None
+        if grad is not None and grad.shape == old_shape:
+            new_grad = _compact(grad, idx, dim, self.gather) if not grad.is_sparse else None
+        if self.optimizer is not None:
+            st = self.optimizer.state.get(p)
+            if st:
+                for k, v in list(st.items()):
+                    if isinstance(v, Tensor) and v.shape == old_shape and v.dim() > 0:
+                        st[k] = _compact(v, idx, dim, self.gather)
+        name = self.pname.get(id(p))
+        if self.masks is not None and name is not None and name in self.masks:
+            m = self.masks[name]
+            if m.shape != old_shape:
+                raise ValueError(f"slim_: masks[{name!r}] has shape {tuple(m.shape)}, expected {tuple(old_shape)}")
+            self.masks[name] = _compact(m, idx, dim, self.gather)
+        p.grad = None
+        _set_param_data(p, new)
+        p.grad = new_grad
+
+    def buffer(self, b: Tensor, idx: Tensor, dim: int) -> None:
+        b.data = _compact(b.data, idx, dim, self.gather)
+
+    def tensor_attr(self, m: nn.Module, attr: str, idx: Tensor, dim: int) -> None:
+        t = getattr(m, attr, None)
+        if t is None:
+            return
+        if isinstance(t, nn.Parameter):
+            self.param(t, idx, dim)
+        else:
+            self.buffer(t, idx, dim)
+
+
+def _as_keep(k, C: int, where: str) -> Tensor:
+    if not isinstance(k, Tensor):
+        k = torch.as_tensor(k, dtype=torch.int64)
+    if k.dtype != torch.int64 or k.dim() != 1:
+        raise ValueError(f"{where}: keep must be a 1-D int64 tensor, got {k.dtype} of shape {tuple(k.shape)}")
+    k = k.detach().cpu()
+    if k.numel() == 0:
+        raise ValueError(f"{where}: keep is empty; a group must keep at least one channel")
+    if int(k.min()) < 0 or int(k.max()) >= C:
+        raise ValueError(f"{where}: keep indices must be in [0, {C}), got [{int(k.min())}, {int(k.max())}]")
+    if k.numel() > 1 and not bool((k[1:] > k[:-1]).all()):
+        raise ValueError(f"{where}: keep must be sorted and strictly increasing")
+    return k
+
+
+def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any]):
+    """Validate everything and return [(group, keep_idx, C_now)] for the groups that change."""
+    if len(keep) != len(groups):
+        raise ValueError(f"slim_: got {len(keep)} keep entries for {len(groups)} groups")
+    mods = dict(model.named_modules())
+    used: dict[tuple[str, int], str] = {}
+
+    def mod(i, name, role):
+        m = mods.get(name)
+        if m is None:
+            raise ValueError(f"slim_: group {i} ({groups[i].name}): model has no module {name!r} ({role})")
+        return m
+
+    def claim(i, name, dim):
+        key = (name, dim)
+        if key in used:
+            raise ValueError(
+                f"slim_: module {name!r} dim {dim} appears in group {i} and in {used[key]}"
+            )
+        used[key] = f"group {i}"
+
+    plan = []
+    for i, (g, k) in enumerate(zip(groups, keep)):
+        if not g.producers:
+            raise ValueError(f"slim_: group {i} has no producers")
+        widths = set()
+        for p in g.producers:
+            m = mod(i, p, "producer")
+            if not ((isinstance(m, _CONV) and m.groups == 1) or isinstance(m, nn.Linear)):
+                raise ValueError(f"slim_: producer {p!r} of group {i} is a {type(m).__name__}")
+            widths.add(int(m.weight.shape[0]))
+        if len(widths) != 1:
+            raise ValueError(f"slim_: producers of group {i} have different widths {sorted(widths)}")
+        (C,) = widths
+        for f in g.followers:
+            m = mod(i, f, "follower")
+            if isinstance(m, _NORM):
+                w = m.num_features
+            elif isinstance(m, _CONV) and m.groups == m.in_channels == m.out_channels:
+                w = m.in_channels
+            else:
+                raise ValueError(f"slim_: follower {f!r} of group {i} is a {type(m).__name__}")
+            if w != C:
+                raise ValueError(f"slim_: follower {f!r} of group {i} has width {w}, producers have {C}")
+        for c in g.consumers:
+            m = mod(i, c.module, "consumer")
+            if isinstance(m, nn.Linear):
+                if m.in_features != C * c.repeat:
+                    raise ValueError(
+                        f"slim_: consumer {c.module!r} of group {i} has in_features={m.in_features}, "
+                        f"expected {C} x {c.repeat}"
+                    )
+            elif isinstance(m, _CONV) and m.groups == 1:
+                if m.in_channels != C or c.repeat != 1:
+                    raise ValueError(f"slim_: consumer {c.module!r} of group {i} has in_channels={m.in_channels}, expected {C}")
+            else:
+                raise ValueError(f"slim_: consumer {c.module!r} of group {i} is a {type(m).__name__}")
+        if k is None:
+            continue
+        kk = _as_keep(k, C, f"slim_: keep[{i}] ({g.name})")
+        if kk.numel() == C:
+            continue
+        for p in g.producers:
+            claim(i, p, 0)
+        for f in g.followers:
+            claim(i, f, 0)
+        for c in g.consumers:
+            claim(i, c.module, 1)
+        plan.append((g, kk, C))
+    return plan
+
+
+# --------------------------------------------------------------------------- public
+@torch.no_grad()
+def slim_(
+    model: nn.Module,
+    groups: Sequence[ChannelGroup],
+    keep: Sequence[Tensor | None],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    masks: dict[str, Tensor] | None = None,
+    gather: Gather | None = None,
+) -> dict:
+    """Physically remove the channels not in ``keep`` (see the module doc). Returns the
+    record of this step (for :func:`replay_`)."""
+    gather = gather or reference.gather_channels_
+    plan = _plan(model, groups, keep)
+    mods = dict(model.named_modules())
+    s = _Slimmer(model, optimizer, masks, gather)
+    rec_groups, rec_keep = [], []
+    for g, k, C in plan:
+        K = int(k.numel())
+        for name in g.producers:
+            m = mods[name]
+            s.tensor_attr(m, "weight", k, 0)
+            s.tensor_attr(m, "bias", k, 0)
+            if isinstance(m, nn.Linear):
+                m.out_features = K
+            else:
+                m.out_channels = K
+        for name in g.followers:
+            m = mods[name]
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                s.tensor_attr(m, attr, k, 0)
+            if isinstance(m, _NORM):
+                m.num_features = K
+            else:  # depthwise conv
+                m.in_channels = m.out_channels = m.groups = K
+        for c in g.consumers:
+            m = mods[c.module]
+            s.tensor_attr(m, "weight", _expand(k, c.repeat), 1)
+            if isinstance(m, nn.Linear):
+                m.in_features = K * c.repeat
+            else:
+                m.in_channels = K
+        rec_groups.append(group_to_dict(g))
+        rec_keep.append(k.clone())
+    return {"groups": rec_groups, "keep": rec_keep}
+
+
+def replay_(model: nn.Module, records: Sequence[dict] | dict, *, gather: Gather | None = None) -> nn.Module:
+    """Apply recorded ``slim_`` steps (in order) to a freshly built full-width model, e.g.
+    before ``model.load_state_dict(checkpoint_of_slim_model)``. Returns ``model``."""
+    if isinstance(records, dict):
+        records = [records]
+    for j, rec in enumerate(records):
+        if not isinstance(rec, dict) or "groups" not in rec or "keep" not in rec:
+            raise ValueError(f"replay_: records[{j}] must be a dict with 'groups' and 'keep' (as returned by slim_)")
+        groups = [g if isinstance(g, ChannelGroup) else group_from_dict(g) for g in rec["groups"]]
+        try:
+            slim_(model, groups, list(rec["keep"]), gather=gather)
+        except ValueError as e:
+            raise ValueError(f"replay_: records[{j}] does not fit the model: {e}") from e
+    return model
+
+
+def _is_chase(obj) -> bool:
+    if obj is None:
+        return False
+    if isinstance(obj, functools.partial):
+        return _is_chase(obj.func)
+    if inspect.ismethod(obj):
+        return _is_chase(obj.__self__) or _is_chase(obj.__func__)
+    if inspect.isfunction(obj) or inspect.isclass(obj):
+        mod = getattr(obj, "__module__", None)
+    else:
+        mod = type(obj).__module__
+    if not isinstance(mod, str):
+        return False
+    return mod == "chase_ext" or mod.startswith("chase_ext.")
+
+
+def _hook_fn(h):
+    return getattr(h, "hook", h)  # _WrappedHook (state-dict hooks) keeps the callable in .hook
+
+
+def export_dense(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` without any ``chase_ext`` hook, attribute or
+    parametrization: an ordinary ``nn.Module`` (see the module doc)."""
+    stripped: list[tuple[dict, Any, Any]] = []  # (container, key, value) to restore
+    try:
+        for m in model.modules():
+            d = vars(m)
+            for key, val in list(d.items()):
+                if key in ("_parameters", "_buffers", "_modules"):
+                    continue
+                if isinstance(val, dict) and "hook" in key:
+                    bad = [hid for hid, h in val.items() if _is_chase(_hook_fn(h))]
+                    for hid in bad:
+                        stripped.append((val, hid, val.pop(hid)))
+                elif _is_chase(val):
+                    stripped.append((d, key, d.pop(key)))
+            # hook-kwargs bookkeeping dicts keyed by removed hook ids
+            removed = {k for c, k, _ in stripped if c is not d and isinstance(k, int)}
+            for key in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+                extra = d.get(key)
+                if isinstance(extra, dict):
+                    for hid in [h for h in extra if h in removed]:
+                        stripped.append((extra, hid, extra.pop(hid)))
+        out = copy.deepcopy(model)
+    finally:
+        for container, key, val in reversed(stripped):
+            container[key] = val
+    # parametrizations registered by chase_ext: bake them in
+    try:
+        from torch.nn.utils import parametrize
+    except ImportError:  # pragma: no cover
+        parametrize = None
+    if parametrize is not None:
+        for m in list(out.modules()):
+            if parametrize.is_parametrized(m):
+                for tname, plist in list(m.parametrizations.items()):
+                    if any(_is_chase(p) for p in plist):
+                        parametrize.remove_parametrizations(m, tname, leave_parametrized=True)
+    for m in out.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and type(p) is not nn.Parameter:
+                m._parameters[name] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+    return out

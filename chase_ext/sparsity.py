@@ -1,0 +1,147 @@
+"""Masks and budgets of the sparse tensors; prune/grow counts (SPEC §1-§3).
+
+This module knows the model only through the list of sparse tensors; the ops (reference
+or native) do the selections. Everything that decides a count runs in Python ints.
+
+Choices where SPEC is vague:
+
+* **Which weights are sparse**: the ``weight`` of every module that ``isinstance`` of
+  ``nn.Conv1d/2d/3d`` or ``nn.Linear`` (subclasses included, e.g. the ``out_proj`` of
+  ``nn.MultiheadAttention``; ``ConvTranspose`` and lazy modules before materialisation are
+  not), in ``model.named_parameters()`` order, a shared weight once. ``exclude`` globs are
+  matched (``fnmatch``) against the parameter name *and* its module name, so ``"fc"`` and
+  ``"fc.weight"`` both exclude ``fc``'s weight.
+* **Counts when the live slots cannot hold the target** (SPEC §3 last bullet): the grow
+  target is capped at the number of live slots, prune counts at the active count.
+* **Phase A counts**: prune = max(nnz - B, 0); grow = min(B + round(δ(t)·N), L) - (nnz - prune)
+  (clamped at 0), with L the live slot count.
+* **Phase B counts**: s = round(r(t)·B); prune = min(nnz, max(nnz - B, 0) + s);
+  grow = min(B, L) - (nnz - prune) (clamped at 0).
+* **Layer scope**: per tensor, prune = min(nnz_l, round(r(t)·k_l) + max(nnz_l - k_l, 0)),
+  grow = min(k_l, L_l) - (nnz_l - prune) (clamped at 0); r(t) is the phase-B cosine over
+  [0, t_end) for the whole run and there is no phase A / soft bound.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from . import density as _density
+from .schedules import soft_bound, swap_fraction
+
+__all__ = [
+    "SPARSE_MODULES",
+    "matches",
+    "find_sparse",
+    "init_counts",
+    "init_masks",
+    "global_counts",
+    "layer_counts",
+    "live_numel",
+]
+
+SPARSE_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def find_sparse(model: nn.Module, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of every sparse tensor in global order (SPEC §1)."""
+    owners: dict[int, str] = {}
+    for mname, mod in model.named_modules():
+        if isinstance(mod, SPARSE_MODULES):
+            w = getattr(mod, "weight", None)
+            if isinstance(w, nn.Parameter) and not isinstance(w, nn.parameter.UninitializedParameter):
+                owners.setdefault(id(w), mname)
+    out = []
+    for pname, p in model.named_parameters():
+        mname = owners.get(id(p))
+        if mname is None or p.dim() < 2:
+            continue
+        if matches(pname, exclude) or matches(mname, exclude):
+            continue
+        out.append((pname, p))
+    return out
+
+
+def init_counts(shapes: Sequence[Sequence[int]], budget: int, init: str, dense_first: bool) -> list[int]:
+    if init == "erk":
+        return _density.erk_counts(shapes, budget)
+    return _density.uniform_counts(shapes, budget, dense_first)
+
+
+def init_masks(params: Sequence[torch.Tensor], counts: Sequence[int], gen: torch.Generator) -> list[torch.Tensor]:
+    """Exactly k_l random active slots per tensor: ``randperm(n_l, generator=g)[:k_l]`` (SPEC §2)."""
+    masks = []
+    for p, k in zip(params, counts):
+        n = p.numel()
+        idx = torch.randperm(n, generator=gen)[:k]
+        m = torch.zeros(n, dtype=torch.bool)
+        m[idx] = True
+        masks.append(m.view(p.shape).to(p.device))
+    return masks
+
+
+def live_numel(shape: Sequence[int], live_rows: int | None, live_cols: int | None) -> int:
+    """Number of live slots of a tensor given its live row/column counts (None = all)."""
+    dims = list(shape)
+    if live_rows is not None:
+        dims[0] = live_rows
+    if live_cols is not None and len(dims) > 1:
+        dims[1] = live_cols
+    return int(math.prod(dims))
+
+
+def global_counts(
+    t: int,
+    nnz: int,
+    budget: int,
+    total: int,
+    live: int,
+    *,
+    t_explore_end: int,
+    t_end: int,
+    soft_bound0: float,
+    soft_bound_end: float,
+    swap0: float,
+    swap_end: float,
+) -> tuple[int, int, int]:
+    """(prune, grow, target) for one global-scope update at step ``t`` (SPEC §3 counts)."""
+    if t < t_explore_end:
+        delta = soft_bound(t, t_explore_end, soft_bound0, soft_bound_end)
+        prune = max(nnz - budget, 0)
+        target = min(budget + round(delta * total), live)
+    else:
+        r = swap_fraction(t, t_end, swap0, swap_end)
+        s = round(r * budget)
+        prune = min(nnz, max(nnz - budget, 0) + s)
+        target = min(budget, live)
+    grow = max(target - (nnz - prune), 0)
+    return int(prune), int(grow), int(nnz - prune + grow)
+
+
+def layer_counts(
+    t: int,
+    nnz: Sequence[int],
+    k: Sequence[int],
+    live: Sequence[int],
+    *,
+    t_end: int,
+    swap0: float,
+    swap_end: float,
+) -> tuple[list[int], list[int]]:
+    """Per-tensor (prune, grow) for a layer-scope update (SPEC §3.4)."""
+    r = swap_fraction(t, t_end, swap0, swap_end)
+    prune, grow = [], []
+    for n_l, k_l, L_l in zip(nnz, k, live):
+        p = min(n_l, round(r * k_l) + max(n_l - k_l, 0))
+        g = max(min(k_l, L_l) - (n_l - p), 0)
+        prune.append(int(p))
+        grow.append(int(g))
+    return prune, grow

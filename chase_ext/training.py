@@ -1,0 +1,639 @@
+"""Training, evaluation and measurement helpers shared by the demo and the examples.
+
+Nothing here is part of the Chase method; it is the plain loop a user would write
+around :class:`chase_ext.ChaseOptimizer`, plus the numbers the demo reports:
+
+* :class:`TensorLoader` — a seeded, shuffling batch iterator over in-memory tensors
+  (much faster than ``DataLoader`` for a few thousand small images);
+* :func:`vgg` — a VGG-style CNN (conv-BN-ReLU blocks, max-pool, 2-layer classifier) for
+  any input size, so every conv and the hidden linear layer are prunable channels;
+* :func:`train` — one training run, dense (plain optimizer) or sparse (the optimizer
+  wrapped in ``ChaseOptimizer``), with a tqdm bar, per-epoch test accuracy and hooks;
+* :func:`evaluate`, :func:`count_macs` (conv/linear multiply-accumulates via forward
+  hooks), :func:`count_params`, :func:`measure_throughput` (interleaved A B A B timing,
+  medians, fixed thread count, ``torch.inference_mode``).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TensorLoader",
+    "vgg",
+    "pick_backend",
+    "train",
+    "evaluate",
+    "predict",
+    "count_macs",
+    "count_params",
+    "sparse_weights",
+    "measure_throughput",
+    "channel_density_stats",
+    "live_channels",
+    "run_comparison",
+    "summarize_channel_density",
+    "default_threads",
+]
+
+
+# --------------------------------------------------------------------------- data
+class TensorLoader:
+    """Batches of ``(x[i], y[i])`` from in-memory tensors.
+
+    With ``shuffle=True`` every epoch draws a fresh permutation from a private CPU
+    generator seeded with ``seed``: two loaders built alike yield the same batches in the
+    same order, so runs compared "with the same seed" see the same data.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *, shuffle: bool = False,
+                 seed: int = 0, drop_last: bool = False, device: str | torch.device | None = None):
+        if len(x) != len(y):
+            raise ValueError(f"x and y differ in length: {len(x)} vs {len(y)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        dev = torch.device(device) if device is not None else x.device
+        self.x, self.y = x.to(dev), y.to(dev)
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        n = len(self.x)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.x)
+        if self.shuffle:
+            order = torch.randperm(n, generator=self.gen).to(self.x.device)
+        else:
+            order = None
+        for i in range(len(self)):
+            sl = slice(i * self.batch_size, min(n, (i + 1) * self.batch_size))
+            if order is None:
+                yield self.x[sl], self.y[sl]
+            else:
+                idx = order[sl]
+                yield self.x[idx], self.y[idx]
+
+
+# --------------------------------------------------------------------------- model
+class VGG(nn.Module):
+    """``features`` (conv3x3-BN-ReLU blocks and 2x2 max-pools) -> flatten -> MLP head."""
+
+    def __init__(self, cfg: Sequence[int | str], in_ch: int, size: int, num_classes: int, hidden: int):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, s = in_ch, size
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                s //= 2
+            else:
+                layers += [nn.Conv2d(c, int(v), 3, padding=1, bias=False), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                c = int(v)
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(c * s * s, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.features(x), 1))
+
+
+def vgg(cfg: Sequence[int | str] = (16, "M", 32, "M", 64, 64, "M"), *, in_ch: int = 1, size: int = 28,
+        num_classes: int = 10, hidden: int = 128) -> VGG:
+    """A VGG-style CNN. ``cfg`` lists conv widths, ``"M"`` for a 2x2 max-pool."""
+    return VGG(cfg, in_ch, size, num_classes, hidden)
+
+
+# --------------------------------------------------------------------------- backend
+def pick_backend(device: str | torch.device = "cpu") -> str:
+    """``"native"`` when the compiled ops load (and have kernels for ``device``), else ``"reference"``."""
+    try:
+        from . import _ops
+    except Exception:  # not built / built against another torch
+        return "reference"
+    if torch.device(device).type == "cuda":
+        try:
+            if not _ops.build_info()["has_cuda"]:
+                return "reference"
+        except Exception:
+            return "reference"
+    return "native"
+
+
+# --------------------------------------------------------------------------- counting
+_COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def sparse_weights(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weights Chase masks by default: conv and linear weights, in parameter order."""
+    out, seen = [], set()
+    for mname, m in model.named_modules():
+        if isinstance(m, _COUNTED) and id(m.weight) not in seen:
+            seen.add(id(m.weight))
+            out.append((f"{mname}.weight" if mname else "weight", m.weight))
+    return out
+
+
+def count_params(model: nn.Module) -> int:
+    """All parameters (weights, biases, norm affine), each shared tensor once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example: torch.Tensor) -> dict[str, Any]:
+    """Multiply-accumulates per sample of every conv/linear, measured with forward hooks.
+
+    Returns ``{"macs": dense MACs per sample, "nonzero_macs": MACs with exactly-zero
+    weights skipped (what an ideal sparse kernel would do), "layers": {name: macs}}``.
+    The model runs once in eval mode on ``example`` (training flags are restored).
+    """
+    per_layer: dict[str, int] = {}
+    nonzero: dict[str, float] = {}
+    hooks = []
+
+    def hook(name):
+        def fn(m, inp, out):
+            n = out.shape[0]
+            if isinstance(m, nn.Linear):
+                macs = out.numel() // n * m.in_features
+            else:
+                macs = out.numel() // n * (m.in_channels // m.groups) * math.prod(m.kernel_size)
+            dens = float((m.weight != 0).sum()) / max(1, m.weight.numel())
+            per_layer[name] = per_layer.get(name, 0) + int(macs)
+            nonzero[name] = nonzero.get(name, 0.0) + macs * dens
+        return fn
+
+    for name, m in model.named_modules():
+        if isinstance(m, _COUNTED):
+            hooks.append(m.register_forward_hook(hook(name)))
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        model(example[:1])
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, f in flags.items():
+            m.train(f)
+    return {"macs": sum(per_layer.values()), "nonzero_macs": int(round(sum(nonzero.values()))), "layers": per_layer}
+
+
+# --------------------------------------------------------------------------- eval
+@torch.inference_mode()
+def predict(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and labels over a loader (eval mode; the training flag is restored)."""
+    was = model.training
+    model.eval()
+    outs, ys = [], []
+    try:
+        for x, y in loader:
+            outs.append(model(x.to(device, non_blocking=True)).float().cpu())
+            ys.append(y.cpu())
+    finally:
+        model.train(was)
+    return torch.cat(outs), torch.cat(ys)
+
+
+def evaluate(model: nn.Module, loader: Iterable, device: str | torch.device = "cpu") -> float:
+    """Top-1 accuracy in [0, 1]."""
+    logits, y = predict(model, loader, device)
+    return float((logits.argmax(1) == y).float().mean())
+
+
+# --------------------------------------------------------------------------- training
+def train(
+    model: nn.Module,
+    train_loader: Iterable,
+    test_loader: Iterable,
+    *,
+    epochs: int,
+    lr: float = 0.05,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    device: str | torch.device = "cpu",
+    chase: dict | None = None,
+    example_inputs: torch.Tensor | None = None,
+    desc: str = "train",
+    progress: bool = True,
+    record_every: int | None = None,
+    on_start: Callable[[Any], None] | None = None,
+    on_record: Callable[[int, Any], None] | None = None,
+    label_smoothing: float = 0.0,
+) -> dict[str, Any]:
+    """Train ``model`` with SGD (momentum, weight decay) and a per-step cosine LR.
+
+    ``chase=None`` trains dense with the plain optimizer. Otherwise ``chase`` holds the
+    keywords of :class:`chase_ext.ChaseOptimizer` (``density``, ``channel_sparsity``,
+    ``seed``, ``backend``, ...; ``total_steps`` and ``example_inputs`` are filled in here)
+    and the optimizer is wrapped. ``on_start(opt)`` runs before the first step (the ERK
+    start of a sparse run is visible there); ``on_record(t, opt)`` runs every
+    ``record_every`` steps and at the end of every epoch.
+
+    Returns ``{"optimizer", "acc_history" (test accuracy after each epoch),
+    "loss_history" (mean train loss per epoch), "train_seconds", "eval_seconds",
+    "steps", "test_acc"}``.
+    """
+    device = torch.device(device)
+    model.to(device)
+    steps_per_epoch = len(train_loader)  # type: ignore[arg-type]
+    total = steps_per_epoch * epochs
+    base = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt: Any = base
+    if chase is not None:
+        from .optimizer import ChaseOptimizer
+
+        kw = dict(chase)
+        kw.setdefault("total_steps", total)
+        if example_inputs is not None:
+            kw.setdefault("example_inputs", example_inputs.to(device))
+        opt = ChaseOptimizer(base, model, **kw)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * min(t, total) / total)))
+    if on_start is not None:
+        on_start(opt)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    acc_hist: list[float] = []
+    loss_hist: list[float] = []
+    t_train = t_eval = 0.0
+    step = 0
+    bar = _bar(total, desc, progress)
+    try:
+        for epoch in range(epochs):
+            model.train()
+            t0 = time.perf_counter()
+            run_loss = torch.zeros((), device=device)
+            nb = 0
+            for x, y in train_loader:
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = loss_fn(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                run_loss += loss.detach()
+                nb += 1
+                step += 1
+                if on_record is not None and record_every and step % record_every == 0:
+                    on_record(step, opt)
+                if bar is not None:
+                    bar.update(1)
+            del loss  # no stale graph alive across slimming
+            loss_hist.append(float(run_loss) / max(1, nb))
+            t1 = time.perf_counter()
+            t_train += t1 - t0
+            acc = evaluate(model, test_loader, device)
+            t_eval += time.perf_counter() - t1
+            acc_hist.append(acc)
+            if on_record is not None and not (record_every and step % record_every == 0):
+                on_record(step, opt)
+            if bar is not None:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_hist[-1]:.3f}", acc=f"{acc:.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    return {
+        "optimizer": opt,
+        "acc_history": acc_hist,
+        "loss_history": loss_hist,
+        "train_seconds": t_train,
+        "eval_seconds": t_eval,
+        "steps": step,
+        "test_acc": acc_hist[-1] if acc_hist else evaluate(model, test_loader, device),
+    }
+
+
+def _bar(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # tqdm is a dependency, but the loop must not need it
+        return None
+    return tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, file=sys.stderr, leave=True)
+
+
+# --------------------------------------------------------------------------- introspection
+def channel_density_stats(opt: Any, model: nn.Module) -> dict[str, dict[str, list[float]]]:
+    """Per output channel of every sparse tensor: density (active / original fan-in) and UMM.
+
+    Reads ``opt.channel_stats()`` (active count and Σ|w| per row). Fan-in is taken from
+    the current shape, so call this before slimming (or on an unslimmed optimizer).
+    """
+    params = dict(model.named_parameters())
+    out = {}
+    for name, (count, absum) in opt.channel_stats().items():
+        p = params[name]
+        fan_in = p[0].numel() if p.dim() > 0 else 1
+        out[name] = {
+            "density": (count.double() / fan_in).cpu().tolist(),
+            "umm": (absum.double() / fan_in).cpu().tolist(),
+            "fan_in": fan_in,
+        }
+    return out
+
+
+def live_channels(opt: Any) -> dict[str, tuple[int, int]]:
+    """``{group: (original channels, live channels)}`` from ``opt.channel_report()``."""
+    return {str(r["group"]): (int(r["channels"]), int(r["live"])) for r in opt.channel_report()}
+
+
+# --------------------------------------------------------------------------- timing
+def default_threads() -> int:
+    """Half the CPU cores torch would use (at least 1).
+
+    On small shared machines a second OpenMP thread that has to wait for a busy core makes
+    every op slower (measured: 2 threads 3.5x slower than 1 on a loaded 2-core box), so
+    the demo leaves half the cores free by default.
+    """
+    return max(1, torch.get_num_threads() // 2)
+
+
+@contextlib.contextmanager
+def _threads(n: int | None):
+    old = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_throughput(
+    models: dict[str, nn.Module],
+    batch: torch.Tensor,
+    *,
+    rounds: int = 7,
+    iters: int | None = None,
+    min_seconds: float = 0.05,
+    threads: int | None = None,
+    warmup: int = 2,
+    channels_last: bool = False,
+) -> dict[str, Any]:
+    """Inference throughput (samples/s) of several models on one batch, interleaved.
+
+    Each round times every model once (A B A B ...), so drift of a shared machine hits
+    all alike; a round runs ``iters`` forwards (chosen from the slowest model so a round
+    lasts about ``min_seconds`` when not given). Eval mode and ``torch.inference_mode``;
+    CPU work uses ``threads`` threads (the current count when None). With
+    ``channels_last`` (4-D inputs) copies of the models run in that memory format, which
+    is much faster for small convs and pools on CPU; the caller's models are untouched.
+    Returns
+    ``{name: {"samples_per_s": median, "seconds": [...per round]}, "rounds", "iters",
+    "batch", "threads"}``.
+    """
+    device = batch.device
+    if channels_last and batch.dim() == 4:
+        import copy
+
+        models = {k: copy.deepcopy(m).to(memory_format=torch.channels_last) for k, m in models.items()}
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    else:
+        channels_last = False
+    flags = {k: m.training for k, m in models.items()}
+    for m in models.values():
+        m.eval()
+    times: dict[str, list[float]] = {k: [] for k in models}
+    try:
+        with _threads(threads), torch.inference_mode():
+            for m in models.values():
+                for _ in range(warmup):
+                    m(batch)
+            _sync(device)
+            if iters is None:
+                slowest = 0.0
+                for m in models.values():
+                    t0 = time.perf_counter()
+                    m(batch)
+                    _sync(device)
+                    slowest = max(slowest, time.perf_counter() - t0)
+                iters = max(1, min(1000, math.ceil(min_seconds / max(slowest, 1e-6))))
+            for _ in range(rounds):
+                for k, m in models.items():
+                    _sync(device)
+                    t0 = time.perf_counter()
+                    for _ in range(iters):
+                        m(batch)
+                    _sync(device)
+                    times[k].append(time.perf_counter() - t0)
+            nthreads = torch.get_num_threads()
+    finally:
+        for k, m in models.items():
+            m.train(flags[k])
+    n = batch.shape[0] * iters
+    res: dict[str, Any] = {k: {"samples_per_s": n / statistics.median(v), "seconds": v} for k, v in times.items()}
+    res.update(rounds=rounds, iters=iters, batch=int(batch.shape[0]), threads=nthreads, device=str(device),
+               memory_format="channels_last" if channels_last else "contiguous")
+    return res
+
+
+# --------------------------------------------------------------------------- the three-way comparison
+def run_comparison(
+    model_fn: Callable[[], nn.Module],
+    train_loader_fn: Callable[[], Iterable],
+    test_loader: Iterable,
+    example: torch.Tensor,
+    *,
+    epochs: int,
+    density: float = 0.1,
+    channel_sparsity: float = 0.5,
+    seed: int = 0,
+    lr: float = 0.05,
+    device: str | torch.device = "cpu",
+    backend: str | None = None,
+    progress: bool = True,
+    bench_batch: torch.Tensor | None = None,
+    bench_rounds: int = 7,
+    threads: int | None = None,
+    chase_kwargs: dict | None = None,
+    amenable_ratio: float = 0.5,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Dense vs unstructured DST (S_c = 0) vs Chase (S_c = ``channel_sparsity``), then slim.
+
+    Every run starts from ``torch.manual_seed(seed)``, ``model_fn()`` and a fresh
+    ``train_loader_fn()`` (which must be seeded so all runs see the same batches), and
+    trains ``epochs`` epochs with the same SGD + cosine schedule; the two sparse runs keep
+    ``round(density * N)`` active weights (ERK start, gradient growth, global scope, SPEC
+    defaults otherwise plus ``chase_kwargs``). The Chase model is slimmed at the end and
+    compared with its masked self; inference throughput of the slim model is measured
+    against the dense one (interleaved, medians).
+
+    Returns a JSON-ready dict (see ``chase_ext.demo`` for the report built from it) plus
+    the live objects under the keys ``"_models"`` (``dense``, ``dst``, ``chase``) and
+    ``"_optimizers"``; drop keys starting with ``_`` before serialising.
+    """
+    device = torch.device(device)
+    backend = backend or pick_backend(device)
+    example = example.to(device)
+    res: dict[str, Any] = {"runs": {}, "timings": {}}
+    models: dict[str, nn.Module] = {}
+    opts: dict[str, Any] = {}
+    sparse_kw = dict(density=density, seed=seed, backend=backend, **(chase_kwargs or {}))
+    plan = [
+        ("dense", None),
+        ("dst", dict(sparse_kw, channel_sparsity=0.0)),
+        ("chase", dict(sparse_kw, channel_sparsity=channel_sparsity)),
+    ]
+    erk_stats: dict = {}
+    live_hist: dict[str, Any] = {"steps": [], "groups": {}}
+
+    def record_live(t, opt):
+        live_hist["steps"].append(int(t))
+        for g, (_, live) in live_channels(opt).items():
+            live_hist["groups"].setdefault(g, []).append(live)
+
+    for name, kw in plan:
+        torch.manual_seed(seed)
+        model = model_fn().to(device)
+        n_sparse = sum(p.numel() for _, p in sparse_weights(model))
+        loader = train_loader_fn()
+        total = len(loader) * epochs  # type: ignore[arg-type]
+        hooks: dict[str, Any] = {}
+        if name == "dst":
+            hooks["on_start"] = lambda opt, m=model: erk_stats.update(channel_density_stats(opt, m))
+        if name == "chase":
+            hooks["on_start"] = lambda opt: record_live(0, opt)
+            hooks["on_record"] = record_live
+            hooks["record_every"] = max(1, total // 100)
+        torch.manual_seed(seed)  # same dropout / augmentation draws in every run
+        t0 = time.perf_counter()
+        r = train(model, loader, test_loader, epochs=epochs, lr=lr, device=device, chase=kw,
+                  example_inputs=example, desc=f"{name:>5}", progress=progress, **hooks)
+        wall = time.perf_counter() - t0
+        opt = r.pop("optimizer")
+        run = dict(r, wall_seconds=wall, sparse_numel=n_sparse)
+        if kw is None:
+            run["active_weights"] = int(sum(int((p != 0).sum()) for _, p in sparse_weights(model)))
+        else:
+            run["active_weights"] = int(opt.active_count())
+            run["budget"] = int(opt.budget)
+            run["channel_sparsity_target"] = kw["channel_sparsity"]
+        run["density"] = run["active_weights"] / n_sparse
+        res["runs"][name] = run
+        models[name], opts[name] = model, opt
+        log(f"{name}: test accuracy {run['test_acc']:.4f} after {epochs} epochs "
+            f"({r['train_seconds']:.1f} s training, {r['eval_seconds']:.1f} s eval)")
+
+    # --- the 'sparse amenable channels' of unstructured DST vs its ERK start
+    dst_stats = channel_density_stats(opts["dst"], models["dst"])
+    res["channel_density"] = summarize_channel_density(erk_stats, dst_stats, amenable_ratio)
+
+    # --- Chase: channels, slimming, equality of the slim and masked models
+    chase_opt, chase_model = opts["chase"], models["chase"]
+    report = chase_opt.channel_report()
+    before = {str(r["group"]): int(r["channels"]) for r in report}
+    live = {str(r["group"]): int(r["live"]) for r in report}
+    masked_logits, ys = predict(chase_model, test_loader, device)
+    masked_macs = count_macs(chase_model, example)
+    t0 = time.perf_counter()
+    chase_opt.slim_()
+    slim_s = time.perf_counter() - t0
+    slim_logits, _ = predict(chase_model, test_loader, device)
+    mods = dict(chase_model.named_modules())
+    after = {}
+    for g in before:
+        prod = g.split("+")[0]
+        w = mods[prod].weight if prod in mods else None
+        after[g] = int(w.shape[0]) if w is not None else live[g]
+    c0, c1 = sum(before.values()), sum(after.values())
+    run = res["runs"]["chase"]
+    run.update(
+        masked_test_acc=float((masked_logits.argmax(1) == ys).float().mean()),
+        slim_test_acc=float((slim_logits.argmax(1) == ys).float().mean()),
+        slim_max_abs_logit_diff=float((masked_logits - slim_logits).abs().max()),
+        slim_same_predictions=bool(torch.equal(masked_logits.argmax(1), slim_logits.argmax(1))),
+        active_weights_after_slim=int(chase_opt.active_count()),
+        channels=[{"group": g, "before": before[g], "live": live[g], "after": after[g]} for g in before],
+        channels_total_before=c0,
+        channels_total_after=c1,
+        channel_sparsity=1 - c1 / c0 if c0 else 0.0,
+        live_history=live_hist,
+        slim_seconds=slim_s,
+    )
+    cfg = getattr(chase_opt, "config", None)
+    if cfg is not None:
+        run["schedule"] = {
+            "total_steps": cfg.total_steps,
+            "channel_end": cfg.channel_end_steps,
+            "channel_interval": cfg.channel_interval_steps,
+            "update_interval": cfg.update_steps,
+            "min_channel_ratio": cfg.min_channel_ratio,
+        }
+
+    # --- size and cost of the models
+    dense_macs = count_macs(models["dense"], example)
+    dst_macs = count_macs(models["dst"], example)
+    slim_macs = count_macs(chase_model, example)
+    res["models"] = {
+        "dense": {"params": count_params(models["dense"]), "macs": dense_macs["macs"],
+                  "nonzero_macs": dense_macs["nonzero_macs"]},
+        "dst": {"params": count_params(models["dst"]), "macs": dst_macs["macs"],
+                "nonzero_macs": dst_macs["nonzero_macs"]},
+        "chase_masked": {"macs": masked_macs["macs"], "nonzero_macs": masked_macs["nonzero_macs"]},
+        "chase_slim": {"params": count_params(chase_model), "macs": slim_macs["macs"],
+                       "nonzero_macs": slim_macs["nonzero_macs"]},
+    }
+    for v in res["models"].values():
+        v["flops"] = 2 * v["macs"]
+
+    # --- measured inference throughput, slim vs dense, interleaved
+    if bench_batch is not None and bench_rounds > 0:
+        t0 = time.perf_counter()
+        tp = measure_throughput({"dense": models["dense"], "chase_slim": chase_model},
+                                bench_batch.to(device), rounds=bench_rounds, threads=threads,
+                                channels_last=bench_batch.dim() == 4)
+        tp["speedup"] = tp["chase_slim"]["samples_per_s"] / tp["dense"]["samples_per_s"]
+        res["throughput"] = tp
+        res["timings"]["throughput_seconds"] = time.perf_counter() - t0
+    res["backend"] = backend
+    res["_models"], res["_optimizers"] = models, opts
+    return res
+
+
+def summarize_channel_density(start: dict, end: dict, ratio: float = 0.5) -> dict[str, Any]:
+    """Per layer: channel densities/UMMs at the start and the end, and the share of
+    channels whose density is below ``ratio`` x their layer's mean density."""
+    layers = {}
+    far = {"start": [0, 0], "end": [0, 0]}
+    for name in end:
+        entry: dict[str, Any] = {"fan_in": end[name]["fan_in"]}
+        for key, st in (("start", start.get(name)), ("end", end[name])):
+            if st is None:
+                continue
+            d = torch.tensor(st["density"], dtype=torch.float64)
+            mean = float(d.mean()) if len(d) else 0.0
+            n_far = int((d < ratio * mean).sum()) if mean > 0 else 0
+            entry[key] = {
+                "density": st["density"],
+                "umm": st["umm"],
+                "mean_density": mean,
+                "far_sparser": n_far,
+                "share_far_sparser": n_far / max(1, len(d)),
+                "empty_channels": int((d == 0).sum()),
+            }
+            far[key][0] += n_far
+            far[key][1] += len(d)
+        layers[name] = entry
+    return {
+        "definition": f"a channel is far sparser when its density is below {ratio} x its layer's mean channel density",
+        "ratio": ratio,
+        "layers": layers,
+        "share_far_sparser_start": far["start"][0] / max(1, far["start"][1]),
+        "share_far_sparser_end": far["end"][0] / max(1, far["end"][1]),
+    }

@@ -1,0 +1,148 @@
+// mask_update_ on CUDA: prune by |w|, grow by |score|, rewrite masks, zero what changed,
+// and emit per-row active counts and sum |w|. Selections first (read only; pass 0 of the
+// prune select also validates everything), then one writing pass (rows.cuh), so every
+// error is raised before anything is written.
+#include <torch/library.h>
+
+#include <string>
+
+#include "cuda/radix_select.cuh"
+#include "cuda/rows.cuh"
+
+namespace chase_ext::cuda {
+namespace {
+
+constexpr const char* kOp = "chase_ext.mask_update_";
+
+// Prune candidates: active live slots, key |w|. Pass 0 also flags non-finite weights
+// (bit 0) and scores (bit 1) anywhere, and counts inactive live slots (grow candidates
+// before the prune adds its own).
+template <class W, class S>
+struct PruneSrc {
+  __device__ bool cand(const Desc& d, int64_t i, bool live, uint32_t& key) const {
+    if (!live || !d.mask[i]) return false;
+    key = sortable_key(load<W>(d.w, i), true);
+    return true;
+  }
+  __device__ unsigned bad(const Desc& d, int64_t i) const {
+    return (finite(load<W>(d.w, i)) ? 0u : 1u) | (finite(load<S>(d.s, i)) ? 0u : 2u);
+  }
+  __device__ bool other(const Desc& d, int64_t i, bool live) const { return live && !d.mask[i]; }
+};
+
+// Grow candidates: live slots inactive after the prune (inactive, or just pruned); key
+// ~|score| (largest first).
+template <class W, class S>
+struct GrowSrc {
+  const Selection* psel;  // per scope
+  __device__ bool cand(const Desc& d, int64_t i, bool live, uint32_t& key) const {
+    if (!live) return false;
+    if (d.mask[i]) {
+      const Selection p = psel[d.scope];
+      if (!in_selection(sortable_key(load<W>(d.w, i), true), d.offset + i, p.key, p.cutoff, false)) return false;
+    }
+    key = ~sortable_key(load<S>(d.s, i), true);
+    return true;
+  }
+  __device__ unsigned bad(const Desc&, int64_t) const { return 0; }
+  __device__ bool other(const Desc&, int64_t, bool) const { return false; }
+};
+
+template <class W, class S>
+std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, at::TensorList states,
+                                       c10::IntArrayRef owner, c10::IntArrayRef prune_counts,
+                                       c10::IntArrayRef grow_counts) {
+  const int n = mt.n();
+  const bool global = prune_counts.size() == 1;
+  const int scopes = global ? 1 : n;
+  auto name = [&](const char* list, int s) {
+    return global ? std::string(list) : std::string(list) + "[" + std::to_string(s) + "]";
+  };
+
+  // States grouped by owner: weight t zeroes states [state_begin, state_end).
+  std::vector<StateRef> st;
+  for (int t = 0; t < n; ++t) {
+    mt.d[t].state_begin = (int32_t)st.size();
+    for (size_t j = 0; j < states.size(); ++j)
+      if (owner[j] == t) st.push_back({states[j].data_ptr(), (int64_t)states[j].element_size()});
+    mt.d[t].state_end = (int32_t)st.size();
+  }
+  const auto dd = upload(mt.d, dev);
+  const Desc* ds = dev_ptr<Desc>(dd);
+
+  const std::vector<int64_t> kp(prune_counts.begin(), prune_counts.end());
+  const std::vector<int64_t> kg(grow_counts.begin(), grow_counts.end());
+  const auto psel = radix_select(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, [&](const FirstPass& fp) {
+    TORCH_CHECK(!(fp.bad & 1u), kOp, ": weights has non-finite values");
+    TORCH_CHECK(!(fp.bad & 2u), kOp, ": scores has non-finite values");
+    for (int s = 0; s < scopes; ++s)
+      TORCH_CHECK(kp[s] <= fp.cand[s], kOp, ": ", name("prune_counts", s), "=", kp[s], " is out of range: only ",
+                  fp.cand[s], " candidate slots");
+    // grow candidates: inactive live slots plus the kp[s] pruned ones
+    for (int s = 0; s < scopes; ++s)
+      TORCH_CHECK(kg[s] <= fp.other[s] + kp[s], kOp, ": ", name("grow_counts", s), "=", kg[s],
+                  " is out of range: only ", fp.other[s] + kp[s], " candidate slots");
+  });
+  const auto pd = upload(psel, dev);
+  const GrowSrc<W, S> gsrc{dev_ptr<Selection>(pd)};
+  const auto gsel = radix_select(mt, ds, dev, scopes, gsrc, kg, true, [&](const FirstPass& fp) {
+    for (int s = 0; s < scopes; ++s)  // checked above already; a mismatch is a bug here
+      TORCH_CHECK(kg[s] <= fp.cand[s], kOp, ": internal: grow candidates miscounted");
+  });
+  const auto gd = upload(gsel, dev);
+  const auto sd = upload(st, dev);
+
+  auto opts = at::TensorOptions().device(dev);
+  auto counts = at::zeros({mt.rows}, opts.dtype(at::kLong));
+  auto sums = at::zeros({mt.rows}, opts.dtype(at::kFloat));
+  launch_rows<W, S, true>(mt, ds, dev_ptr<Selection>(pd), dev_ptr<Selection>(gd), dev_ptr<StateRef>(sd), counts,
+                          sums);
+  return {counts, sums};
+}
+
+std::tuple<at::Tensor, at::Tensor> mask_update(at::TensorList weights, at::TensorList masks, at::TensorList scores,
+                                               at::TensorList live_rows, at::TensorList live_cols,
+                                               at::TensorList states, c10::IntArrayRef state_owner,
+                                               c10::IntArrayRef prune_counts, c10::IntArrayRef grow_counts) {
+  const char* op = kOp;
+  check_float_list(op, "weights", weights);
+  check_same_dtype(op, "weights", weights);
+  check_float_list(op, "scores", scores);
+  check_same_dtype(op, "scores", scores);
+  check_like(op, "scores", scores, "weights", weights);
+  check_masks(op, masks, weights, "weights");
+  check_live(op, "live_rows", live_rows, weights, 0);
+  check_live(op, "live_cols", live_cols, weights, 1);
+  check_owner(op, states, state_owner, weights, "state_owner");
+  check_counts(op, "prune_counts", prune_counts, weights.size());
+  check_counts(op, "grow_counts", grow_counts, weights.size());
+  TORCH_CHECK(grow_counts.size() == prune_counts.size(), op, ": prune_counts has ", prune_counts.size(),
+              " entries but grow_counts has ", grow_counts.size());
+  if (weights.empty()) {  // not reachable through the dispatcher, kept for symmetry with CPU
+    TORCH_CHECK(prune_counts[0] == 0 && grow_counts[0] == 0, op, ": counts given for an empty list of weights");
+    return {at::zeros({0}, at::kLong), at::zeros({0}, at::kFloat)};
+  }
+  const at::Device dev = weights[0].device();
+  check_devices(op, "weights", weights, dev);
+  TORCH_CHECK(dev.is_cuda(), op, ": weights[0] is on ", dev, ", expected a CUDA device");
+  const c10::cuda::CUDAGuard guard(dev);
+
+  MultiTensor mt = make_multi(weights, live_rows, live_cols, prune_counts.size() != 1);
+  for (int t = 0; t < mt.n(); ++t) {
+    mt.d[t].s = scores[t].data_ptr();
+    mt.d[t].mask = masks[t].data_ptr<bool>();
+  }
+  std::tuple<at::Tensor, at::Tensor> out;
+  dispatch_float(weights[0].scalar_type(), [&](auto wtag) {
+    dispatch_float(scores[0].scalar_type(), [&](auto stag) {
+      out = run<decltype(wtag), decltype(stag)>(mt, dev, states, state_owner, prune_counts, grow_counts);
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(chase_ext, CUDA, m) { m.impl("mask_update_", &mask_update); }
+
+}  // namespace chase_ext::cuda

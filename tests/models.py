@@ -1,0 +1,250 @@
+"""Small hand-written test models (no torchvision), fast on a couple of CPU cores.
+
+Each builder returns a freshly initialised ``nn.Module``; ``example_input(name)`` gives a
+small batch (2 samples) it accepts. ``MODELS`` maps the names to the builders.
+
+Channel structure (what ``chase_ext.graph.find_channel_groups`` should find by default):
+
+* ``vgg_small``: every conv is prunable (the last one through pool -> flatten -> linear,
+  a Consumer with repeat = H*W of the final map), and ``classifier.0`` (linear -> relu ->
+  linear). ``classifier.3`` feeds the model output.
+* ``resnet_basic``: stem -> maxpool -> identity-residual block, so the stem is *not*
+  prunable; ``layerX.Y.conv1`` are prunable; ``conv2`` and ``downsample.0`` feed adds.
+* ``resnet_bottleneck``: torchvision-like (``self.relu`` called 3 times per block); the
+  first block has a downsample, so the stem feeds only convs and is prunable;
+  ``conv1``/``conv2`` of every block are prunable, ``conv3``/``downsample.0`` are not.
+* ``mobilenet_v2_small``: stem (16) -> block 1 (expand ratio 1, 16 -> 8, no residual):
+  the stem is prunable through block 1's depthwise conv; every expand conv is prunable
+  through its depthwise conv; project convs whose output meets a residual add are not
+  (``features.2.conv.2``, ``features.3.conv.2``), the others are (``features.1.conv.1``,
+  ``features.4.conv.2``); the last conv is prunable through pool -> flatten -> linear.
+* ``mlp``: ``0`` (through BatchNorm1d) and ``3`` prunable; ``5`` feeds the output.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "vgg_small",
+    "resnet_basic",
+    "resnet_bottleneck",
+    "mobilenet_v2_small",
+    "mlp",
+    "example_input",
+    "MODELS",
+]
+
+
+# --------------------------------------------------------------------------- VGG
+class VGGSmall(nn.Module):
+    def __init__(self, cfg=(8, "M", 16, "M", 32, 32, "M"), in_ch=3, size=32, num_classes=10, hidden=32):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c, s = in_ch, size
+        for v in cfg:
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+                s //= 2
+            else:
+                layers += [nn.Conv2d(c, v, 3, padding=1), nn.BatchNorm2d(v), nn.ReLU(inplace=True)]
+                c = v
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(
+            nn.Linear(c * s * s, hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.1),
+            nn.Linear(hidden, num_classes),
+        )
+        self.final_hw = s * s
+
+    def forward(self, x):
+        x = self.features(x)
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+def vgg_small(in_ch: int = 3, size: int = 32, num_classes: int = 10) -> nn.Module:
+    return VGGSmall(in_ch=in_ch, size=size, num_classes=num_classes)
+
+
+# --------------------------------------------------------------------------- ResNet
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out = out + identity
+        return self.relu(out)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None):
+        super().__init__()
+        width = planes
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)  # reused three times, like torchvision
+        self.downsample = downsample
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(self, block, layers, widths=(8, 16), stem=8, in_ch=3, num_classes=10):
+        super().__init__()
+        self.inplanes = stem
+        self.conv1 = nn.Conv2d(in_ch, stem, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(2)
+        self.layer1 = self._make_layer(block, widths[0], layers[0], 1)
+        self.layer2 = self._make_layer(block, widths[1], layers[1], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(widths[1] * block.expansion, num_classes)
+
+    def _make_layer(self, block, planes, blocks, stride):
+        downsample = None
+        if stride != 1 or self.inplanes != planes * block.expansion:
+            downsample = nn.Sequential(
+                nn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+                nn.BatchNorm2d(planes * block.expansion),
+            )
+        layers = [block(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes * block.expansion
+        for _ in range(1, blocks):
+            layers.append(block(self.inplanes, planes))
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.layer2(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+def resnet_basic(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
+    """Stem 8 -> layer1: 1 block (identity shortcut) -> layer2: 2 blocks (first downsamples)."""
+    return ResNet(BasicBlock, (1, 2), widths=(8, 16), stem=8, in_ch=in_ch, num_classes=num_classes)
+
+
+def resnet_bottleneck(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
+    """Stem 8 -> layer1: 2 bottlenecks (4 -> 16, first with downsample) -> layer2: 2 (8 -> 32)."""
+    return ResNet(Bottleneck, (2, 2), widths=(4, 8), stem=8, in_ch=in_ch, num_classes=num_classes)
+
+
+# --------------------------------------------------------------------------- MobileNetV2
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin, cout, kernel=3, stride=1, groups=1):
+        super().__init__(
+            nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU6(inplace=True),
+        )
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, expand_ratio):
+        super().__init__()
+        hidden = cin * expand_ratio
+        self.use_res_connect = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers.append(ConvBNReLU(cin, hidden, kernel=1))
+        layers += [
+            ConvBNReLU(hidden, hidden, stride=stride, groups=hidden),
+            nn.Conv2d(hidden, cout, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        ]
+        self.conv = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if self.use_res_connect:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+class MobileNetV2Small(nn.Module):
+    # (expand_ratio, out_channels, stride)
+    SETTING = ((1, 8, 1), (4, 12, 2), (4, 12, 1), (4, 16, 2))
+
+    def __init__(self, in_ch=3, num_classes=10, stem=16, last=32):
+        super().__init__()
+        feats: list[nn.Module] = [ConvBNReLU(in_ch, stem, stride=2)]
+        c = stem
+        for t, cout, s in self.SETTING:
+            feats.append(InvertedResidual(c, cout, s, t))
+            c = cout
+        feats.append(ConvBNReLU(c, last, kernel=1))
+        self.features = nn.Sequential(*feats)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+
+    def forward(self, x):
+        x = self.features(x)
+        x = nn.functional.adaptive_avg_pool2d(x, (1, 1))
+        x = torch.flatten(x, 1)
+        return self.classifier(x)
+
+
+def mobilenet_v2_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
+    return MobileNetV2Small(in_ch=in_ch, num_classes=num_classes)
+
+
+# --------------------------------------------------------------------------- MLP
+def mlp(in_features: int = 20, hidden: int = 32, num_classes: int = 5) -> nn.Module:
+    return nn.Sequential(
+        nn.Linear(in_features, hidden),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+MODELS = {
+    "vgg_small": vgg_small,
+    "resnet_basic": resnet_basic,
+    "resnet_bottleneck": resnet_bottleneck,
+    "mobilenet_v2_small": mobilenet_v2_small,
+    "mlp": mlp,
+}
+
+
+def example_input(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """A small deterministic input batch for the model called ``name``."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "mlp":
+        return torch.randn(batch, 20, generator=g)
+    if name in MODELS:
+        return torch.randn(batch, 3, 32, 32, generator=g)
+    raise KeyError(f"unknown test model {name!r}; known: {sorted(MODELS)}")

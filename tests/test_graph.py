@@ -1,0 +1,379 @@
+"""Channel groups found by tracing (chase_ext.graph)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from chase_ext.graph import explicit_groups, find_channel_groups, group_from_dict, group_to_dict
+from chase_ext.groups import ChannelGroup, Consumer
+
+from models import MODELS, example_input, mlp, mobilenet_v2_small, resnet_basic, resnet_bottleneck, vgg_small
+
+
+def _by_producer(groups):
+    return {"+".join(g.producers): g for g in groups}
+
+
+def _find(model, x, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none of the test models should warn
+        return find_channel_groups(model, x, **kw)
+
+
+# --------------------------------------------------------------------------- test models
+def test_vgg_every_conv_prunable():
+    m = vgg_small()
+    gs = _find(m, example_input("vgg_small"))
+    convs = [n for n, mod in m.named_modules() if isinstance(mod, nn.Conv2d)]
+    assert [g.producers for g in gs] == [[c] for c in convs] + [["classifier.0"]]
+    last = gs[len(convs) - 1]
+    assert last.consumers == [Consumer("classifier.0", m.final_hw)]
+    assert last.followers == [convs[-1].replace(".11", ".12")]
+    assert gs[0] == ChannelGroup(["features.0"], [Consumer("features.4")], ["features.1"], 8)
+    assert gs[-1].consumers == [Consumer("classifier.3")]
+    assert all(g.channels == m.get_submodule(g.producers[0]).weight.shape[0] for g in gs)
+
+
+def test_vgg_other_input_size():
+    m = vgg_small(in_ch=1, size=16)
+    gs = _find(m, torch.randn(1, 1, 16, 16))
+    assert _by_producer(gs)["features.11"].consumers == [Consumer("classifier.0", 4)]
+
+
+def test_resnet_basic_default_and_coupled():
+    m = resnet_basic()
+    x = example_input("resnet_basic")
+    gs = _find(m, x)
+    assert [g.producers for g in gs] == [["layer1.0.conv1"], ["layer2.0.conv1"], ["layer2.1.conv1"]]
+    assert gs[0].consumers == [Consumer("layer1.0.conv2")] and gs[0].followers == ["layer1.0.bn1"]
+    cg = _by_producer(_find(m, x, coupled=True))
+    stem = cg["conv1+layer1.0.conv2"]
+    assert stem.followers == ["bn1", "layer1.0.bn2"]
+    assert [c.module for c in stem.consumers] == ["layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample.0"]
+    l2 = cg["layer2.0.conv2+layer2.0.downsample.0+layer2.1.conv2"]
+    assert [c.module for c in l2.consumers] == ["layer2.1.conv1", "fc"]
+    assert set(l2.followers) == {"layer2.0.bn2", "layer2.0.downsample.1", "layer2.1.bn2"}
+    assert len(cg) == 5
+
+
+def test_resnet_bottleneck_reused_relu():
+    m = resnet_bottleneck()
+    x = example_input("resnet_bottleneck")
+    gs = _find(m, x)
+    names = [g.producers[0] for g in gs]
+    expect = ["conv1"] + [f"layer{a}.{b}.conv{c}" for a in (1, 2) for b in (0, 1) for c in (1, 2)]
+    assert names == expect
+    stem = gs[0]
+    assert stem.consumers == [Consumer("layer1.0.conv1"), Consumer("layer1.0.downsample.0")]
+    assert all(len(g.producers) == 1 for g in gs)
+    cg = _find(m, x, coupled=True)
+    coupled = [g for g in cg if len(g.producers) > 1]
+    assert [g.producers for g in coupled] == [
+        ["layer1.0.conv3", "layer1.0.downsample.0", "layer1.1.conv3"],
+        ["layer2.0.conv3", "layer2.0.downsample.0", "layer2.1.conv3"],
+    ]
+    # coupled groups come in producer order among the others
+    firsts = [g.producers[0] for g in cg]
+    order = [n for n, _ in m.named_parameters()]
+    assert firsts == sorted(firsts, key=lambda n: order.index(n + ".weight"))
+
+
+def test_mobilenet_through_depthwise():
+    m = mobilenet_v2_small()
+    gs = _by_producer(_find(m, example_input("mobilenet_v2_small")))
+    assert set(gs) == {
+        "features.0.0",
+        "features.1.conv.1",
+        "features.2.conv.0.0",
+        "features.3.conv.0.0",
+        "features.4.conv.0.0",
+        "features.4.conv.2",
+        "features.5.0",
+    }
+    stem = gs["features.0.0"]
+    assert stem.followers == ["features.0.1", "features.1.conv.0.0", "features.1.conv.0.1"]
+    assert stem.consumers == [Consumer("features.1.conv.1")]
+    e = gs["features.3.conv.0.0"]
+    assert e.followers == ["features.3.conv.0.1", "features.3.conv.1.0", "features.3.conv.1.1"]
+    assert e.consumers == [Consumer("features.3.conv.2")]
+    assert gs["features.5.0"].consumers == [Consumer("classifier.1")]
+
+
+def test_mlp():
+    gs = _find(mlp(), example_input("mlp"))
+    assert gs == [
+        ChannelGroup(["0"], [Consumer("3")], ["1"], 32),
+        ChannelGroup(["3"], [Consumer("5")], [], 32),
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("coupled", [False, True])
+def test_groups_are_complete(name, coupled):
+    """With the consumer columns of some channels zeroed, the output does not depend on
+    anything else of those channels (producer rows, biases, follower entries)."""
+    torch.manual_seed(0)
+    m = MODELS[name]().eval()
+    x = example_input(name)
+    gs = _find(m, x, coupled=coupled)
+    assert gs
+    mods = dict(m.named_modules())
+    with torch.no_grad():
+        for g in gs:
+            drop = torch.arange(0, g.channels, 2)
+            for c in g.consumers:
+                w = mods[c.module].weight
+                cols = (drop.view(-1, 1) * c.repeat + torch.arange(c.repeat)).reshape(-1)
+                w[:, cols] = 0
+        ref = m(x)
+        for g in gs:
+            drop = torch.arange(0, g.channels, 2)
+            for n in g.producers + g.followers:
+                mod = mods[n]
+                for t in (mod.weight, getattr(mod, "bias", None)):
+                    if t is not None:
+                        t[drop] = torch.randn_like(t[drop]) * 3
+                if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.running_mean is not None:
+                    mod.running_mean[drop] += 5
+        torch.testing.assert_close(m(x), ref)
+
+
+def test_training_flags_and_running_stats_untouched():
+    m = mlp()
+    m.train()
+    m[1].eval()  # mixed flags must come back as they were
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    flags = [mod.training for mod in m.modules()]
+    gs = _find(m, torch.randn(1, 20))  # batch of one: BatchNorm1d only works in eval mode
+    assert len(gs) == 2
+    assert [mod.training for mod in m.modules()] == flags
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_exclude_and_exclude_channels():
+    m = vgg_small()
+    x = example_input("vgg_small")
+    full = [g.producers[0] for g in _find(m, x)]
+    # consumer excluded -> its producer's group is blocked; producer excluded -> blocked
+    gs = [g.producers[0] for g in _find(m, x, exclude=["classifier.3.weight", "features.0.weight"])]
+    assert gs == [p for p in full if p not in ("classifier.0", "features.0")]
+    gs = [g.producers[0] for g in _find(m, x, exclude="features.4.*")]
+    assert "features.0" not in gs and "features.4" not in gs
+    gs = [g.producers[0] for g in _find(m, x, exclude_channels=["features.*"])]
+    assert gs == ["classifier.0"]
+    gs = [g.producers[0] for g in _find(m, x, exclude_channels=["classifier.0.weight"])]
+    assert gs == full[:-1]
+    # coupled: one excluded producer removes the whole coupled group
+    r = resnet_basic()
+    cg = _find(r, example_input("resnet_basic"), coupled=True, exclude_channels=["layer2.1.conv2"])
+    assert not any("layer2.0.conv2" in g.producers for g in cg)
+
+
+# --------------------------------------------------------------------------- functional styles
+class FunctionalNet(nn.Module):
+    def __init__(self, view_batch=True):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+        self.fc2 = nn.Linear(8, 5)
+        self.view_batch = view_batch
+
+    def forward(self, x):
+        a = F.relu(self.c1(x))
+        a = a * torch.sigmoid(a)  # SiLU by hand: same channel space
+        a = F.max_pool2d(a, 2)
+        b = self.c2(a).relu()
+        y2 = self.fc2(b.mean((2, 3)))
+        c = F.adaptive_avg_pool2d(self.c3(b), 4)
+        if self.view_batch:
+            c = c.view(c.size(0), -1)
+        else:
+            c = c.view(-1, 64)
+        return self.fc(F.dropout(c, 0.1, self.training)) + y2
+
+
+def test_functional_ops():
+    x = torch.randn(2, 3, 8, 8)
+    gs = _by_producer(_find(FunctionalNet(), x))
+    assert set(gs) == {"c1", "c2", "c3"}
+    assert gs["c2"].consumers == [Consumer("fc2"), Consumer("c3")]  # graph order
+    assert gs["c3"].consumers == [Consumer("fc", 16)]
+    gs = _by_producer(_find(FunctionalNet(view_batch=False), x))
+    assert set(gs) == {"c1", "c2"}  # view(-1, 64) hard-codes the width
+
+
+class Blockers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.ln = nn.GroupNorm(2, 4)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.c = nn.Conv2d(3, 4, 1)
+        self.d = nn.Conv2d(8, 4, 3, groups=2)  # grouped, not depthwise
+        self.e = nn.Conv2d(4, 6, 1)
+        self.f = nn.Conv2d(6, 2, 1)
+        self.shared = nn.Conv2d(2, 2, 1)
+        self.g = nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        a = self.b(self.ln(self.a(x)))  # GroupNorm blocks a
+        c = torch.cat([a, self.c(x)], 1)  # cat blocks b and c
+        d = self.d(c)
+        e = self.e(d)
+        f = self.f(e * d.mean(1, keepdim=True))  # mul with another tensor blocks e
+        h = self.shared(self.shared(f))  # a conv with parameters called twice
+        return self.g(h) + d.sum()
+
+
+def test_blockers_and_reuse_warning():
+    m = Blockers()
+    with pytest.warns(UserWarning, match="shared"):
+        gs = find_channel_groups(m, torch.randn(1, 3, 6, 6))
+    assert gs == []  # f feeds a reused conv; g feeds the output; d feeds .sum()
+
+
+def test_trace_failure_warns():
+    class Dyn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            if h.sum() > 0:
+                h = h * 2
+            return self.b(h)
+
+    with pytest.warns(UserWarning, match="could not trace"):
+        assert find_channel_groups(Dyn(), torch.randn(2, 3)) == []
+
+
+def test_bad_example_inputs_raise():
+    with pytest.raises(ValueError, match="example_inputs"):
+        find_channel_groups(mlp(), torch.randn(2, 7))
+
+
+def test_linear_on_sequence_and_tuple_inputs():
+    class Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 6)
+            self.bn = nn.BatchNorm1d(7)  # normalises dim 1 (time), not the features
+            self.b = nn.Linear(6, 3)
+            self.c = nn.Linear(5, 6)
+            self.d = nn.Linear(6, 3)
+
+        def forward(self, x, y):
+            return self.b(self.bn(self.a(x))), self.d(F.gelu(self.c(y)))
+
+    gs = _find(Seq(), (torch.randn(2, 7, 5), torch.randn(2, 7, 5)))
+    assert [g.producers for g in gs] == [["c"]]
+
+
+# --------------------------------------------------------------------------- explicit groups
+def test_explicit_groups():
+    m = vgg_small()
+    spec = [
+        {"producers": ["features.11"], "followers": ["features.12"], "consumers": [("classifier.0", 16)]},
+        {"producers": "features.0", "followers": ["features.1"], "consumers": ["features.4"], "channels": 8},
+    ]
+    gs = explicit_groups(m, spec)
+    auto = _by_producer(_find(m, example_input("vgg_small")))
+    assert gs == [auto["features.0"], auto["features.11"]]
+    assert explicit_groups(m, gs) == gs
+    assert [group_from_dict(group_to_dict(g)) for g in gs] == gs
+
+
+@pytest.mark.parametrize(
+    "entry, match",
+    [
+        ({"producers": ["nope"], "consumers": ["features.4"]}, "no module 'nope'"),
+        ({"producers": ["features.1"], "consumers": ["features.4"]}, "BatchNorm2d"),
+        ({"producers": ["features.0"], "consumers": ["features.8"]}, "in_channels=16, expected 8"),
+        ({"producers": ["features.11"], "consumers": [("classifier.0", 3)]}, "in_features=512"),
+        ({"producers": ["features.11"], "consumers": [("classifier.0", 0)]}, "positive int"),
+        ({"producers": ["features.0"], "followers": ["features.5"], "consumers": ["features.4"]}, "num_features=16"),
+        ({"producers": ["features.0"], "consumers": ["features.4"], "channels": 9}, "channels=9"),
+        ({"producers": ["features.0"], "consumers": []}, "at least one"),
+        ({"producers": ["features.0"], "consumers": ["features.4"], "extra": 1}, "unknown keys"),
+        ({"producers": ["features.0", "features.4"], "consumers": ["features.8"]}, "different output widths"),
+    ],
+)
+def test_explicit_groups_errors(entry, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        explicit_groups(vgg_small(), [entry])
+
+
+def test_explicit_groups_duplicate():
+    spec = [
+        {"producers": ["features.0"], "consumers": ["features.4"]},
+        {"producers": ["features.0"], "consumers": ["features.4"]},
+    ]
+    with pytest.raises(ValueError, match="already appears"):
+        explicit_groups(vgg_small(), spec)
+
+
+# --------------------------------------------------------------------------- torchvision
+def _tv():
+    return pytest.importorskip("torchvision")
+
+
+def test_torchvision_resnet50():
+    tv = _tv()
+    m = tv.models.resnet50(weights=None)
+    gs = _find(m, torch.randn(1, 3, 64, 64))
+    names = [g.producers[0] for g in gs]
+    blocks = [f"layer{i}.{j}" for i, n in zip((1, 2, 3, 4), (3, 4, 6, 3)) for j in range(n)]
+    assert names == ["conv1"] + [f"{b}.conv{c}" for b in blocks for c in (1, 2)]
+    assert gs[0].consumers == [Consumer("layer1.0.conv1"), Consumer("layer1.0.downsample.0")]
+    cg = _find(m, torch.randn(1, 3, 64, 64), coupled=True)
+    assert sum(len(g.producers) > 1 for g in cg) == 4  # one coupled group per stage
+    assert len(cg) == len(gs) + 4
+
+
+def test_torchvision_vgg16_bn():
+    tv = _tv()
+    m = tv.models.vgg16_bn(weights=None)
+    gs = _find(m, torch.randn(1, 3, 32, 32))
+    assert len(gs) == 15
+    assert gs[12].producers == ["features.40"] and gs[12].consumers == [Consumer("classifier.0", 49)]
+    assert [g.producers[0] for g in gs[13:]] == ["classifier.0", "classifier.3"]
+
+
+def test_torchvision_mobilenet_v2():
+    tv = _tv()
+    m = tv.models.mobilenet_v2(weights=None)
+    gs = _by_producer(_find(m, torch.randn(1, 3, 32, 32)))
+    expand = {f"features.{i}.conv.0.0" for i in range(2, 18)}
+    assert expand <= set(gs)
+    assert "features.0.0" in gs and "features.18.0" in gs
+    assert gs["features.2.conv.0.0"].followers == [
+        "features.2.conv.0.1",
+        "features.2.conv.1.0",
+        "features.2.conv.1.1",
+    ]
+
+
+def test_unbatched_layouts_block():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.inorm = nn.InstanceNorm1d(2)  # 2-D input = unbatched (C, L): mixes our channels
+            self.b = nn.Linear(6, 3)
+            self.c = nn.Conv1d(3, 5, 1)
+            self.pool = nn.MaxPool2d(1)  # 3-D input = unbatched (C, H, W)
+            self.d = nn.Conv1d(5, 2, 1)
+
+        def forward(self, x, s):
+            return self.b(self.inorm(self.a(x))), self.d(self.pool(self.c(s)))
+
+    assert _find(Odd(), (torch.randn(2, 4), torch.randn(2, 3, 7))) == []
