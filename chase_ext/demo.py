@@ -29,7 +29,7 @@ import torch
 
 from . import training as T
 
-__all__ = ["load_digits", "build_parser", "main", "write_report", "format_table", "plot_report"]
+__all__ = ["load_digits", "build_parser", "main", "run", "write_report", "format_table", "plot_report"]
 
 REPORT_FILES = ("results.json", "channel_density.png", "live_channels.png", "accuracy.png", "summary.png")
 RUN_LABELS = {"dense": "dense", "dst": "DST (S_c=0)", "chase": "Chase"}
@@ -83,7 +83,7 @@ def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=0.1, help="kept weights of the sparse runs (1 - sparsity)")
     p.add_argument("--channel-sparsity", "--sc", dest="channel_sparsity", type=float, default=0.5,
                    help="S_c: share of prunable channels Chase removes")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 8, --quick: 2)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 12, --quick: 2)")
     p.add_argument("--seed", type=int, default=0, help="model init, data split/order and masks")
     p.add_argument("--out", default="demo_report", help="report folder")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -105,7 +105,7 @@ def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
 
 
 def _settings(args) -> dict[str, Any]:
-    epochs = args.epochs if args.epochs is not None else (2 if args.quick else 8)
+    epochs = args.epochs if args.epochs is not None else (2 if args.quick else 12)
     train_size = args.train_size if args.train_size is not None else (2000 if args.quick else None)
     rounds = args.bench_rounds if args.bench_rounds is not None else (3 if args.quick else 9)
     if epochs < 1:
@@ -117,8 +117,14 @@ def _settings(args) -> dict[str, Any]:
     return dict(epochs=epochs, train_size=train_size, bench_rounds=rounds)
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """Run the demo; returns the results dict (as written to results.json)."""
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point (``chase-demo``): run the demo, return the exit status."""
+    run(argv)
+    return 0
+
+
+def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the demo with command-line ``argv``; returns the results (as in results.json)."""
     args = build_parser().parse_args(argv)
     s = _settings(args)
     t_start = time.perf_counter()
@@ -286,7 +292,7 @@ def _plot_channel_density(res, plt):
     cd = res["channel_density"]
     layers = list(cd["layers"].items())
     n = len(layers)
-    fig, axes = plt.subplots(2, n, figsize=(3.1 * n, 6.4), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(3.3 * n, 6.8), squeeze=False)
     ratio = cd["ratio"]
     for j, (name, L) in enumerate(layers):
         start, end = L.get("start"), L["end"]
@@ -299,12 +305,13 @@ def _plot_channel_density(res, plt):
             ax.hist(start["density"], bins=bins, color="#999999", alpha=0.45, label="ERK start")
         ax.hist(end["density"], bins=bins, color=RUN_COLORS["dst"], alpha=0.75, label="after DST")
         thr = ratio * end["mean_density"]
-        ax.axvline(end["mean_density"], color="k", lw=1, ls="--", label="layer mean")
+        ax.axvline(end["mean_density"], color="k", lw=1, ls="--", label="layer mean (after DST)")
         ax.axvspan(0, thr, color=RUN_COLORS["chase"], alpha=0.12, label=f"< {ratio:g} x mean")
         s0 = f"{100 * start['share_far_sparser']:.0f}%" if start else "?"
+        cv0 = f"{start['cv_density']:.2f}" if start else "?"
         ax.set_title(f"{_short(name)}  ({len(end['density'])} ch, fan-in {L['fan_in']})\n"
-                     f"far sparser: {s0} at start -> {100 * end['share_far_sparser']:.0f}% after DST",
-                     fontsize=9)
+                     f"far sparser: {s0} -> {100 * end['share_far_sparser']:.0f}%\n"
+                     f"spread (CV): {cv0} -> {end['cv_density']:.2f}", fontsize=9)
         ax.set_xlabel("channel density (active / fan-in)")
         if j == 0:
             ax.set_ylabel("channels")
@@ -331,10 +338,11 @@ def _plot_channel_density(res, plt):
     fig.legend(h, l, loc="upper center", ncol=4, frameon=False, bbox_to_anchor=(0.5, 1.0))
     run = res["runs"]["dst"]
     fig.suptitle(
-        f"Unstructured DST at {100 * (1 - run['density']):.0f}% sparsity leaves channels far sparser than their layer: "
-        f"{100 * cd['share_far_sparser_start']:.0f}% of all channels at the ERK start, "
-        f"{100 * cd['share_far_sparser_end']:.0f}% after training",
-        y=1.06, fontsize=11)
+        f"Per-channel density after unstructured DST at {100 * (1 - run['density']):.0f}% sparsity vs its ERK start\n"
+        f"channels far sparser than their layer (< {ratio:g} x layer mean): "
+        f"{100 * cd['share_far_sparser_start']:.1f}% -> {100 * cd['share_far_sparser_end']:.1f}% of all channels;  "
+        f"mean spread (coefficient of variation) {cd['mean_cv_density_start']:.2f} -> {cd['mean_cv_density_end']:.2f}",
+        y=1.08, fontsize=11)
     fig.tight_layout()
     return fig, "channel_density.png"
 
@@ -363,6 +371,11 @@ def _plot_live_channels(res, plt):
     ax.set_title("Chase: live channels per layer")
     ax.legend(fontsize=8, frameon=False, loc="best")
     c0 = c["channels_total_before"]
+    if not c0:  # S_c = 0: no channel groups are tracked
+        for a in (ax, ax2):
+            a.text(0.5, 0.5, "channel part off (S_c = 0)", ha="center", va="center", transform=a.transAxes)
+        fig.tight_layout()
+        return fig, "live_channels.png"
     ax2.plot(steps, [1 - t / c0 for t in total], color=RUN_COLORS["chase"], lw=2, label="measured")
     if sched:
         Sc, Tch = c["channel_sparsity_target"], max(1, sched["channel_end"])
@@ -420,5 +433,4 @@ def _plot_summary(res, plt):
 
 
 if __name__ == "__main__":
-    main()
-    sys.exit(0)
+    sys.exit(main())

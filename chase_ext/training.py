@@ -623,6 +623,7 @@ def summarize_channel_density(start: dict, end: dict, ratio: float = 0.5) -> dic
                 "density": st["density"],
                 "umm": st["umm"],
                 "mean_density": mean,
+                "cv_density": float(d.std(correction=0)) / mean if mean > 0 else 0.0,
                 "far_sparser": n_far,
                 "share_far_sparser": n_far / max(1, len(d)),
                 "empty_channels": int((d == 0).sum()),
@@ -630,7 +631,10 @@ def summarize_channel_density(start: dict, end: dict, ratio: float = 0.5) -> dic
             far[key][0] += n_far
             far[key][1] += len(d)
         layers[name] = entry
+    cvs = {k: [L[k]["cv_density"] for L in layers.values() if k in L] for k in ("start", "end")}
     return {
+        "mean_cv_density_start": sum(cvs["start"]) / max(1, len(cvs["start"])),
+        "mean_cv_density_end": sum(cvs["end"]) / max(1, len(cvs["end"])),
         "definition": f"a channel is far sparser when its density is below {ratio} x its layer's mean channel density",
         "ratio": ratio,
         "layers": layers,

@@ -68,6 +68,15 @@ def fake_datasets(n_train: int, n_test: int | None = None, seed: int = 0):
 
 def run(train_ds: Dataset, test_ds: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     """The three-way comparison on any pair of datasets; writes ``args.out``; returns results."""
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or T.default_threads())
+    try:
+        return _run(train_ds, test_ds, args)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run(train_ds: Dataset, test_ds: Dataset, args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = torch.device(args.device)
     pin = device.type == "cuda"
@@ -125,14 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-sparsity", "--sc", dest="channel_sparsity", type=float, default=0.5)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="cifar10_report")
+    p.add_argument("--out", default="report_cifar10")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--width", type=float, default=1.0, help="multiplier of VGG-11's channel widths")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: half of torch's count, at least 1)")
     p.add_argument("--backend", choices=("auto", "native", "reference"), default="auto")
     p.add_argument("--bench-batch", type=int, default=256)
     p.add_argument("--bench-rounds", type=int, default=7)
@@ -142,9 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv``, load CIFAR-10 (or fake data) and :func:`run`; returns the results."""
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.fake_data:
         train_ds, test_ds = fake_datasets(args.fake_data, seed=args.seed)
         args.data_source = f"torchvision FakeData, CIFAR-10 shape ({args.fake_data} train)"
@@ -159,3 +168,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    sys.exit(0)

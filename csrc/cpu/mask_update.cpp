@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/bracket_select.h"
+#include "cpu/float_bits.h"
 #include "cpu/multi_tensor.h"
 
 namespace chase_ext::cpu {
@@ -14,7 +15,26 @@ struct StateRef {
   int64_t elem;  // bytes per element; zero is all-zero bits in every float format
 };
 
+template <class U>
+inline void zero_unkept_as(char* data, int64_t b0, int64_t n, const uint8_t* keep) {
+  U* p = reinterpret_cast<U*>(data) + b0;
+  for (int64_t j = 0; j < n; ++j) p[j] = keep[j] ? p[j] : U(0);
+}
+
+// state[b0 + j] <- 0 where !keep[j]
+inline void zero_unkept(const StateRef& s, int64_t b0, int64_t n, const uint8_t* keep) {
+  switch (s.elem) {
+    case 8: zero_unkept_as<uint64_t>(s.data, b0, n, keep); break;
+    case 4: zero_unkept_as<uint32_t>(s.data, b0, n, keep); break;
+    case 2: zero_unkept_as<uint16_t>(s.data, b0, n, keep); break;
+    default:
+      for (int64_t j = 0; j < n; ++j)
+        if (!keep[j]) std::memset(s.data + (b0 + j) * s.elem, 0, s.elem);
+  }
+}
+
 constexpr const char* kOp = "chase_ext.mask_update_";
+constexpr int64_t kBlock = 2048;  // slots per inner block (per-block scratch stays in L1)
 
 // Exact prune and grow selections by two multi-pass radix selects (the general path).
 template <class WV, class SV>
@@ -98,42 +118,67 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
     char bad_w = 0, bad_s = 0;
   };
   std::vector<Part> parts(chunks.size());
+  using WU = typename Bits<W>::U;
+  using SU = typename Bits<S>::U;
   parallel_chunks(chunks, [&](int64_t c, const Chunk& ch) {
     Part& P = parts[c];
     int64_t p_total = 0, p_below = 0, g_total = 0, g_below = 0;
-    bool bad_w = false, bad_s = false;
+    uint32_t bad_w = 0, bad_s = 0;
     const uint32_t plo = bp.lo, phi = bp.hi, glo = bg.lo, ghi = bg.hi;
+    uint8_t flag[kBlock];  // bit 0: inside the prune bracket, bit 1: inside the grow bracket
     for (const Unit& u : ch) {
-      const W* __restrict w = wp[u.t];
-      const S* __restrict s = sp[u.t];
-      const bool* __restrict m = mp[u.t];
+      const WU* __restrict w = reinterpret_cast<const WU*>(wp[u.t]);
+      const SU* __restrict s = reinterpret_cast<const SU*>(sp[u.t]);
+      const uint8_t* __restrict m = reinterpret_cast<const uint8_t*>(mp[u.t]);
       const int64_t off = L[u.t].offset;
       for_segments(L[u.t], u.r0, u.r1, [&](int64_t b, int64_t e, bool live) {
-        for (int64_t i = b; i < e; ++i) {
-          const float wv = static_cast<float>(w[i]), gv = static_cast<float>(s[i]);
-          bad_w |= nonfinite(wv);
-          bad_s |= nonfinite(gv);
-          if (!live) continue;
-          const uint32_t fkg = ~sortable_key(gv, true);
-          bool grow_cand = !m[i];
-          if (m[i]) {
-            ++p_total;
-            const uint32_t kw = sortable_key(wv, true);
-            if (kw < plo) {
-              ++p_below;
-              grow_cand = true;  // certainly pruned
-            } else if (kw <= phi) {
-              P.pbuf.push_back({kw, off + i});
-              P.pbuf_g.push_back(fkg);
+        for (int64_t b0 = b; b0 < e; b0 += kBlock) {
+          const int64_t n = std::min<int64_t>(kBlock, e - b0);
+          const WU* wb = w + b0;
+          const SU* sb = s + b0;
+          const uint8_t* mb = m + b0;
+          uint32_t bw = 0, bs = 0, pt = 0, pb = 0, gt = 0, gb = 0, any = 0;
+          if (!live) {
+            for (int64_t j = 0; j < n; ++j) {
+              bw |= nonfinite_bits(Bits<W>::f32(wb[j]));
+              bs |= nonfinite_bits(Bits<S>::f32(sb[j]));
+            }
+          } else {
+            // vectorised: counts and bracket flags, no branches
+            for (int64_t j = 0; j < n; ++j) {
+              const uint32_t fw = Bits<W>::f32(wb[j]), fg = Bits<S>::f32(sb[j]);
+              bw |= nonfinite_bits(fw);
+              bs |= nonfinite_bits(fg);
+              const uint32_t act = mb[j] & 1u;
+              const uint32_t kw = abs_key(fw), fkg = ~abs_key(fg);
+              const uint32_t below = act & (kw < plo);
+              const uint32_t pin = act & (kw >= plo) & (kw <= phi);
+              const uint32_t cand = (act ^ 1u) | below;  // inactive, or certainly pruned
+              const uint32_t gbl = cand & (fkg < glo);
+              const uint32_t gin = cand & (fkg >= glo) & (fkg <= ghi);
+              pt += act;
+              pb += below;
+              gt += cand;
+              gb += gbl;
+              flag[j] = (uint8_t)(pin | (gin << 1));
+              any |= pin | gin;
             }
           }
-          if (grow_cand) {
-            ++g_total;
-            if (fkg < glo) {
-              ++g_below;
-            } else if (fkg <= ghi) {
-              P.gbuf.push_back({fkg, off + i});
+          bad_w |= bw;
+          bad_s |= bs;
+          p_total += pt;
+          p_below += pb;
+          g_total += gt;
+          g_below += gb;
+          if (!any) continue;
+          for (int64_t j = 0; j < n; ++j) {  // rare: slots inside a bracket
+            if (!flag[j]) continue;
+            const int64_t gi = off + b0 + j;
+            if (flag[j] & 1) {
+              P.pbuf.push_back({abs_key(Bits<W>::f32(wb[j])), gi});
+              P.pbuf_g.push_back(~abs_key(Bits<S>::f32(sb[j])));
             }
+            if (flag[j] & 2) P.gbuf.push_back({~abs_key(Bits<S>::f32(sb[j])), gi});
           }
         }
       });
@@ -142,8 +187,8 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
     P.p_below = p_below;
     P.g_total = g_total;
     P.g_below = g_below;
-    P.bad_w = bad_w;
-    P.bad_s = bad_s;
+    P.bad_w = bad_w != 0;
+    P.bad_s = bad_s != 0;
   });
   int64_t p_total = 0, p_below = 0, g_total = 0, g_below = 0;
   for (const Part& P : parts) {
@@ -244,34 +289,52 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
     const Layout& l = L[t];
     const Selection p = psel[t], g = gsel[t];
     const auto& st = owned[t];
-    W* __restrict w = wp[t];
-    const S* __restrict sc = sp[t];
-    bool* __restrict m = mp[t];
+    using WU = typename Bits<W>::U;
+    using SU = typename Bits<S>::U;
+    WU* __restrict w = reinterpret_cast<WU*>(wp[t]);
+    const SU* __restrict sc = reinterpret_cast<const SU*>(sp[t]);
+    uint8_t* __restrict m = reinterpret_cast<uint8_t*>(mp[t]);
     const int64_t off = l.offset;
     at::parallel_for(0, l.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, l.row_stride)),
                      [&](int64_t r0, int64_t r1) {
+      uint8_t keep[kBlock];
       for (int64_t r = r0; r < r1; ++r) {
         int64_t cnt = 0;
         double sum = 0;
         for_segments(l, r, r + 1, [&](int64_t b, int64_t e, bool live) {
-          for (int64_t i = b; i < e; ++i) {
-            // branch-light: both keys are cheap, masks are random
-            const bool old = m[i];
-            const float wv = static_cast<float>(w[i]);
-            const int64_t gi = off + i;
-            const uint32_t kw = sortable_key(wv, true);
-            const uint32_t kg = sortable_key(static_cast<float>(sc[i]), true);
-            const bool pr = live & old & ((kw < p.key) | ((kw == p.key) & (gi < p.cutoff)));
-            const bool after = old & !pr;
-            const bool nw = after | (live & ((kg > g.key) | ((kg == g.key) & (gi < g.cutoff))));
-            if (!(old & nw)) {
-              if (wv != 0.f || std::signbit(wv)) w[i] = W(0.f);
-              for (const StateRef& s : st) std::memset(s.data + i * s.elem, 0, s.elem);
-            } else {
-              sum += std::fabs(wv);
+          for (int64_t b0 = b; b0 < e; b0 += kBlock) {
+            const int64_t n = std::min<int64_t>(kBlock, e - b0);
+            // split the block where the tie cutoffs fall, so inside each piece
+            // "global index < cutoff" is a constant and the loop vectorises
+            int64_t cuts[4] = {0, std::clamp<int64_t>(p.cutoff - off - b0, 0, n),
+                               std::clamp<int64_t>(g.cutoff - off - b0, 0, n), n};
+            if (cuts[1] > cuts[2]) std::swap(cuts[1], cuts[2]);
+            uint32_t c = 0;
+            float fsum = 0.f;
+            for (int piece = 0; piece < 3; ++piece) {
+              const int64_t j0 = cuts[piece], j1 = cuts[piece + 1];
+              if (j0 >= j1) continue;
+              const uint32_t ptie = (off + b0 + j0) < p.cutoff, gtie = (off + b0 + j0) < g.cutoff;
+              const uint32_t lv = live;
+              const uint32_t pk = p.key, gk = g.key;
+              for (int64_t j = j0; j < j1; ++j) {
+                const int64_t i = b0 + j;
+                const uint32_t fw = Bits<W>::f32(w[i]);
+                const uint32_t kw = abs_key(fw), kg = abs_key(Bits<S>::f32(sc[i]));
+                const uint32_t old = m[i] & 1u;
+                const uint32_t pr = old & lv & ((kw < pk) | ((kw == pk) & ptie));
+                const uint32_t nw = (old & (pr ^ 1u)) | (lv & ((kg > gk) | ((kg == gk) & gtie)));
+                const uint32_t k = old & nw;
+                keep[j] = (uint8_t)k;
+                w[i] = k ? w[i] : WU(0);
+                fsum += k ? abs_value(fw) : 0.f;
+                m[i] = (uint8_t)nw;
+                c += nw;
+              }
             }
-            m[i] = nw;
-            cnt += nw;
+            for (const StateRef& s : st) zero_unkept(s, b0, n, keep);
+            cnt += c;
+            sum += fsum;
           }
         });
         cp[row_base + r] = cnt;

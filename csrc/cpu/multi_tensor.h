@@ -80,13 +80,6 @@ inline void for_segments(const Layout& l, int64_t r0, int64_t r1, F&& f) {
   }
 }
 
-// Non-finite test on the bit pattern (exponent all ones), branch-free.
-inline bool nonfinite(float v) {
-  uint32_t b;
-  std::memcpy(&b, &v, 4);
-  return (b & 0x7F800000u) == 0x7F800000u;
-}
-
 struct Unit {
   int t;
   int64_t r0, r1;  // rows [r0, r1) of tensor t
