@@ -191,16 +191,15 @@ def mask_update_(
 
 def channel_stats(weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Per output channel (dim 0) of each weight: active count and Σ|w| over active slots."""
-    counts, sums = [], []
-    for w, m in zip(weights, masks):
-        rows = w.shape[0] if w.dim() > 0 else 0
-        counts.append(m.reshape(rows, -1).sum(1, dtype=torch.int64) if rows else torch.zeros(0, dtype=torch.int64, device=w.device))
-        a = (w.detach().float().abs() * m).reshape(rows, -1) if rows else None
-        sums.append(a.sum(1, dtype=torch.float32) if rows else torch.zeros(0, device=w.device))
-    dev = weights[0].device if weights else "cpu"
     if not weights:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
-    return torch.cat(counts).to(dev), torch.cat(sums).to(dev)
+    counts, sums = [], []
+    for w, m in zip(weights, masks):
+        rows = w.shape[0] if w.dim() > 0 else 1  # a 0-dim tensor is one row
+        per_row = w.numel() // rows if rows else 0
+        counts.append(m.reshape(rows, per_row).sum(1, dtype=torch.int64))
+        sums.append((w.detach().float().abs() * m).reshape(rows, per_row).sum(1, dtype=torch.float32))
+    return torch.cat(counts), torch.cat(sums)
 
 
 def masked_apply_(tensors: list[Tensor], masks: list[Tensor], owner: list[int]) -> None:

@@ -1,4 +1,4 @@
-// Exact selection in (about) one pass: a deterministic strided sample brackets the k-th
+// Exact selection in (about) one pass: a deterministic sample brackets the k-th
 // key in [lo, hi]; one pass counts the candidates below lo and collects those inside the
 // bracket; the k-th is then found by radix select over the small buffer. When the
 // sample misses (the k-th lies outside the bracket) the caller falls back to the
@@ -81,18 +81,24 @@ inline std::optional<Selection> resolve(int64_t k, int64_t below, const std::vec
   return s;
 }
 
-// Global index -> (tensor, slot, live) for the strided sample.
+// The deterministic sample: runs of kSampleRun consecutive slots (whole cache lines,
+// so few cache misses), one run every `stride * kSampleRun` slots of the global order.
+// Calls f(tensor, slot, live) for each sampled slot.
+constexpr int64_t kSampleRun = 16;
+
 inline void sample_slots(const std::vector<Layout>& L, const std::vector<int>& tensors, int64_t stride,
                          const std::function<void(int, int64_t, bool)>& f) {
+  const int64_t step = stride * kSampleRun;
   int64_t next = 0, base = 0;
   for (int t : tensors) {
     const Layout& l = L[t];
-    for (int64_t i = next - base; i < l.numel; i += stride) {
-      const int64_t r = i / l.row_stride;
-      bool live = !l.live_row || l.live_row[r];
-      if (l.live_col && l.col_stride) live = live && l.live_col[(i / l.col_stride) % l.cols];
-      f(t, i, live);
-      next = base + i + stride;
+    for (int64_t s = next - base; s < l.numel; s += step) {
+      for (int64_t i = s, e = std::min(s + kSampleRun, l.numel); i < e; ++i) {
+        bool live = !l.live_row || l.live_row[i / l.row_stride];
+        if (l.live_col && l.col_stride) live = live && l.live_col[(i / l.col_stride) % l.cols];
+        f(t, i, live);
+      }
+      next = base + s + step;
     }
     base += l.numel;
     next = std::max(next, base);

@@ -57,6 +57,46 @@ std::pair<Selection, Selection> radix_pass(const std::vector<Layout>& L, const s
   return {p, g};
 }
 
+// Counts of one block of slots for the bracketed selection (see bracketed()). A plain
+// function of values, so the loop keeps everything in registers and vectorises.
+struct BlockScan {
+  uint32_t bad_w = 0, bad_s = 0, p_total = 0, p_below = 0, g_total = 0, g_below = 0, any = 0;
+};
+
+template <class W, class S>
+BlockScan scan_block(const typename Bits<W>::U* __restrict wb, const typename Bits<S>::U* __restrict sb,
+                     const uint8_t* __restrict mb, int64_t n, bool live, uint32_t plo, uint32_t phi,
+                     uint32_t glo, uint32_t ghi, uint8_t* __restrict flag) {
+  uint32_t bw = 0, bs = 0, pt = 0, pb = 0, gt = 0, gb = 0, any = 0;
+  if (!live) {
+    for (int64_t j = 0; j < n; ++j) {
+      bw |= nonfinite_bits(Bits<W>::f32(wb[j]));
+      bs |= nonfinite_bits(Bits<S>::f32(sb[j]));
+    }
+    return {bw, bs, 0, 0, 0, 0, 0};
+  }
+#pragma omp simd reduction(| : bw, bs, any) reduction(+ : pt, pb, gt, gb)
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t fw = Bits<W>::f32(wb[j]), fg = Bits<S>::f32(sb[j]);
+    bw |= nonfinite_bits(fw);
+    bs |= nonfinite_bits(fg);
+    const uint32_t act = mb[j] & 1u;
+    const uint32_t kw = abs_key(fw), fkg = ~abs_key(fg);
+    const uint32_t below = act & (kw < plo);
+    const uint32_t pin = act & (kw >= plo) & (kw <= phi);
+    const uint32_t cand = (act ^ 1u) | below;  // inactive, or certainly pruned
+    const uint32_t gbl = cand & (fkg < glo);
+    const uint32_t gin = cand & (fkg >= glo) & (fkg <= ghi);
+    pt += act;
+    pb += below;
+    gt += cand;
+    gb += gbl;
+    flag[j] = (uint8_t)(pin | (gin << 1));  // bit 0: in the prune bracket, bit 1: in the grow one
+    any |= pin | gin;
+  }
+  return {bw, bs, pt, pb, gt, gb, any};
+}
+
 // Both selections from one pass over the data, bracketed by a strided sample (see
 // bracket_select.h). nullopt when a bracket missed; errors are raised as in radix_pass.
 template <class W, class S>
@@ -137,33 +177,9 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
           const WU* wb = w + b0;
           const SU* sb = s + b0;
           const uint8_t* mb = m + b0;
-          uint32_t bw = 0, bs = 0, pt = 0, pb = 0, gt = 0, gb = 0, any = 0;
-          if (!live) {
-            for (int64_t j = 0; j < n; ++j) {
-              bw |= nonfinite_bits(Bits<W>::f32(wb[j]));
-              bs |= nonfinite_bits(Bits<S>::f32(sb[j]));
-            }
-          } else {
-            // vectorised: counts and bracket flags, no branches
-            for (int64_t j = 0; j < n; ++j) {
-              const uint32_t fw = Bits<W>::f32(wb[j]), fg = Bits<S>::f32(sb[j]);
-              bw |= nonfinite_bits(fw);
-              bs |= nonfinite_bits(fg);
-              const uint32_t act = mb[j] & 1u;
-              const uint32_t kw = abs_key(fw), fkg = ~abs_key(fg);
-              const uint32_t below = act & (kw < plo);
-              const uint32_t pin = act & (kw >= plo) & (kw <= phi);
-              const uint32_t cand = (act ^ 1u) | below;  // inactive, or certainly pruned
-              const uint32_t gbl = cand & (fkg < glo);
-              const uint32_t gin = cand & (fkg >= glo) & (fkg <= ghi);
-              pt += act;
-              pb += below;
-              gt += cand;
-              gb += gbl;
-              flag[j] = (uint8_t)(pin | (gin << 1));
-              any |= pin | gin;
-            }
-          }
+          const BlockScan r = scan_block<W, S>(wb, sb, mb, n, live, plo, phi, glo, ghi, flag);
+          const uint32_t bw = r.bad_w, bs = r.bad_s, pt = r.p_total, pb = r.p_below, gt = r.g_total,
+                         gb = r.g_below, any = r.any;
           bad_w |= bw;
           bad_s |= bs;
           p_total += pt;
@@ -317,18 +333,23 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
               const uint32_t ptie = (off + b0 + j0) < p.cutoff, gtie = (off + b0 + j0) < g.cutoff;
               const uint32_t lv = live;
               const uint32_t pk = p.key, gk = g.key;
+              // local restrict pointers: the byte stores below could otherwise alias them
+              WU* __restrict wb = w + b0;
+              const SU* __restrict sb = sc + b0;
+              uint8_t* __restrict mb = m + b0;
+              uint8_t* __restrict kb = keep;
+#pragma omp simd reduction(+ : c, fsum)
               for (int64_t j = j0; j < j1; ++j) {
-                const int64_t i = b0 + j;
-                const uint32_t fw = Bits<W>::f32(w[i]);
-                const uint32_t kw = abs_key(fw), kg = abs_key(Bits<S>::f32(sc[i]));
-                const uint32_t old = m[i] & 1u;
+                const uint32_t fw = Bits<W>::f32(wb[j]);
+                const uint32_t kw = abs_key(fw), kg = abs_key(Bits<S>::f32(sb[j]));
+                const uint32_t old = mb[j] & 1u;
                 const uint32_t pr = old & lv & ((kw < pk) | ((kw == pk) & ptie));
                 const uint32_t nw = (old & (pr ^ 1u)) | (lv & ((kg > gk) | ((kg == gk) & gtie)));
                 const uint32_t k = old & nw;
-                keep[j] = (uint8_t)k;
-                w[i] = k ? w[i] : WU(0);
+                kb[j] = (uint8_t)k;
+                wb[j] = k ? wb[j] : WU(0);
                 fsum += k ? abs_value(fw) : 0.f;
-                m[i] = (uint8_t)nw;
+                mb[j] = (uint8_t)nw;
                 c += nw;
               }
             }
