@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from chase_ext import ChaseOptimizer
-from chase_ext.training import count_macs, count_params, measure_throughput, pick_backend
+from chase_ext.training import count_macs, count_params, default_threads, measure_throughput, pick_backend
 
 from conftest import QUICK, RESULTS, machine_name
 from models import resnet50, vgg_cifar
@@ -42,7 +42,11 @@ from timing import copy_bandwidth, interleaved, save_results
 BACKEND = pick_backend("cpu")
 DENSITY = 0.1
 WDIV = 8 if QUICK else 1
-THREADS = torch.get_num_threads()  # the same for every variant; recorded with the figures
+# The same for every variant; recorded with the figures. Default: half the cores (1 on the
+# 2-core CI box), as the demo does: with 2 OpenMP threads on a box shared with other jobs a
+# descheduled thread stalls every op (NOTES.md measured up to 13 ms per conv); override
+# with CHASE_BENCH_THREADS.
+THREADS = int(os.environ.get("CHASE_BENCH_THREADS", 0)) or default_threads()
 RESULTS_FILE = os.path.join(RESULTS, machine_name() + ".json")
 
 # model name -> (builder, input size, batch for inference timing, num_classes)
@@ -63,7 +67,7 @@ def _save(key: str, payload: dict) -> None:
 
 
 def _common() -> dict:
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "backend": BACKEND,
+    return {"threads": THREADS, "torch": torch.__version__, "backend": BACKEND,
             "quick": QUICK, "date": time.strftime("%Y-%m-%d"), "load_avg_1m_at_start": os.getloadavg()[0]}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 
 import pytest
 import torch
@@ -64,9 +63,6 @@ def test_ddp_masks_identical(tmp_path, grow="gradient"):
         backend = "native"
     except Exception:
         backend = "reference"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if root not in sys.path:
-        sys.path.insert(0, root)
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), backend, grow), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
