@@ -12,6 +12,10 @@ def __getattr__(name):
         from . import optimizer, config
 
         return {"ChaseOptimizer": optimizer.ChaseOptimizer, "ChaseConfig": config.ChaseConfig}[name]
+    if name == "rewrap_ddp":
+        from .distributed import rewrap_ddp
+
+        return rewrap_ddp
     if name == "ops":
         from . import _ops
 

@@ -31,8 +31,9 @@ Choices where SPEC is vague:
 * **DDP / DataParallel** models are unwrapped (``.module``) so parameter names have no
   ``module.`` prefix. Decisions depend only on weights, DDP-averaged gradients and the
   seeded CPU generator, so every rank takes the same ones without communication.
-  Slimming during training changes parameter shapes under DDP, which DDP does not support;
-  slim after training or rebuild DDP.
+  Slimming changes parameter shapes, which a built DDP wrapper cannot follow: re-wrap with
+  ``ddp = chase_ext.rewrap_ddp(ddp, chase)`` after ``chase.step()`` (a no-op on steps that
+  did not slim); a slim under DDP warns once per slim.
 * **Explicit groups**: ``channel_groups`` is any spec accepted by
   ``chase_ext.graph.explicit_groups`` (``ChannelGroup`` objects or dicts); it wins over
   tracing when both it and ``example_inputs`` are given.
@@ -58,6 +59,7 @@ Choices where SPEC is vague:
 from __future__ import annotations
 
 import math
+import warnings
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -102,6 +104,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def _is_ddp(model: nn.Module) -> bool:
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel)
+
+
 class ChaseOptimizer(torch.optim.Optimizer):
     """Channel-aware dynamic sparse training around any ``torch.optim.Optimizer``."""
 
@@ -127,6 +135,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.config = config
         self.model = _unwrap(model)
+        self._wrapped_in_ddp = _is_ddp(model)
 
         # --- torch.optim.Optimizer plumbing, shared with the wrapped optimizer
         self.defaults = optimizer.defaults
@@ -293,6 +302,11 @@ class ChaseOptimizer(torch.optim.Optimizer):
     def t(self) -> int:
         """Optimizer steps actually taken."""
         return self._t
+
+    @property
+    def slim_count(self) -> int:
+        """How many times channels were physically removed (``slim_()`` or during training)."""
+        return 0 if self._ch is None else len(self._ch.slim_records)
 
     def active_count(self) -> int:
         return int(sum(int(m.sum()) for m in self._mask_dict.values()))
@@ -574,6 +588,9 @@ class ChaseOptimizer(torch.optim.Optimizer):
             return scores
         idx = self._gather_index(keep)
         self._apply_slim(keep)
+        if self._wrapped_in_ddp:
+            warnings.warn("parameters shrank under DistributedDataParallel: re-wrap the model before the next "
+                          "forward, e.g. ddp = chase_ext.rewrap_ddp(ddp, chase)", stacklevel=3)
         if scores is not None:
             out = []
             for s, (ri, ci) in zip(scores, idx):

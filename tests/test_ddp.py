@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from models import vgg_small
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 STEPS = 40
@@ -22,12 +24,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, backend: str, grow: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, backend: str, grow: str, slim: bool) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        from chase_ext import rewrap_ddp
         from chase_ext.optimizer import ChaseOptimizer
         from models import example_input, vgg_small
 
@@ -38,7 +41,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str, grow: 
         chase = ChaseOptimizer(
             opt, ddp, density=0.2, total_steps=STEPS, update_interval=5, channel_sparsity=0.4,
             channel_end=0.5, example_inputs=example_input("vgg_small"), grow=grow, backend=backend,
+            slim_during_training=slim,
         )
+        wraps = 0
         g = torch.Generator().manual_seed(1000 + rank)  # different data on every rank
         for _ in range(STEPS):
             x = torch.randn(4, 3, 32, 32, generator=g)
@@ -47,8 +52,13 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str, grow: 
             chase.zero_grad()
             loss.backward()
             chase.step()
+            if slim:
+                new = rewrap_ddp(ddp, chase)  # the one line DDP needs after a slim
+                wraps += new is not ddp
+                ddp = new
         torch.save(
             {"masks": chase.masks, "report": chase.channel_report(), "t": chase.t,
+             "wraps": wraps, "slims": chase.slim_count,
              "params": [p.detach() for p in model.parameters()]},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
@@ -56,14 +66,15 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str, grow: 
         dist.destroy_process_group()
 
 
-def test_ddp_masks_identical(tmp_path, grow="gradient"):
+@pytest.mark.parametrize("slim", [False, True], ids=["masked", "slim_during_training"])
+def test_ddp_masks_identical(tmp_path, slim, grow="gradient"):
     try:
         import chase_ext._ops  # noqa: F401
 
         backend = "native"
     except Exception:
         backend = "reference"
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), backend, grow), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), backend, grow, slim), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["t"] == r1["t"] == STEPS
@@ -73,3 +84,16 @@ def test_ddp_masks_identical(tmp_path, grow="gradient"):
         assert torch.equal(r0["masks"][n], r1["masks"][n]), n
     for a, b in zip(r0["params"], r1["params"]):
         assert torch.equal(a, b)
+    if slim:
+        # slimmed at every channel event that removed something, re-wrapped exactly then
+        assert r0["slims"] == r1["slims"] == r0["wraps"] == r1["wraps"] >= 1
+        for n, m in r0["masks"].items():
+            assert m.shape == r1["masks"][n].shape
+        assert sum(p.numel() for p in r0["params"]) < sum(p.numel() for p in vgg_small().parameters())
+
+
+def test_rewrap_ddp_rejects_non_ddp():
+    from chase_ext import rewrap_ddp
+
+    with pytest.raises(TypeError, match="ddp must be a torch.nn.parallel.DistributedDataParallel"):
+        rewrap_ddp(nn.Linear(2, 2))

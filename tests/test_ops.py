@@ -354,3 +354,85 @@ def test_mask_update_sampled_bracket_and_fallback(device, adversarial):
     b = ([w.clone()], [m.clone()])
     R.mask_update_(b[0], b[1], [s], [], [], [], [], prune, grow)
     assert torch.equal(a[1][0].cpu(), b[1][0]) and torch.equal(a[0][0].cpu(), b[0][0])
+
+
+def _cpu_isas():
+    """Instruction sets the CPU mask update can be forced to on this machine."""
+    import os
+
+    out = []
+    old = os.environ.get("CHASE_EXT_CPU_ISA")
+    try:
+        for isa in ("baseline", "avx2", "avx512"):
+            os.environ["CHASE_EXT_CPU_ISA"] = isa
+            try:
+                ops.mask_update_([torch.ones(1)], [torch.ones(1, dtype=torch.bool)], [torch.ones(1)], [], [], [], [],
+                                 [0], [0])
+                out.append(isa)
+            except RuntimeError as e:
+                assert "cannot run" in str(e)
+    finally:
+        if old is None:
+            os.environ.pop("CHASE_EXT_CPU_ISA", None)
+        else:
+            os.environ["CHASE_EXT_CPU_ISA"] = old
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ties", [False, True])
+def test_mask_update_every_cpu_isa_matches_reference(monkeypatch, dtype, ties):
+    # the loops are compiled per instruction set and chosen at run time: each one the CPU
+    # runs must give the reference's result, on bracketed (> 65536 slots) and small cases,
+    # with float16 subnormals, signed zeros and vector-tail lengths
+    isas = _cpu_isas()
+    assert "baseline" in isas
+    g = torch.Generator().manual_seed(3)
+    shapes = [(300, 250), (37, 5, 3, 3), (13, 7), (1, 1), (0, 4)]
+    base = []
+    for s in shapes:
+        w = torch.randn(s, generator=g)
+        if ties:
+            w = torch.round(w * 4) / 4
+        if dtype == torch.float16:
+            w[..., :1] *= 1e-6  # subnormal halves
+        m = torch.rand(s, generator=g) < 0.3
+        base.append(((w * m).to(dtype), m, torch.randn(s, generator=g).to(dtype)))
+    ws, ms, ss = map(list, zip(*base))
+    act = count(ms)
+    prune, grow = [act // 5], [act // 5 + 17]
+    states = [torch.randn(w.shape, generator=g) for w in ws]
+    owner = list(range(len(ws)))
+    want = (clone(ws), clone(ms), clone(states))
+    rc, rs = R.mask_update_(*want[:2], ss, [], [], want[2], owner, prune, grow)
+    for isa in isas:
+        monkeypatch.setenv("CHASE_EXT_CPU_ISA", isa)
+        got = (clone(ws), clone(ms), clone(states))
+        cnt, sums = ops.mask_update_(*got[:2], ss, [], [], got[2], owner, prune, grow)
+        for x, y in zip(got[0] + got[1] + got[2], want[0] + want[1] + want[2]):
+            assert torch.equal(x, y), isa
+        assert torch.equal(cnt, rc), isa
+        torch.testing.assert_close(sums, rs, rtol=1e-5, atol=1e-5)
+        # per-tensor scope goes through the same loops
+        got = (clone(ws), clone(ms))
+        ops.mask_update_(*got, ss, [], [], [], [], [int(m.sum()) // 2 for m in ms], [int(m.sum()) // 2 for m in ms])
+        ref = (clone(ws), clone(ms))
+        R.mask_update_(*ref, ss, [], [], [], [], [int(m.sum()) // 2 for m in ms], [int(m.sum()) // 2 for m in ms])
+        for x, y in zip(got[0] + got[1], ref[0] + ref[1]):
+            assert torch.equal(x, y), isa
+    # non-finite input is caught by every instruction set, with nothing written
+    for isa in isas:
+        monkeypatch.setenv("CHASE_EXT_CPU_ISA", isa)
+        bad = clone(ws)
+        bad[0].view(-1)[12345] = float("inf")
+        before = clone(bad)
+        m2 = clone(ms)
+        with pytest.raises(RuntimeError, match="weights has non-finite values"):
+            ops.mask_update_(bad, m2, ss, [], [], [], [], prune, grow)
+        assert all(torch.equal(x, y) for x, y in zip(bad + m2, before + ms))
+
+
+def test_cpu_isa_override_errors(monkeypatch):
+    monkeypatch.setenv("CHASE_EXT_CPU_ISA", "sse9")
+    with pytest.raises(RuntimeError, match="CHASE_EXT_CPU_ISA must be baseline, avx2 or avx512; got 'sse9'"):
+        ops.mask_update_([torch.ones(1)], [torch.ones(1, dtype=torch.bool)], [torch.ones(1)], [], [], [], [], [0], [0])

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "cpu/mask_kernels.h"
+
 namespace chase_ext::cpu {
 
 template <class W>
@@ -14,18 +16,21 @@ struct Bits;
 template <>
 struct Bits<float> {
   using U = uint32_t;  // storage bits
+  static constexpr int format = kF32;
   static uint32_t f32(U u) { return u; }
 };
 
 template <>
 struct Bits<at::BFloat16> {
   using U = uint16_t;
+  static constexpr int format = kBF16;
   static uint32_t f32(U u) { return uint32_t(u) << 16; }
 };
 
 template <>
 struct Bits<at::Half> {
   using U = uint16_t;
+  static constexpr int format = kF16;
   static uint32_t f32(U u) {
     const float f = static_cast<float>(c10::Half(u, c10::Half::from_bits()));
     uint32_t b;

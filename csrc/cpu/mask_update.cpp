@@ -5,6 +5,7 @@
 
 #include "cpu/bracket_select.h"
 #include "cpu/float_bits.h"
+#include "cpu/mask_kernels.h"
 #include "cpu/multi_tensor.h"
 
 namespace chase_ext::cpu {
@@ -55,46 +56,6 @@ std::pair<Selection, Selection> radix_pass(const std::vector<Layout>& L, const s
       [&](int t, int64_t i, bool live) { return live && (!mp[t][i] || pruned(t, i, live)); }, skey,
       [&](int t, int64_t i) { return !std::isfinite(sval(t, i)); }, "scores");
   return {p, g};
-}
-
-// Counts of one block of slots for the bracketed selection (see bracketed()). A plain
-// function of values, so the loop keeps everything in registers and vectorises.
-struct BlockScan {
-  uint32_t bad_w = 0, bad_s = 0, p_total = 0, p_below = 0, g_total = 0, g_below = 0, any = 0;
-};
-
-template <class W, class S>
-BlockScan scan_block(const typename Bits<W>::U* __restrict wb, const typename Bits<S>::U* __restrict sb,
-                     const uint8_t* __restrict mb, int64_t n, bool live, uint32_t plo, uint32_t phi,
-                     uint32_t glo, uint32_t ghi, uint8_t* __restrict flag) {
-  uint32_t bw = 0, bs = 0, pt = 0, pb = 0, gt = 0, gb = 0, any = 0;
-  if (!live) {
-    for (int64_t j = 0; j < n; ++j) {
-      bw |= nonfinite_bits(Bits<W>::f32(wb[j]));
-      bs |= nonfinite_bits(Bits<S>::f32(sb[j]));
-    }
-    return {bw, bs, 0, 0, 0, 0, 0};
-  }
-#pragma omp simd reduction(| : bw, bs, any) reduction(+ : pt, pb, gt, gb)
-  for (int64_t j = 0; j < n; ++j) {
-    const uint32_t fw = Bits<W>::f32(wb[j]), fg = Bits<S>::f32(sb[j]);
-    bw |= nonfinite_bits(fw);
-    bs |= nonfinite_bits(fg);
-    const uint32_t act = mb[j] & 1u;
-    const uint32_t kw = abs_key(fw), fkg = ~abs_key(fg);
-    const uint32_t below = act & (kw < plo);
-    const uint32_t pin = act & (kw >= plo) & (kw <= phi);
-    const uint32_t cand = (act ^ 1u) | below;  // inactive, or certainly pruned
-    const uint32_t gbl = cand & (fkg < glo);
-    const uint32_t gin = cand & (fkg >= glo) & (fkg <= ghi);
-    pt += act;
-    pb += below;
-    gt += cand;
-    gb += gbl;
-    flag[j] = (uint8_t)(pin | (gin << 1));  // bit 0: in the prune bracket, bit 1: in the grow one
-    any |= pin | gin;
-  }
-  return {bw, bs, pt, pb, gt, gb, any};
 }
 
 // Both selections from one pass over the data, bracketed by a strided sample (see
@@ -160,12 +121,15 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
   std::vector<Part> parts(chunks.size());
   using WU = typename Bits<W>::U;
   using SU = typename Bits<S>::U;
+  const ScanFn scan = mask_kernels().scan[Bits<W>::format][Bits<S>::format];
   parallel_chunks(chunks, [&](int64_t c, const Chunk& ch) {
     Part& P = parts[c];
     int64_t p_total = 0, p_below = 0, g_total = 0, g_below = 0;
     uint32_t bad_w = 0, bad_s = 0;
     const uint32_t plo = bp.lo, phi = bp.hi, glo = bg.lo, ghi = bg.hi;
-    uint8_t flag[kBlock];  // bit 0: inside the prune bracket, bit 1: inside the grow bracket
+    // bit 0: inside the prune bracket, bit 1: inside the grow bracket; padded so the
+    // rare-slot loop below can read whole 8-byte words
+    alignas(8) uint8_t flag[kBlock + 8];
     for (const Unit& u : ch) {
       const WU* __restrict w = reinterpret_cast<const WU*>(wp[u.t]);
       const SU* __restrict s = reinterpret_cast<const SU*>(sp[u.t]);
@@ -177,7 +141,7 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
           const WU* wb = w + b0;
           const SU* sb = s + b0;
           const uint8_t* mb = m + b0;
-          const BlockScan r = scan_block<W, S>(wb, sb, mb, n, live, plo, phi, glo, ghi, flag);
+          const BlockScan r = scan(wb, sb, mb, n, live, plo, phi, glo, ghi, flag);
           const uint32_t bw = r.bad_w, bs = r.bad_s, pt = r.p_total, pb = r.p_below, gt = r.g_total,
                          gb = r.g_below, any = r.any;
           bad_w |= bw;
@@ -187,14 +151,22 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
           g_total += gt;
           g_below += gb;
           if (!any) continue;
-          for (int64_t j = 0; j < n; ++j) {  // rare: slots inside a bracket
-            if (!flag[j]) continue;
-            const int64_t gi = off + b0 + j;
-            if (flag[j] & 1) {
-              P.pbuf.push_back({abs_key(Bits<W>::f32(wb[j])), gi});
-              P.pbuf_g.push_back(~abs_key(Bits<S>::f32(sb[j])));
+          // rare: slots inside a bracket; skip the zero flags 8 at a time
+          std::memset(flag + n, 0, 8);
+          for (int64_t j8 = 0; j8 < n; j8 += 8) {
+            uint64_t word;
+            std::memcpy(&word, flag + j8, 8);
+            while (word) {
+              const int byte = __builtin_ctzll(word) >> 3;
+              word &= ~(uint64_t{0xFF} << (byte * 8));
+              const int64_t j = j8 + byte;
+              const int64_t gi = off + b0 + j;
+              if (flag[j] & 1) {
+                P.pbuf.push_back({abs_key(Bits<W>::f32(wb[j])), gi});
+                P.pbuf_g.push_back(~abs_key(Bits<S>::f32(sb[j])));
+              }
+              if (flag[j] & 2) P.gbuf.push_back({~abs_key(Bits<S>::f32(sb[j])), gi});
             }
-            if (flag[j] & 2) P.gbuf.push_back({~abs_key(Bits<S>::f32(sb[j])), gi});
           }
         }
       });
@@ -259,8 +231,6 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
   }
   auto wval = [&](int t, int64_t i) { return static_cast<float>(wp[t][i]); };
   auto sval = [&](int t, int64_t i) { return static_cast<float>(sp[t][i]); };
-  auto wkey = [&](int t, int64_t i) { return sortable_key(wval(t, i), true); };
-  auto skey = [&](int t, int64_t i) { return sortable_key(sval(t, i), true); };
 
   // Scopes: one global selection, or one per tensor.
   const bool global = prune_counts.size() == 1;
@@ -300,6 +270,7 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
   auto sums = at::zeros({rows}, at::kFloat);
   int64_t* cp = counts.data_ptr<int64_t>();
   float* up = sums.data_ptr<float>();
+  const MaskKernels& kernels = mask_kernels();
   int64_t row_base = 0;
   for (size_t t = 0; t < n; ++t) {
     const Layout& l = L[t];
@@ -311,6 +282,7 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
     const SU* __restrict sc = reinterpret_cast<const SU*>(sp[t]);
     uint8_t* __restrict m = reinterpret_cast<uint8_t*>(mp[t]);
     const int64_t off = l.offset;
+    const ApplyFn apply = kernels.apply[Bits<W>::format][Bits<S>::format];
     at::parallel_for(0, l.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, l.row_stride)),
                      [&](int64_t r0, int64_t r1) {
       uint8_t keep[kBlock];
@@ -331,27 +303,7 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
               const int64_t j0 = cuts[piece], j1 = cuts[piece + 1];
               if (j0 >= j1) continue;
               const uint32_t ptie = (off + b0 + j0) < p.cutoff, gtie = (off + b0 + j0) < g.cutoff;
-              const uint32_t lv = live;
-              const uint32_t pk = p.key, gk = g.key;
-              // local restrict pointers: the byte stores below could otherwise alias them
-              WU* __restrict wb = w + b0;
-              const SU* __restrict sb = sc + b0;
-              uint8_t* __restrict mb = m + b0;
-              uint8_t* __restrict kb = keep;
-#pragma omp simd reduction(+ : c, fsum)
-              for (int64_t j = j0; j < j1; ++j) {
-                const uint32_t fw = Bits<W>::f32(wb[j]);
-                const uint32_t kw = abs_key(fw), kg = abs_key(Bits<S>::f32(sb[j]));
-                const uint32_t old = mb[j] & 1u;
-                const uint32_t pr = old & lv & ((kw < pk) | ((kw == pk) & ptie));
-                const uint32_t nw = (old & (pr ^ 1u)) | (lv & ((kg > gk) | ((kg == gk) & gtie)));
-                const uint32_t k = old & nw;
-                kb[j] = (uint8_t)k;
-                wb[j] = k ? wb[j] : WU(0);
-                fsum += k ? abs_value(fw) : 0.f;
-                mb[j] = (uint8_t)nw;
-                c += nw;
-              }
+              apply(w + b0, sc + b0, m + b0, keep, j0, j1, live, ptie, gtie, p.key, g.key, &c, &fsum);
             }
             for (const StateRef& s : st) zero_unkept(s, b0, n, keep);
             cnt += c;

@@ -1,0 +1,148 @@
+// The two per-slot loops of the CPU mask update, written on raw float bits so they
+// vectorise: the bracket scan (read only) and the writing pass. No include guard and no
+// includes on purpose: mask_kernels.cpp includes this file once per instruction set,
+// each time inside a namespace of its own compiled for that instruction set, so no
+// inline function here is shared with (or ODR-merged into) another translation unit.
+// Needs <cstdint> and BlockScan / MaskKernels (mask_kernels.h) declared before.
+
+// Storage format of a weight / score tensor: bits per element and their float32 bits.
+struct F32 {
+  using U = uint32_t;
+  static inline uint32_t f32(U u) { return u; }
+};
+struct BF16 {
+  using U = uint16_t;
+  static inline uint32_t f32(U u) { return uint32_t(u) << 16; }
+};
+struct F16 {
+  using U = uint16_t;
+  // IEEE half -> float bits, branch-free (selects), exact for every input
+  static inline uint32_t f32(U u) {
+    const uint32_t sign = (uint32_t(u) & 0x8000u) << 16;
+    const uint32_t em = uint32_t(u) & 0x7FFFu;
+    const uint32_t normal = (em << 13) + ((127u - 15u) << 23);
+    const uint32_t infnan = (em << 13) | 0x7F800000u;
+    // subnormal: value = mantissa * 2^-24, exact in float
+    union {
+      float f;
+      uint32_t b;
+    } sub;
+    sub.f = float(em) * 5.9604644775390625e-8f;
+    const uint32_t r = em >= 0x7C00u ? infnan : (em < 0x0400u ? sub.b : normal);
+    return r | sign;
+  }
+};
+
+// sortable key of |v| (see common/keys.h): |v| clears the sign, the top bit orders it
+inline uint32_t abs_key(uint32_t f32) { return (f32 & 0x7FFFFFFFu) | 0x80000000u; }
+inline uint32_t nonfinite_bits(uint32_t f32) { return (f32 & 0x7F800000u) == 0x7F800000u; }
+inline float abs_value(uint32_t f32) {
+  union {
+    uint32_t b;
+    float f;
+  } a;
+  a.b = f32 & 0x7FFFFFFFu;
+  return a.f;
+}
+
+// Counts of one block of slots against the prune bracket [plo, phi] (keys of |w| of
+// active slots) and the grow bracket [glo, ghi] (flipped keys of |score| of the
+// candidates: inactive slots and active slots certainly pruned). flag[j] gets bit 0
+// when slot j is inside the prune bracket, bit 1 when inside the grow bracket.
+template <class W, class S>
+BlockScan scan_block(const typename W::U* __restrict wb, const typename S::U* __restrict sb,
+                     const uint8_t* __restrict mb, int64_t n, bool live, uint32_t plo, uint32_t phi,
+                     uint32_t glo, uint32_t ghi, uint8_t* __restrict flag) {
+  uint32_t bw = 0, bs = 0, pt = 0, pb = 0, gt = 0, gb = 0, any = 0;
+  if (!live) {
+#pragma omp simd reduction(| : bw, bs)
+    for (int64_t j = 0; j < n; ++j) {
+      bw |= nonfinite_bits(W::f32(wb[j]));
+      bs |= nonfinite_bits(S::f32(sb[j]));
+    }
+    return {bw, bs, 0, 0, 0, 0, 0};
+  }
+#pragma omp simd reduction(| : bw, bs, any) reduction(+ : pt, pb, gt, gb)
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t fw = W::f32(wb[j]), fg = S::f32(sb[j]);
+    bw |= nonfinite_bits(fw);
+    bs |= nonfinite_bits(fg);
+    const uint32_t act = mb[j] & 1u;
+    const uint32_t kw = abs_key(fw), fkg = ~abs_key(fg);
+    const uint32_t below = act & (kw < plo);
+    const uint32_t pin = act & (kw >= plo) & (kw <= phi);
+    const uint32_t cand = (act ^ 1u) | below;  // inactive, or certainly pruned
+    const uint32_t gbl = cand & (fkg < glo);
+    const uint32_t gin = cand & (fkg >= glo) & (fkg <= ghi);
+    pt += act;
+    pb += below;
+    gt += cand;
+    gb += gbl;
+    flag[j] = (uint8_t)(pin | (gin << 1));
+    any |= pin | gin;
+  }
+  return {bw, bs, pt, pb, gt, gb, any};
+}
+
+// The writing pass over slots [j0, j1) of one block, where "index < cutoff" is the
+// constant ptie / gtie: new mask = (old and not pruned) or grown; weights zeroed unless
+// kept (old and new); keep[j] for the state zeroing; adds the new active count and the
+// sum of kept |w| to *count / *sum.
+template <class W, class S>
+void apply_piece(typename W::U* __restrict wb, const typename S::U* __restrict sb, uint8_t* __restrict mb,
+                 uint8_t* __restrict kb, int64_t j0, int64_t j1, uint32_t live, uint32_t ptie, uint32_t gtie,
+                 uint32_t pk, uint32_t gk, uint32_t* count, float* sum) {
+  using WU = typename W::U;
+  uint32_t c = 0;
+  float fsum = 0.f;
+#pragma omp simd reduction(+ : c, fsum)
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint32_t fw = W::f32(wb[j]);
+    const uint32_t kw = abs_key(fw), kg = abs_key(S::f32(sb[j]));
+    const uint32_t old = mb[j] & 1u;
+    const uint32_t pr = old & live & ((kw < pk) | ((kw == pk) & ptie));
+    const uint32_t nw = (old & (pr ^ 1u)) | (live & ((kg > gk) | ((kg == gk) & gtie)));
+    const uint32_t k = old & nw;
+    kb[j] = (uint8_t)k;
+    wb[j] = k ? wb[j] : WU(0);
+    fsum += k ? abs_value(fw) : 0.f;
+    mb[j] = (uint8_t)nw;
+    c += nw;
+  }
+  *count += c;
+  *sum += fsum;
+}
+
+// Type-erased entry points for the table of mask_kernels.h.
+template <class W, class S>
+BlockScan scan_erased(const void* w, const void* s, const uint8_t* m, int64_t n, bool live, uint32_t plo,
+                      uint32_t phi, uint32_t glo, uint32_t ghi, uint8_t* flag) {
+  return scan_block<W, S>(static_cast<const typename W::U*>(w), static_cast<const typename S::U*>(s), m, n, live,
+                          plo, phi, glo, ghi, flag);
+}
+
+template <class W, class S>
+void apply_erased(void* w, const void* s, uint8_t* m, uint8_t* keep, int64_t j0, int64_t j1, uint32_t live,
+                  uint32_t ptie, uint32_t gtie, uint32_t pk, uint32_t gk, uint32_t* count, float* sum) {
+  apply_piece<W, S>(static_cast<typename W::U*>(w), static_cast<const typename S::U*>(s), m, keep, j0, j1, live,
+                    ptie, gtie, pk, gk, count, sum);
+}
+
+template <class W>
+void fill_row(MaskKernels& t, int wi) {
+  t.scan[wi][kF32] = &scan_erased<W, F32>;
+  t.scan[wi][kBF16] = &scan_erased<W, BF16>;
+  t.scan[wi][kF16] = &scan_erased<W, F16>;
+  t.apply[wi][kF32] = &apply_erased<W, F32>;
+  t.apply[wi][kBF16] = &apply_erased<W, BF16>;
+  t.apply[wi][kF16] = &apply_erased<W, F16>;
+}
+
+inline MaskKernels make_table(const char* isa) {
+  MaskKernels t;
+  t.isa = isa;
+  fill_row<F32>(t, kF32);
+  fill_row<BF16>(t, kBF16);
+  fill_row<F16>(t, kF16);
+  return t;
+}
