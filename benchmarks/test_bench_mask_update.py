@@ -110,6 +110,7 @@ def test_mask_update_side_by_side(device):
         "bandwidth_floor_s": floor,
         "fused_over_floor": med["fused"] / floor,
         "threads": torch.get_num_threads(),
+        "cpu_isa": ops.cpu_isa() if device == "cpu" else None,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }

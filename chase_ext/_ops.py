@@ -12,6 +12,7 @@ from . import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
 
 __all__ = [
     "build_info",
+    "cpu_isa",
     "select_threshold",
     "mask_update_",
     "channel_stats",
@@ -31,6 +32,12 @@ def build_info() -> dict:
         "cuda_version": _C.cuda_version,
         "cuda_archs": _C.cuda_archs,
     }
+
+
+def cpu_isa() -> str:
+    """Instruction set of the CPU mask-update loops: ``"avx512"``, ``"avx2"`` or
+    ``"baseline"`` -- the widest this CPU runs, unless ``CHASE_EXT_CPU_ISA`` names one."""
+    return _C.cpu_isa()
 
 
 def _rows(ts) -> int:

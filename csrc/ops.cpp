@@ -4,6 +4,8 @@
 #include <torch/library.h>
 #ifndef CHASE_EXT_NO_PYTHON
 #include <torch/extension.h>
+
+#include "cpu/mask_kernels.h"
 #endif
 
 #ifndef CHASE_EXT_VERSION
@@ -41,5 +43,7 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("cuda_version") = pybind11::none();
 #endif
   mod.attr("cuda_archs") = CHASE_EXT_CUDA_ARCHS;
+  mod.def("cpu_isa", [] { return std::string(chase_ext::cpu::mask_kernels().isa); },
+          "Instruction set the CPU mask update runs with now (see CHASE_EXT_CPU_ISA).");
 }
 #endif

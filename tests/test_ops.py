@@ -387,6 +387,7 @@ def test_mask_update_every_cpu_isa_matches_reference(monkeypatch, dtype, ties):
     # with float16 subnormals, signed zeros and vector-tail lengths
     isas = _cpu_isas()
     assert "baseline" in isas
+    assert ops.cpu_isa() == isas[-1]  # the widest one by default
     g = torch.Generator().manual_seed(3)
     shapes = [(300, 250), (37, 5, 3, 3), (13, 7), (1, 1), (0, 4)]
     base = []
