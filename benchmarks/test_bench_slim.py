@@ -12,6 +12,7 @@
 2. Training steps/s, Chase with ``slim_during_training=True`` vs masked only (VGG-16,
    batch 32, same config otherwise): both runs step in lockstep (A B A B ...) and the
    steps after the last channel event and the last parameter update are timed.
+   Also the peak extra memory of ``slim_()`` (``slim_memory.py``, in a child process).
 3. Per-step overhead of ``ChaseOptimizer.step`` on a non-update step vs the wrapped SGD
    step (same model, same gradients), and the masked apply alone.
 4. ``round_to`` None vs 8 vs 16 (slim ResNet-50 at S_c = 0.5, channels_last): on CPU in
@@ -189,6 +190,23 @@ def test_inference(benchmark, name, sc, variant):
         benchmark.pedantic(run, rounds=1 if QUICK else 3, iterations=1)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_slim_peak_memory():
+    """Peak extra memory of slim_() vs a copy of every parameter and state (slim_memory.py)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(THREADS))
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "slim_memory.py"),
+                          str(WDIV), str(MODELS["resnet50"][1] if QUICK else 64)],
+                         env=env, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["slim_peak_extra_over_largest_tensor"] = r["slim_peak_extra_bytes"] / r["largest_tensor_bytes"]
+    r["control_over_params_and_state"] = r["control_copy_all_peak_extra_bytes"] / r["params_and_state_bytes"]
+    _save("slim_peak_memory", {**r, **_common()})
 
 
 # --------------------------------------------------------------------------- 2. training

@@ -92,4 +92,47 @@ inline void check_owner(const char* op, TensorList states, c10::IntArrayRef owne
   }
 }
 
+// Every argument check of mask_update_ (CPU and CUDA), before anything is read or written.
+inline void check_mask_update_args(const char* op, TensorList weights, TensorList masks, TensorList scores,
+                                   TensorList live_rows, TensorList live_cols, TensorList states,
+                                   c10::IntArrayRef state_owner, c10::IntArrayRef prune_counts,
+                                   c10::IntArrayRef grow_counts) {
+  check_float_list(op, "weights", weights);
+  check_same_dtype(op, "weights", weights);
+  check_float_list(op, "scores", scores);
+  check_same_dtype(op, "scores", scores);
+  check_like(op, "scores", scores, "weights", weights);
+  check_masks(op, masks, weights, "weights");
+  check_live(op, "live_rows", live_rows, weights, 0);
+  check_live(op, "live_cols", live_cols, weights, 1);
+  check_owner(op, states, state_owner, weights, "state_owner");
+  check_counts(op, "prune_counts", prune_counts, weights.size());
+  check_counts(op, "grow_counts", grow_counts, weights.size());
+  TORCH_CHECK(grow_counts.size() == prune_counts.size(), op, ": prune_counts has ", prune_counts.size(),
+              " entries but grow_counts has ", grow_counts.size());
+}
+
+// Every argument check of masked_apply_ (CPU and CUDA).
+inline void check_masked_apply_args(const char* op, TensorList tensors, TensorList masks, c10::IntArrayRef owner) {
+  for (size_t i = 0; i < masks.size(); ++i) {
+    TORCH_CHECK(masks[i].scalar_type() == at::kBool, op, ": masks[", i, "] must be bool, got ",
+                masks[i].scalar_type());
+    TORCH_CHECK(masks[i].is_contiguous(), op, ": masks[", i, "] must be contiguous");
+  }
+  TORCH_CHECK(owner.size() == tensors.size(), op, ": owner has ", owner.size(), " entries but there are ",
+              tensors.size(), " tensors");
+  for (size_t j = 0; j < tensors.size(); ++j) {
+    TORCH_CHECK(owner[j] >= 0 && owner[j] < (int64_t)masks.size(), op, ": owner[", j, "]=", owner[j],
+                " is out of range [0, ", masks.size(), ")");
+    const auto& m = masks[owner[j]];
+    TORCH_CHECK(tensors[j].sizes() == m.sizes(), op, ": tensors[", j, "] has shape ", tensors[j].sizes(),
+                " but masks[", owner[j], "] has shape ", m.sizes());
+    TORCH_CHECK(tensors[j].device() == m.device(), op, ": tensors[", j, "] is on ", tensors[j].device(),
+                " but masks[", owner[j], "] is on ", m.device());
+    TORCH_CHECK(tensors[j].is_contiguous(), op, ": tensors[", j, "] must be contiguous");
+    TORCH_CHECK(tensors[j].is_floating_point(), op, ": tensors[", j, "] must be floating point, got ",
+                tensors[j].scalar_type());
+  }
+}
+
 }  // namespace chase_ext

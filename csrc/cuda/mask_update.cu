@@ -105,19 +105,8 @@ std::tuple<at::Tensor, at::Tensor> mask_update(at::TensorList weights, at::Tenso
                                                at::TensorList states, c10::IntArrayRef state_owner,
                                                c10::IntArrayRef prune_counts, c10::IntArrayRef grow_counts) {
   const char* op = kOp;
-  check_float_list(op, "weights", weights);
-  check_same_dtype(op, "weights", weights);
-  check_float_list(op, "scores", scores);
-  check_same_dtype(op, "scores", scores);
-  check_like(op, "scores", scores, "weights", weights);
-  check_masks(op, masks, weights, "weights");
-  check_live(op, "live_rows", live_rows, weights, 0);
-  check_live(op, "live_cols", live_cols, weights, 1);
-  check_owner(op, states, state_owner, weights, "state_owner");
-  check_counts(op, "prune_counts", prune_counts, weights.size());
-  check_counts(op, "grow_counts", grow_counts, weights.size());
-  TORCH_CHECK(grow_counts.size() == prune_counts.size(), op, ": prune_counts has ", prune_counts.size(),
-              " entries but grow_counts has ", grow_counts.size());
+  check_mask_update_args(op, weights, masks, scores, live_rows, live_cols, states, state_owner, prune_counts,
+                         grow_counts);
   if (weights.empty()) {  // not reachable through the dispatcher, kept for symmetry with CPU
     TORCH_CHECK(prune_counts[0] == 0 && grow_counts[0] == 0, op, ": counts given for an empty list of weights");
     return {at::zeros({0}, at::kLong), at::zeros({0}, at::kFloat)};

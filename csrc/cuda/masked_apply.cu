@@ -16,25 +16,7 @@ __global__ void __launch_bounds__(kThreads) masked_apply_kernel(const Desc* ds, 
 
 void masked_apply(at::TensorList tensors, at::TensorList masks, c10::IntArrayRef owner) {
   const char* op = "chase_ext.masked_apply_";
-  for (size_t i = 0; i < masks.size(); ++i) {
-    TORCH_CHECK(masks[i].scalar_type() == at::kBool, op, ": masks[", i, "] must be bool, got ",
-                masks[i].scalar_type());
-    TORCH_CHECK(masks[i].is_contiguous(), op, ": masks[", i, "] must be contiguous");
-  }
-  TORCH_CHECK(owner.size() == tensors.size(), op, ": owner has ", owner.size(), " entries but there are ",
-              tensors.size(), " tensors");
-  for (size_t j = 0; j < tensors.size(); ++j) {
-    TORCH_CHECK(owner[j] >= 0 && owner[j] < (int64_t)masks.size(), op, ": owner[", j, "]=", owner[j],
-                " is out of range [0, ", masks.size(), ")");
-    const auto& m = masks[owner[j]];
-    TORCH_CHECK(tensors[j].sizes() == m.sizes(), op, ": tensors[", j, "] has shape ", tensors[j].sizes(),
-                " but masks[", owner[j], "] has shape ", m.sizes());
-    TORCH_CHECK(tensors[j].device() == m.device(), op, ": tensors[", j, "] is on ", tensors[j].device(),
-                " but masks[", owner[j], "] is on ", m.device());
-    TORCH_CHECK(tensors[j].is_contiguous(), op, ": tensors[", j, "] must be contiguous");
-    TORCH_CHECK(tensors[j].is_floating_point(), op, ": tensors[", j, "] must be floating point, got ",
-                tensors[j].scalar_type());
-  }
+  check_masked_apply_args(op, tensors, masks, owner);
   if (tensors.empty()) return;
   const at::Device dev = tensors[0].device();
   check_devices(op, "tensors", tensors, dev);  // one launch needs one device
