@@ -135,4 +135,13 @@ inline void check_masked_apply_args(const char* op, TensorList tensors, TensorLi
   }
 }
 
+// The device-independent argument checks of gather_channels_ (CPU and CUDA).
+inline void check_gather_args(const char* op, const at::Tensor& tensor, const at::Tensor& keep, int64_t dim) {
+  TORCH_CHECK(dim == 0 || dim == 1, op, ": dim must be 0 or 1, got ", dim);
+  TORCH_CHECK(tensor.dim() > dim, op, ": tensor has ", tensor.dim(), " dims, cannot gather along dim ", dim);
+  TORCH_CHECK(tensor.is_contiguous(), op, ": tensor must be contiguous");
+  TORCH_CHECK(keep.scalar_type() == at::kLong && keep.dim() == 1, op,
+              ": keep must be a 1-D int64 tensor, got ", keep.scalar_type(), " of shape ", keep.sizes());
+}
+
 }  // namespace chase_ext

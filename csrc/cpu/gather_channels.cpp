@@ -12,11 +12,7 @@ namespace {
 
 void gather_channels(const at::Tensor& tensor, const at::Tensor& keep, int64_t dim) {
   const char* op = "chase_ext.gather_channels_";
-  TORCH_CHECK(dim == 0 || dim == 1, op, ": dim must be 0 or 1, got ", dim);
-  TORCH_CHECK(tensor.dim() > dim, op, ": tensor has ", tensor.dim(), " dims, cannot gather along dim ", dim);
-  TORCH_CHECK(tensor.is_contiguous(), op, ": tensor must be contiguous");
-  TORCH_CHECK(keep.scalar_type() == at::kLong && keep.dim() == 1, op,
-              ": keep must be a 1-D int64 tensor, got ", keep.scalar_type(), " of shape ", keep.sizes());
+  check_gather_args(op, tensor, keep, dim);
   const at::Tensor k = keep.to(at::kCPU).contiguous();
   const int64_t* kp = k.data_ptr<int64_t>();
   const int64_t C = tensor.size(dim), K = k.numel();
