@@ -68,21 +68,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .groups import ChannelGroup, Consumer
+from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM, ChannelGroup, Consumer
 
 __all__ = ["find_channel_groups", "explicit_groups", "group_to_dict", "group_from_dict"]
 
 # --------------------------------------------------------------------------- op tables
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-)
 # elementwise on every slot (any layout)
 _ACT_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,

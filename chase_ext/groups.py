@@ -3,6 +3,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from torch import nn
+
+# Layer kinds a group is made of: producers/consumers (conv with groups=1, or Linear),
+# depthwise followers (conv), and the channel-wise norms (SPEC §4).
+CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+NORM_TYPES = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+)
+
 
 @dataclass(frozen=True)
 class Consumer:

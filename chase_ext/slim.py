@@ -65,20 +65,10 @@ from torch import Tensor, nn
 
 from . import reference
 from .graph import group_from_dict, group_to_dict
-from .groups import ChannelGroup
+from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM, ChannelGroup
 
 __all__ = ["slim_", "replay_", "export_dense"]
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-_NORM = (
-    nn.BatchNorm1d,
-    nn.BatchNorm2d,
-    nn.BatchNorm3d,
-    nn.SyncBatchNorm,
-    nn.InstanceNorm1d,
-    nn.InstanceNorm2d,
-    nn.InstanceNorm3d,
-)
 
 Gather = Callable[[Tensor, Tensor, int], None]
 

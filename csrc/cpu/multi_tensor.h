@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "common/keys.h"
 
 namespace chase_ext::cpu {
@@ -206,18 +207,5 @@ Selection radix_select(const std::vector<Layout>& L, const std::vector<Chunk>& c
   }
   return {flip(fkey), cutoff};
 }
-
-// Calls f(T{}) with T the C++ type of a float32/float16/bfloat16 dtype, so that loops
-// over the data are compiled per type.
-template <class F>
-inline void dispatch_float(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "chase_ext: unsupported dtype ", dt);
-  }
-}
-
 
 }  // namespace chase_ext::cpu

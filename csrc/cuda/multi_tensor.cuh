@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/dispatch.h"
 #include "common/keys.h"
 
 namespace chase_ext::cuda {
@@ -116,17 +117,6 @@ inline unsigned grid_for(int64_t units, int64_t per_block) {
   const int64_t g = (units + per_block - 1) / per_block;
   TORCH_CHECK(g <= 0x7FFFFFFF, "chase_ext: too much work for one launch (", units, " units)");
   return (unsigned)g;
-}
-
-// Calls f(T{}) with T the C++ type of a float32/float16/bfloat16 dtype.
-template <class F>
-inline void dispatch_float(at::ScalarType dt, F&& f) {
-  switch (dt) {
-    case at::kFloat: f(float{}); break;
-    case at::kHalf: f(at::Half{}); break;
-    case at::kBFloat16: f(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "chase_ext: unsupported dtype ", dt);
-  }
 }
 
 // ------------------------------------------------------------------ device helpers
