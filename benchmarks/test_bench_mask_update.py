@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from chase_ext import reference as R
+from chase_ext import layout, reference as R
 
 from conftest import QUICK, RESULTS, machine_name
 from paper_style import mask_update as paper_mask_update
@@ -117,3 +117,51 @@ def test_mask_update_side_by_side(device):
     print(payload)
     if not QUICK:
         save_results(os.path.join(RESULTS, machine_name() + ".json"), f"mask_update_{device}", payload)
+
+
+def _channels_last(ts):
+    return [t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in ts]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_layout_side_by_side(device):
+    """What a channels_last model costs ChaseOptimizer's kernel calls (chase_ext.layout):
+    the mask update stages contiguous copies of the 4-D tensors (row-major tie-breaks);
+    masked apply (weights + one momentum buffer) runs on permuted views, no copies."""
+    ws, ms, gs, n, k = make_problem(device)
+    moms = [torch.randn_like(w) for w in ws]
+    cl = {"w": _channels_last(ws), "m": _channels_last(ms), "g": _channels_last(gs), "s": _channels_last(moms)}
+    owner = list(range(len(ws))) * 2
+
+    def update(w, m, g):
+        layout.mask_update_(ops, w, m, g, [], [], [], [], [k], [k])
+
+    def apply(ts, m):
+        layout.masked_apply_(ops, ts, m, owner)
+
+    variants = {
+        "update_contiguous": (lambda: ([w.clone() for w in ws], [m.clone() for m in ms], gs), update),
+        "update_channels_last": (lambda: ([w.clone() for w in cl["w"]], [m.clone() for m in cl["m"]], cl["g"]), update),
+        "apply_contiguous": (lambda: (ws + moms, ms), apply),
+        "apply_channels_last": (lambda: (cl["w"] + cl["s"], cl["m"]), apply),
+    }
+    out = {}
+    for name in ("update_contiguous", "update_channels_last"):
+        setup, fn = variants[name]
+        args = setup()
+        fn(*args)
+        out[name] = args[:2]
+    for a, b in zip(sum(out["update_contiguous"], []), sum(out["update_channels_last"], [])):
+        assert torch.equal(a, b)
+    rounds = 1 if QUICK else 7
+    med = {name: statistics.median(t) for name, t in interleaved(variants, rounds, device).items()}
+    payload = {
+        "n": n, "k": k, "tensors": len(ws), "four_d_tensors": sum(w.dim() == 4 for w in ws), "rounds": rounds,
+        "median_s": med,
+        "update_channels_last_over_contiguous": med["update_channels_last"] / med["update_contiguous"],
+        "apply_channels_last_over_contiguous": med["apply_channels_last"] / med["apply_contiguous"],
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+    }
+    print(payload)
+    if not QUICK:
+        save_results(os.path.join(RESULTS, machine_name() + ".json"), f"layout_{device}", payload)

@@ -66,6 +66,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import layout as _layout
 from . import sparsity as _sp
 from .channels import ChannelState, channel_floor, group_scores, select_channels, target_live
 from .config import ChaseConfig
@@ -326,7 +327,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
     def channel_stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Param name -> (active count per row, int64; Σ|w| per row over active slots, float32)."""
         ws = [p.detach() for p in self._params]
-        counts, sums = self.ops.channel_stats(ws, self._mask_list())
+        counts, sums = _layout.channel_stats(self.ops, ws, self._mask_list())
         out, off = {}, 0
         for n, w in zip(self._names, ws):
             r = w.shape[0]
@@ -379,6 +380,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
 
     def _masked_apply(self) -> None:
         tensors = [p.detach() for p in self._params]
+        self._align_masks(tensors)
         masks = self._mask_list()
         owner = list(range(len(tensors)))
         states, sowner = self._state_list()
@@ -397,7 +399,15 @@ class ChaseOptimizer(torch.optim.Optimizer):
                         if isinstance(v, torch.Tensor) and v.shape == b.shape and v is not b:
                             tensors.append(v)
                             owner.append(j)
-        self.ops.masked_apply_(tensors, masks, owner)
+        _layout.masked_apply_(self.ops, tensors, masks, owner)
+
+    def _align_masks(self, params: list[torch.Tensor]) -> None:
+        """Keep each mask in its parameter's memory layout (the user may change it, e.g. with
+        ``model.to(memory_format=torch.channels_last)``), so masked apply needs no copies."""
+        for n, p in zip(self._names, params):
+            m = self._mask_dict[n]
+            if not _layout.same_layout(m, p):
+                self._mask_dict[n] = _layout.like(m, p)
 
     def _check_finite(self, grads: bool) -> None:
         ts, names = [], []
@@ -463,7 +473,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
             self._check_finite(grads=gradient)
             if gradient:
                 scores = [
-                    p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p, memory_format=torch.contiguous_format)
+                    p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p)
                     for p in self._params
                 ]
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)
@@ -506,8 +516,8 @@ class ChaseOptimizer(torch.optim.Optimizer):
         assert scores is not None
         states, owner = self._state_list()
         lr, lc = self._live_arg
-        self.ops.mask_update_(
-            [p.detach() for p in self._params], self._mask_list(), scores, lr, lc, states, owner, pc, gc
+        _layout.mask_update_(
+            self.ops, [p.detach() for p in self._params], self._mask_list(), scores, lr, lc, states, owner, pc, gc
         )
 
     # ------------------------------------------------------------------ channels
@@ -518,7 +528,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         prod = [i for ps in self._g_prod for i in ps]
         ws = [self._params[i].detach() for i in prod]
         ms = [self._mask_dict[self._names[i]] for i in prod]
-        counts, sums = self.ops.channel_stats(ws, ms)
+        counts, sums = _layout.channel_stats(self.ops, ws, ms)
         counts, sums = counts.tolist(), sums.tolist()
         off, per_prod = 0, {}
         for i, w in zip(prod, ws):

@@ -28,7 +28,9 @@
     written into the prefix of the tensor's memory), then the prefix is cloned into a
     tensor of the new size and the old storage is released. The peak extra memory is one
     (slimmed) tensor, not a second copy of the model. A non-contiguous tensor is first
-    made contiguous (one extra copy of that tensor) and the result is contiguous.
+    made contiguous (one extra copy of that tensor); the result keeps the tensor's dense
+    memory layout (a channels_last weight stays channels_last), other layouts come out
+    contiguous.
 
     Autograd trap: a parameter caches its ``AccumulateGrad`` node, which remembers the
     old shape; an autograd graph still alive during slimming (the user's last ``loss``)
@@ -65,6 +67,7 @@ from torch import Tensor, nn
 
 from . import reference
 from .graph import group_from_dict, group_to_dict
+from .layout import like
 from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM, ChannelGroup
 
 __all__ = ["slim_", "replay_", "export_dense"]
@@ -75,14 +78,18 @@ Gather = Callable[[Tensor, Tensor, int], None]
 
 # --------------------------------------------------------------------------- helpers
 def _compact(t: Tensor, idx: Tensor, dim: int, gather: Gather) -> Tensor:
-    """A new contiguous tensor holding ``t.index_select(dim, idx)``; ``t`` is clobbered."""
+    """A new tensor holding ``t.index_select(dim, idx)``, laid out in memory like ``t``
+    (channels_last stays channels_last); ``t`` is clobbered."""
+    ref = t
     if not t.is_contiguous():
         t = t.contiguous()
     gather(t, idx.to(t.device), dim)
     shape = list(t.shape)
     shape[dim] = int(idx.numel())
     n = math.prod(shape)
-    return t.reshape(-1)[:n].view(shape).clone()
+    kept = t.reshape(-1)[:n].view(shape)
+    out = like(kept, ref)
+    return kept.clone() if out is kept else out
 
 
 def _set_param_data(p: Tensor, new: Tensor) -> None:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from . import density as _density
+from .layout import like
 from .schedules import soft_bound, swap_fraction
 
 __all__ = [
@@ -77,14 +78,17 @@ def init_counts(shapes: Sequence[Sequence[int]], budget: int, init: str, dense_f
 
 
 def init_masks(params: Sequence[torch.Tensor], counts: Sequence[int], gen: torch.Generator) -> list[torch.Tensor]:
-    """Exactly k_l random active slots per tensor: ``randperm(n_l, generator=g)[:k_l]`` (SPEC §2)."""
+    """Exactly k_l random active slots per tensor: ``randperm(n_l, generator=g)[:k_l]`` (SPEC §2).
+
+    Slot indices are row-major; each mask is laid out in memory like its parameter.
+    """
     masks = []
     for p, k in zip(params, counts):
         n = p.numel()
         idx = torch.randperm(n, generator=gen)[:k]
         m = torch.zeros(n, dtype=torch.bool)
         m[idx] = True
-        masks.append(m.view(p.shape).to(p.device))
+        masks.append(like(m.view(p.shape).to(p.device), p))
     return masks
 
 

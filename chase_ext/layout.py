@@ -1,0 +1,128 @@
+"""Any parameter memory layout in front of kernels that take contiguous tensors.
+
+The ops of ``chase_ext._C`` read a tensor as its row-major slots in memory order, so they
+take contiguous tensors only (SPEC §1: ties break by the row-major index). Parameters
+need not be contiguous: ``model.to(memory_format=torch.channels_last)``, the fast layout
+for convolutions on GPUs, gives a conv weight (O, I, kh, kw) the strides
+(I·kh·kw, 1, kw·I, I). ``ChaseOptimizer`` calls the ops through this module:
+
+- ``masked_apply_`` runs every step and is elementwise, so the memory order does not
+  matter: a weight, its mask and its optimizer state that share one dense layout are
+  handed over as a permuted *view* that is contiguous (no copy). Only a group whose
+  tensors disagree in layout (or are not dense) is copied and written back.
+- ``mask_update_`` and ``channel_stats`` run at updates and channel events only. Their
+  results depend on the row-major order (tie-breaks; the summation order of Σ|w|), so
+  each non-contiguous tensor is copied to a contiguous one, and the written ones are
+  copied back after the kernel returned. A kernel that raises has written nothing, and
+  then nothing is copied back either. The extra memory is one contiguous copy of each
+  non-contiguous tensor the op reads, for the duration of the call.
+
+With everything contiguous (the default layout) each wrapper is a plain call.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["dense_order", "same_layout", "like", "masked_apply_", "mask_update_", "channel_stats"]
+
+
+def dense_order(t: Tensor) -> list[int] | None:
+    """Dims from outermost to innermost in memory, if ``t`` covers its memory densely.
+
+    ``t.permute(order)`` is then a contiguous view. None for overlapping or gappy tensors.
+    """
+    if t.is_contiguous():
+        return list(range(t.dim()))
+    order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+    return order if t.permute(order).is_contiguous() else None
+
+
+def _same_order(ts: Sequence[Tensor], order: list[int]) -> bool:
+    return all(t.shape == ts[0].shape and t.permute(order).is_contiguous() for t in ts)
+
+
+def same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same shape and same memory order (strides of size-1 dims do not matter)."""
+    if a.stride() == b.stride():
+        return a.shape == b.shape
+    order = dense_order(b)
+    return order is not None and _same_order([b, a], order)
+
+
+def like(src: Tensor, ref: Tensor) -> Tensor:
+    """``src`` (same shape) laid out in memory like ``ref``; ``src`` itself if it already is."""
+    order = dense_order(ref)
+    if order is None or _same_order([src], order):
+        return src
+    inv = sorted(range(len(order)), key=order.__getitem__)
+    return src.permute(order).contiguous().permute(inv)
+
+
+class _Staged:
+    """Contiguous stand-ins for tensors; ``write_back`` copies them into the originals."""
+
+    def __init__(self, ts: Sequence[Tensor]):
+        self.orig = list(ts)
+        self.ts = [t if t.is_contiguous() else t.contiguous() for t in ts]
+
+    def write_back(self) -> None:
+        for o, s in zip(self.orig, self.ts):
+            if s is not o:
+                o.copy_(s)
+
+
+def _all_contiguous(*lists: Sequence[Tensor]) -> bool:
+    return all(t.is_contiguous() for ts in lists for t in ts)
+
+
+def masked_apply_(ops, tensors: list[Tensor], masks: list[Tensor], owner: list[int]) -> None:
+    """``ops.masked_apply_`` for any layouts: views where a group shares one, else copies."""
+    if _all_contiguous(tensors, masks):
+        ops.masked_apply_(tensors, masks, owner)
+        return
+    members: list[list[int]] = [[] for _ in masks]
+    for i, j in enumerate(owner):
+        members[j].append(i)
+    ts, ms, staged = list(tensors), list(masks), []
+    for j, m in enumerate(masks):
+        group = [m] + [tensors[i] for i in members[j]]
+        if all(t.is_contiguous() for t in group):
+            continue
+        order = dense_order(m)
+        if order is not None and _same_order(group, order):
+            ms[j] = m.permute(order)
+            for i in members[j]:
+                ts[i] = tensors[i].permute(order)
+        else:
+            ms[j] = m.contiguous()
+            s = _Staged([tensors[i] for i in members[j]])
+            for i, t in zip(members[j], s.ts):
+                ts[i] = t
+            staged.append(s)
+    ops.masked_apply_(ts, ms, owner)
+    for s in staged:
+        s.write_back()
+
+
+def channel_stats(ops, weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """``ops.channel_stats`` on contiguous copies of the non-contiguous inputs."""
+    if _all_contiguous(weights, masks):
+        return ops.channel_stats(weights, masks)
+    return ops.channel_stats(_Staged(weights).ts, _Staged(masks).ts)
+
+
+def mask_update_(ops, weights, masks, scores, live_rows, live_cols, states, state_owner,
+                 prune_counts, grow_counts) -> None:
+    """``ops.mask_update_`` on contiguous copies; weights, masks and states written back."""
+    if _all_contiguous(weights, masks, scores, states):
+        ops.mask_update_(weights, masks, scores, live_rows, live_cols, states, state_owner,
+                         prune_counts, grow_counts)
+        return
+    w, m, s = _Staged(weights), _Staged(masks), _Staged(states)
+    ops.mask_update_(w.ts, m.ts, _Staged(scores).ts, live_rows, live_cols, s.ts, state_owner,
+                     prune_counts, grow_counts)
+    for st in (w, m, s):
+        st.write_back()
