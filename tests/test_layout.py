@@ -94,8 +94,8 @@ def test_masked_apply_views_and_mixed_layouts(backend):
     assert torch.equal(wc, want[0]) and torch.equal(st, want[1])
 
 
-def _train(name, backend, channels_last, opt, steps=40, **kw):
-    torch.manual_seed(0)
+def _build(name, backend, channels_last, opt, steps, seed=0, **kw):
+    torch.manual_seed(seed)
     model = MODELS[name]()
     if channels_last:
         model = model.to(memory_format=CL)
@@ -103,13 +103,21 @@ def _train(name, backend, channels_last, opt, steps=40, **kw):
          else torch.optim.Adam(model.parameters(), lr=1e-2))
     chase = ChaseOptimizer(o, model, backend=backend, density=0.3, total_steps=steps, update_interval=4,
                            channel_sparsity=0.4, channel_end=0.5, example_inputs=example_input(name), **kw)
-    gen = torch.Generator().manual_seed(1)
+    return model, chase
+
+
+def _steps(model, chase, steps, gen):
     for _ in range(steps):
-        # the same gradients in both runs (a real backward differs in float rounding
+        # the same gradients in every run (a real backward differs in float rounding
         # between layouts); each gradient in its parameter's layout, as autograd gives it
         for p in model.parameters():
             p.grad = layout.like(torch.randn(p.shape, generator=gen), p.detach())
         chase.step()
+
+
+def _train(name, backend, channels_last, opt, steps=40, **kw):
+    model, chase = _build(name, backend, channels_last, opt, steps, **kw)
+    _steps(model, chase, steps, torch.Generator().manual_seed(1))
     return model, chase
 
 
@@ -161,3 +169,25 @@ def test_layout_changed_after_construction():
         if n in chase.masks:
             m = chase.masks[n]
             assert layout.same_layout(m, p) and bool((p.detach()[~m] == 0).all()), n
+
+
+def test_channels_last_resume_bit_exact():
+    """Checkpoint of a channels_last run that slimmed, loaded into a fresh channels_last
+    model: the continued run equals the uninterrupted one, layouts included."""
+    kw = dict(slim_during_training=True)
+    mA, cA = _train("resnet_bottleneck", BACKENDS[0], True, "sgd", steps=40, **kw)
+    mB, cB = _build("resnet_bottleneck", BACKENDS[0], True, "sgd", 40, **kw)
+    gen = torch.Generator().manual_seed(1)
+    _steps(mB, cB, 20, gen)
+    assert cB.slim_count > 0
+    ck = {"model": mB.state_dict(), "optim": cB.state_dict()}
+    mC, cC = _build("resnet_bottleneck", BACKENDS[0], True, "sgd", 40, seed=5, **kw)
+    cC.load_state_dict(ck["optim"])
+    mC.load_state_dict(ck["model"])
+    _steps(mC, cC, 20, gen)
+    for (n, a), b in zip(mA.named_parameters(), mC.parameters()):
+        assert torch.equal(a, b) and layout.same_layout(a, b), n
+        for k, v in cA.state[a].items():
+            assert torch.equal(v, cC.state[b][k]), (n, k)
+    for n in cA.masks:
+        assert torch.equal(cA.masks[n], cC.masks[n]), n
