@@ -126,5 +126,10 @@ def masked_apply_(tensors: list[Tensor], masks: list[Tensor], owner: list[int]) 
 
 
 def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:
-    """Compact ``tensor`` along ``dim`` in place into the prefix of its memory."""
+    """Compact ``tensor`` along ``dim`` in place into the prefix of its memory.
+
+    ``keep`` may be on any device (as in the reference): it picks the kernel otherwise.
+    """
+    if isinstance(keep, Tensor) and isinstance(tensor, Tensor) and keep.device != tensor.device:
+        keep = keep.to(tensor.device)
     _ops.gather_channels_(tensor, keep, dim)

@@ -9,15 +9,16 @@ namespace chase_ext {
 constexpr uint32_t kKeyMax = 0xFFFFFFFFu;
 
 // Order of the result equals the float order of v (or |v|); -0.0 maps like +0.0.
+// Pure bit operations, so flush-to-zero or fast-math builds cannot change a key.
 C10_HOST_DEVICE inline uint32_t sortable_key(float v, bool absolute) {
-  if (absolute) v = v < 0.f ? -v : v;
-  v = v + 0.0f;  // -0.0 -> +0.0
   uint32_t bits;
 #if defined(__CUDA_ARCH__)
   bits = __float_as_uint(v);
 #else
   std::memcpy(&bits, &v, sizeof(bits));
 #endif
+  if (absolute) bits &= 0x7FFFFFFFu;
+  if (bits == 0x80000000u) bits = 0u;  // -0.0 -> +0.0
   return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 

@@ -108,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor> mask_update(at::TensorList weights, at::Tenso
   check_mask_update_args(op, weights, masks, scores, live_rows, live_cols, states, state_owner, prune_counts,
                          grow_counts);
   if (weights.empty()) {  // not reachable through the dispatcher, kept for symmetry with CPU
-    TORCH_CHECK(prune_counts[0] == 0 && grow_counts[0] == 0, op, ": counts given for an empty list of weights");
+    TORCH_CHECK(prune_counts.empty() || (prune_counts[0] == 0 && grow_counts[0] == 0), op, ": counts given for an empty list of weights");
     return {at::zeros({0}, at::kLong), at::zeros({0}, at::kFloat)};
   }
   const at::Device dev = weights[0].device();

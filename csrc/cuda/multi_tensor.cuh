@@ -94,14 +94,20 @@ inline MultiTensor make_multi(TensorList ts, TensorList live_rows, TensorList li
   return mt;
 }
 
-// Copies a vector of plain structs to the device (a blocking copy: the host buffer is
-// gone when this returns). Returns a byte tensor; use dev_ptr<T>() on it.
+// Copies a vector of plain structs to the device without making the host wait for the
+// GPU: the bytes go through a pinned staging buffer and an asynchronous copy on the
+// current stream (the caching host allocator keeps the buffer until that copy is done).
+// A copy from pageable memory would sync the stream, i.e. stall every training step in
+// masked_apply_. Returns a byte tensor; use dev_ptr<T>() on it.
 template <class T>
 at::Tensor upload(const std::vector<T>& v, const at::Device& dev) {
   const int64_t bytes = (int64_t)(v.size() * sizeof(T));
-  auto cpu = at::empty({bytes}, at::TensorOptions().dtype(at::kByte));
-  if (bytes) std::memcpy(cpu.data_ptr(), v.data(), bytes);
-  return cpu.to(dev);
+  auto out = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(dev));
+  if (!bytes) return out;
+  auto host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), v.data(), bytes);
+  out.copy_(host, /*non_blocking=*/true);
+  return out;
 }
 
 template <class T>

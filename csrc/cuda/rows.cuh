@@ -1,7 +1,10 @@
 // The row pass shared by mask_update_ (write pass) and channel_stats (read only): one
 // warp per row segment (up to kSeg slots of one output channel), emitting the per-row
-// active count and sum |w|. Rows of one segment store their result (deterministic);
-// longer rows add segment results atomically into zeroed outputs.
+// active count and sum |w|. Rows of one segment store their result; longer rows add
+// their segment counts atomically (integers: exact) and store each segment's partial sum,
+// which a second kernel adds up in segment order, so sums are the same run to run
+// (channel scores rank by them; a float atomicAdd would make the order, and the last
+// bits, depend on scheduling).
 #pragma once
 #include "cuda/multi_tensor.cuh"
 
@@ -18,7 +21,7 @@ struct StateRef {
 template <class W, class S, bool kUpdate>
 __global__ void __launch_bounds__(kThreads)
 rows_kernel(const Desc* ds, int n, int64_t items, const Selection* psel, const Selection* gsel,
-            const StateRef* states, int64_t* counts, float* sums) {
+            const StateRef* states, int64_t* counts, float* sums, double* partials) {
   const int64_t item = (int64_t)blockIdx.x * kWarps + threadIdx.x / 32;
   if (item >= items) return;  // whole warps leave together
   const int lane = threadIdx.x & 31;
@@ -67,9 +70,23 @@ rows_kernel(const Desc* ds, int n, int64_t items, const Selection* psel, const S
       sums[row] = (float)sum;
     } else {
       atomicAdd(reinterpret_cast<unsigned long long*>(counts + row), (unsigned long long)cnt);
-      atomicAdd(sums + row, (float)sum);
+      partials[item] = sum;
     }
   }
+}
+
+// Rows of several segments: sums[row] = their partial sums added in segment order.
+// (static: this header is included by several .cu files)
+static __global__ void __launch_bounds__(kThreads)
+row_sums_kernel(const Desc* ds, int n, int64_t rows, const double* partials, float* sums) {
+  const int64_t row = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (row >= rows) return;
+  const Desc d = ds[find_tensor(ds, n, row, [](const Desc& x) { return x.row_base; })];
+  if (d.segs <= 1) return;
+  const double* p = partials + d.item_begin + (row - d.row_base) * d.segs;
+  double s = 0;
+  for (int64_t q = 0; q < d.segs; ++q) s += p[q];
+  sums[row] = (float)s;
 }
 
 // Launches rows_kernel over every row of mt; counts/sums must be zeroed, mt.rows long.
@@ -77,8 +94,17 @@ template <class W, class S, bool kUpdate>
 void launch_rows(const MultiTensor& mt, const Desc* ds, const Selection* psel, const Selection* gsel,
                  const StateRef* states, at::Tensor& counts, at::Tensor& sums) {
   if (mt.items == 0) return;
+  bool multi = false;
+  for (const Desc& d : mt.d) multi = multi || (d.rows > 0 && d.segs > 1);
+  at::Tensor partials;
+  if (multi) partials = at::empty({mt.items}, counts.options().dtype(at::kDouble));
+  double* pp = multi ? partials.data_ptr<double>() : nullptr;
   rows_kernel<W, S, kUpdate><<<grid_for(mt.items, kWarps), kThreads, 0, stream()>>>(
-      ds, mt.n(), mt.items, psel, gsel, states, counts.data_ptr<int64_t>(), sums.data_ptr<float>());
+      ds, mt.n(), mt.items, psel, gsel, states, counts.data_ptr<int64_t>(), sums.data_ptr<float>(), pp);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (!multi) return;
+  row_sums_kernel<<<grid_for(mt.rows, kThreads), kThreads, 0, stream()>>>(ds, mt.n(), mt.rows, pp,
+                                                                          sums.data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
