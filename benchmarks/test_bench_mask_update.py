@@ -165,3 +165,57 @@ def test_layout_side_by_side(device):
     print(payload)
     if not QUICK:
         save_results(os.path.join(RESULTS, machine_name() + ".json"), f"layout_{device}", payload)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_by_dtype_side_by_side(device):
+    """Each weight dtype through the three per-step/per-update kernels on ResNet-50 shapes:
+    the fused mask update with one momentum buffer (as ChaseOptimizer calls it), masked
+    apply of weights + momentum, channel stats; native vs reference where the reference
+    is cheap enough to time, and each native op against its bandwidth floor."""
+    ws32, ms, gs32, n, k = make_problem(device)
+    rounds = 1 if QUICK else 7
+    bw = copy_bandwidth(device)
+    owner = list(range(len(ws32)))
+    res = {}
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        ws = [w.to(dtype) for w in ws32]
+        gs = [g.to(dtype) for g in gs32]
+        moms = [torch.randn(w.shape, dtype=dtype, device=device) * m for w, m in zip(ws, ms)]
+        es = ws[0].element_size()
+
+        def update(w, m, s):
+            ops.mask_update_(w, m, gs, [], [], s, owner, [k], [k])
+
+        variants = {
+            "mask_update": (lambda: ([w.clone() for w in ws], [m.clone() for m in ms], [s.clone() for s in moms]),
+                            update),
+            "masked_apply": (lambda: (ws + moms, ms, owner * 2), ops.masked_apply_),
+            "masked_apply_reference": (lambda: ([w.clone() for w in ws] + [s.clone() for s in moms], ms, owner * 2),
+                                       R.masked_apply_),
+            "channel_stats": (lambda: (ws, ms), ops.channel_stats),
+            "channel_stats_reference": (lambda: (ws, ms), R.channel_stats),
+        }
+        c, s = ops.channel_stats(ws, ms)
+        rc, rs = R.channel_stats(ws, ms)
+        assert torch.equal(c.cpu(), rc.cpu())
+        torch.testing.assert_close(s.cpu(), rs.cpu(), rtol=1e-5, atol=1e-5)
+        med = {name: statistics.median(t) for name, t in interleaved(variants, rounds, device).items()}
+        floors = {  # bytes of one pass each op cannot avoid
+            "mask_update": n * (2 * es + 2 + 2 * es),  # read W, G, M; write M; read+write the momentum
+            "masked_apply": n * (4 * es + 1),  # read+write W and momentum, read M
+            "channel_stats": n * (es + 1),  # read W, M
+        }
+        res[str(dtype).removeprefix("torch.")] = {
+            "median_s": med,
+            "over_floor": {name: med[name] / (b / bw) for name, b in floors.items()},
+            "masked_apply_speedup_vs_reference": med["masked_apply_reference"] / med["masked_apply"],
+            "channel_stats_speedup_vs_reference": med["channel_stats_reference"] / med["channel_stats"],
+        }
+    payload = {"n": n, "k": k, "tensors": len(ws32), "rounds": rounds, "by_dtype": res,
+               "copy_bandwidth_GBps": bw / 1e9, "threads": torch.get_num_threads(),
+               "cpu_isa": ops.cpu_isa() if device == "cpu" else None,
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    print(payload)
+    if not QUICK:
+        save_results(os.path.join(RESULTS, machine_name() + ".json"), f"kernels_by_dtype_{device}", payload)

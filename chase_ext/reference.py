@@ -202,10 +202,15 @@ def channel_stats(weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, T
     return torch.cat(counts), torch.cat(sums)
 
 
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def masked_apply_(tensors: list[Tensor], masks: list[Tensor], owner: list[int]) -> None:
     """``tensors[i] <- where(masks[owner[i]], tensors[i], 0)`` for every i."""
     for t, o in zip(tensors, owner):
-        t.masked_fill_(~masks[o], 0)
+        # on the integer view: zero bits are +0.0 in every float format, and masked_fill_
+        # has no float8 kernels
+        t.view(_SAME_WIDTH_INT[t.element_size()]).masked_fill_(~masks[o], 0)
 
 
 def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:

@@ -2,6 +2,8 @@
 // in one call (a segmented reduction over rows).
 #include <torch/library.h>
 
+#include "cpu/float_bits.h"
+#include "cpu/mask_kernels.h"
 #include "cpu/multi_tensor.h"
 
 namespace chase_ext::cpu {
@@ -22,20 +24,20 @@ std::tuple<at::Tensor, at::Tensor> channel_stats(at::TensorList weights, at::Ten
   if (weights.empty()) return {counts, sums};
   dispatch_float(weights[0].scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    const StatsFn stats = mask_kernels().stats[Bits<T>::format];
     int64_t base = 0;
     for (size_t t = 0; t < weights.size(); ++t) {
       const Layout& l = L[t];
-      const T* w = weights[t].data_ptr<T>();
-      const bool* m = masks[t].data_ptr<bool>();
+      const char* w = static_cast<const char*>(weights[t].data_ptr());
+      const uint8_t* m = reinterpret_cast<const uint8_t*>(masks[t].data_ptr<bool>());
+      const int64_t es = weights[t].element_size();
       at::parallel_for(0, l.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, l.row_stride)),
                        [&](int64_t r0, int64_t r1) {
         for (int64_t r = r0; r < r1; ++r) {
           int64_t cnt = 0;
           double sum = 0;
-          for (int64_t i = r * l.row_stride, e = i + l.row_stride; i < e; ++i) {
-            cnt += m[i];
-            sum += m[i] ? std::abs(static_cast<double>(static_cast<float>(w[i]))) : 0.0;
-          }
+          const int64_t i = r * l.row_stride;
+          stats(w + i * es, m + i, l.row_stride, &cnt, &sum);
           cp[base + r] = cnt;
           up[base + r] = (float)sum;
         }

@@ -1,4 +1,4 @@
-// The per-slot loops of the CPU mask update, compiled for several instruction sets
+// The per-slot loops of the CPU mask update, masked apply and channel stats, compiled for several instruction sets
 // (baseline x86-64 / SSE2, AVX2, AVX-512) and picked at run time (mask_kernels.cpp).
 // The loops themselves are in mask_kernels_body.h.
 #pragma once
@@ -19,11 +19,29 @@ using ScanFn = BlockScan (*)(const void* w, const void* s, const uint8_t* m, int
 using ApplyFn = void (*)(void* w, const void* s, uint8_t* m, uint8_t* keep, int64_t j0, int64_t j1, uint32_t live,
                          uint32_t ptie, uint32_t gtie, uint32_t pk, uint32_t gk, uint32_t* count, float* sum);
 
-// [weight format][score format]
+// p[j] <- 0 where m[j] == 0, for n elements of one size
+using ZeroFn = void (*)(void* p, const uint8_t* m, int64_t n);
+// *count += active slots among n, *sum += their sum |w|
+using StatsFn = void (*)(const void* w, const uint8_t* m, int64_t n, int64_t* count, double* sum);
+
+// scan / apply: [weight format][score format]; stats: [weight format];
+// zero_where_clear: by element size 1, 2, 4, 8 bytes
 struct MaskKernels {
   const char* isa = nullptr;
   ScanFn scan[3][3] = {};
   ApplyFn apply[3][3] = {};
+  StatsFn stats[3] = {};
+  ZeroFn zero_where_clear[4] = {};
+
+  ZeroFn zero_fn(int64_t element_size) const {
+    switch (element_size) {
+      case 1: return zero_where_clear[0];
+      case 2: return zero_where_clear[1];
+      case 4: return zero_where_clear[2];
+      case 8: return zero_where_clear[3];
+      default: return nullptr;
+    }
+  }
 };
 
 // The widest instruction set this build and this CPU support, unless the environment

@@ -1,9 +1,10 @@
-// The two per-slot loops of the CPU mask update, written on raw float bits so they
-// vectorise: the bracket scan (read only) and the writing pass. No include guard and no
+// The per-slot loops of the CPU mask update, masked apply and channel stats, written on
+// raw float bits so they vectorise: the bracket scan (read only), the writing pass, the
+// zeroing by mask and the active count / sum |w| of a row. No include guard and no
 // includes on purpose: mask_kernels.cpp includes this file once per instruction set,
 // each time inside a namespace of its own compiled for that instruction set, so no
 // inline function here is shared with (or ODR-merged into) another translation unit.
-// Needs <cstdint> and BlockScan / MaskKernels (mask_kernels.h) declared before.
+// Needs <algorithm>, <cstdint> and BlockScan / MaskKernels (mask_kernels.h) declared before.
 
 // Storage format of a weight / score tensor: bits per element and their float32 bits.
 struct F32 {
@@ -28,7 +29,10 @@ struct F16 {
       uint32_t b;
     } sub;
     sub.f = float(em) * 5.9604644775390625e-8f;
-    const uint32_t r = em >= 0x7C00u ? infnan : (em < 0x0400u ? sub.b : normal);
+    // the case split as bit masks, not selects, so every loop that converts halves
+    // vectorises (a select chain here kept one of them scalar)
+    const uint32_t is_inf = 0u - uint32_t(em >= 0x7C00u), is_sub = 0u - uint32_t(em < 0x0400u);
+    const uint32_t r = (infnan & is_inf) | (sub.b & is_sub) | (normal & ~(is_inf | is_sub));
     return r | sign;
   }
 };
@@ -113,6 +117,41 @@ void apply_piece(typename W::U* __restrict wb, const typename S::U* __restrict s
   *sum += fsum;
 }
 
+// p[j] <- 0 where m[j] == 0, on U-sized words (zero is all-zero bits in every float
+// format). An AND with an all-ones / all-zeros word, not a select: GCC turns
+// "m ? p : 0" into a branch around a store, mispredicted at every density strictly
+// between 0 and 1 (3-4x slower, benchmarks/NOTES.md), and it does not vectorise.
+template <class U>
+void zero_where_clear(void* p, const uint8_t* __restrict m, int64_t n) {
+  U* __restrict q = static_cast<U*>(p);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) q[j] &= U(0) - U(m[j] != 0);
+}
+
+// Adds the active count and the sum of active |w| of n slots to *count / *sum. The sum is
+// kept in double lanes: the vectoriser reorders it (so the last bits of the double depend
+// on the vector width), but at double precision that does not reach the float result
+// except in rare rounding ties.
+template <class W>
+void active_stats(const void* w, const uint8_t* __restrict m, int64_t n, int64_t* count, double* sum) {
+  const typename W::U* __restrict wb = static_cast<const typename W::U*>(w);
+  for (int64_t b = 0; b < n; b += 65536) {  // 32-bit counts vectorise better than 64-bit
+    const int64_t e = std::min<int64_t>(n, b + 65536);
+    uint32_t c = 0;
+    double s = 0;
+#pragma omp simd reduction(+ : c, s)
+    for (int64_t j = b; j < e; ++j) {
+      const uint32_t a = m[j] != 0;
+      const uint32_t bits = W::f32(wb[j]) & (0u - a);  // inactive: +0 (a branch would not vectorise)
+      const float v = abs_value(bits);
+      c += a;
+      s += double(v);
+    }
+    *count += c;
+    *sum += s;
+  }
+}
+
 // Type-erased entry points for the table of mask_kernels.h.
 template <class W, class S>
 BlockScan scan_erased(const void* w, const void* s, const uint8_t* m, int64_t n, bool live, uint32_t plo,
@@ -136,6 +175,7 @@ void fill_row(MaskKernels& t, int wi) {
   t.apply[wi][kF32] = &apply_erased<W, F32>;
   t.apply[wi][kBF16] = &apply_erased<W, BF16>;
   t.apply[wi][kF16] = &apply_erased<W, F16>;
+  t.stats[wi] = &active_stats<W>;
 }
 
 inline MaskKernels make_table(const char* isa) {
@@ -144,5 +184,9 @@ inline MaskKernels make_table(const char* isa) {
   fill_row<F32>(t, kF32);
   fill_row<BF16>(t, kBF16);
   fill_row<F16>(t, kF16);
+  t.zero_where_clear[0] = &zero_where_clear<uint8_t>;
+  t.zero_where_clear[1] = &zero_where_clear<uint16_t>;
+  t.zero_where_clear[2] = &zero_where_clear<uint32_t>;
+  t.zero_where_clear[3] = &zero_where_clear<uint64_t>;
   return t;
 }

@@ -13,26 +13,9 @@ namespace {
 
 struct StateRef {
   char* data;
-  int64_t elem;  // bytes per element; zero is all-zero bits in every float format
+  int64_t elem;  // bytes per element
+  ZeroFn zero;   // zeroes the elements whose keep byte is 0
 };
-
-template <class U>
-inline void zero_unkept_as(char* data, int64_t b0, int64_t n, const uint8_t* keep) {
-  U* p = reinterpret_cast<U*>(data) + b0;
-  for (int64_t j = 0; j < n; ++j) p[j] = keep[j] ? p[j] : U(0);
-}
-
-// state[b0 + j] <- 0 where !keep[j]
-inline void zero_unkept(const StateRef& s, int64_t b0, int64_t n, const uint8_t* keep) {
-  switch (s.elem) {
-    case 8: zero_unkept_as<uint64_t>(s.data, b0, n, keep); break;
-    case 4: zero_unkept_as<uint32_t>(s.data, b0, n, keep); break;
-    case 2: zero_unkept_as<uint16_t>(s.data, b0, n, keep); break;
-    default:
-      for (int64_t j = 0; j < n; ++j)
-        if (!keep[j]) std::memset(s.data + (b0 + j) * s.elem, 0, s.elem);
-  }
-}
 
 constexpr const char* kOp = "chase_ext.mask_update_";
 constexpr int64_t kBlock = 2048;  // slots per inner block (per-block scratch stays in L1)
@@ -261,8 +244,13 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
 
   // States grouped by owner so the writing pass touches each slot once.
   std::vector<std::vector<StateRef>> owned(n);
-  for (size_t j = 0; j < states.size(); ++j)
-    owned[owner[j]].push_back({static_cast<char*>(states[j].data_ptr()), (int64_t)states[j].element_size()});
+  const MaskKernels& kernels = mask_kernels();
+  for (size_t j = 0; j < states.size(); ++j) {
+    const int64_t elem = states[j].element_size();
+    const ZeroFn zero = kernels.zero_fn(elem);
+    TORCH_CHECK(zero != nullptr, kOp, ": states[", j, "] has ", elem, "-byte elements, not 1, 2, 4 or 8");
+    owned[owner[j]].push_back({static_cast<char*>(states[j].data_ptr()), elem, zero});
+  }
 
   int64_t rows = 0;
   for (const auto& l : L) rows += l.rows;
@@ -270,7 +258,6 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
   auto sums = at::zeros({rows}, at::kFloat);
   int64_t* cp = counts.data_ptr<int64_t>();
   float* up = sums.data_ptr<float>();
-  const MaskKernels& kernels = mask_kernels();
   int64_t row_base = 0;
   for (size_t t = 0; t < n; ++t) {
     const Layout& l = L[t];
@@ -305,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
               const uint32_t ptie = (off + b0 + j0) < p.cutoff, gtie = (off + b0 + j0) < g.cutoff;
               apply(w + b0, sc + b0, m + b0, keep, j0, j1, live, ptie, gtie, p.key, g.key, &c, &fsum);
             }
-            for (const StateRef& s : st) zero_unkept(s, b0, n, keep);
+            for (const StateRef& s : st) s.zero(s.data + b0 * s.elem, keep, n);
             cnt += c;
             sum += fsum;
           }
