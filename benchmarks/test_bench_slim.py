@@ -350,10 +350,18 @@ def overhead_case(name: str) -> dict:
     # updates every 100k steps, events at t % 100k == 50k: every timed step is a plain step
     chase = ChaseOptimizer(inner, chase_model, density=DENSITY, total_steps=10**6, update_interval=100_000,
                            channel_sparsity=0.5, example_inputs=x[:1], backend=BACKEND)
+    # the same, but every step is a parameter update (finiteness check, |gradient| scores,
+    # mask counts, the fused mask update), channel part off
+    update_model = copy.deepcopy(plain_model)
+    for p, q in zip(plain_model.parameters(), update_model.parameters()):
+        q.grad = p.grad.clone()
+    updating = ChaseOptimizer(torch.optim.SGD(update_model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4),
+                              update_model, density=DENSITY, total_steps=10**6, update_interval=1, backend=BACKEND)
     plain.step()
     chase.step()  # momentum buffers exist from here on
+    updating.step()
     n_sparse = chase.total_sparse
-    return {"plain": plain, "chase": chase, "n_sparse": n_sparse,
+    return {"plain": plain, "chase": chase, "updating": updating, "n_sparse": n_sparse,
             "n_params": count_params(plain_model)}
 
 
@@ -362,7 +370,7 @@ def test_step_overhead_side_by_side():
     res = {}
     for name in OVERHEAD_MODELS:
         case = overhead_case(name)
-        plain, chase = case["plain"], case["chase"]
+        plain, chase, updating = case["plain"], case["chase"], case["updating"]
 
         def masked_apply():
             with torch.no_grad():
@@ -376,6 +384,7 @@ def test_step_overhead_side_by_side():
                 "plain_sgd_step": (lambda: (), plain.step),
                 "chase_step": (lambda: (), chase.step),
                 "masked_apply_only": (lambda: (), masked_apply),
+                "chase_update_step": (lambda: (), updating.step),
             }, rounds)
         finally:
             torch.set_num_threads(old)
@@ -388,6 +397,7 @@ def test_step_overhead_side_by_side():
             "median_s": med,
             "overhead_s": med["chase_step"] - med["plain_sgd_step"],
             "chase_over_plain": med["chase_step"] / med["plain_sgd_step"],
+            "update_step_over_plain": med["chase_update_step"] / med["plain_sgd_step"],
             "sparse_values": n, "params": case["n_params"], "rounds": rounds,
             "masked_apply_bytes": bytes_moved,
         }

