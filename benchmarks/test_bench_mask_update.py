@@ -219,3 +219,44 @@ def test_kernels_by_dtype_side_by_side(device):
     print(payload)
     if not QUICK:
         save_results(os.path.join(RESULTS, machine_name() + ".json"), f"kernels_by_dtype_{device}", payload)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_liveness_side_by_side(device):
+    """The mask update once channels are removed: live_rows / live_cols vectors passed
+    (as ChaseOptimizer does after its first channel event), all live or 30% of rows and
+    columns dead. Cost against the same call without liveness vectors; results equal the
+    reference before timing."""
+    ws, ms, gs, n, k = make_problem(device)
+    g = torch.Generator().manual_seed(1)
+    shapes = [w.shape for w in ws]
+
+    def vectors(dead):
+        rows = [(torch.rand(s[0], generator=g) >= dead).to(device) for s in shapes]
+        cols = [(torch.rand(s[1] if len(s) > 1 else 1, generator=g) >= dead).to(device) for s in shapes]
+        return rows, cols
+
+    cases = {"no_vectors": ([], [], ms), "all_live": (*vectors(0.0), ms)}
+    rows, cols = vectors(0.3)
+    cases["30pct_dead"] = (rows, cols, [m & R.live_slots(m, r, c) for m, r, c in zip(ms, rows, cols)])
+    rounds = 1 if QUICK else 7
+    variants, ks = {}, {}
+    for name, (r, c, m0) in cases.items():
+        kk = min(k, sum(int(m.sum()) for m in m0) // 2)
+        ks[name] = kk
+        w1, m1 = [w * m for w, m in zip(ws, m0)], [m.clone() for m in m0]
+        w2, m2 = [w.clone() for w in w1], [m.clone() for m in m0]
+        ops.mask_update_(w1, m1, gs, r, c, [], [], [kk], [kk])
+        R.mask_update_(w2, m2, gs, r, c, [], [], [kk], [kk])
+        assert all(torch.equal(a, b) for a, b in zip(m1 + w1, m2 + w2)), name
+        base = [w * m for w, m in zip(ws, m0)]
+        variants[name] = ((lambda base=base, m0=m0: ([w.clone() for w in base], [m.clone() for m in m0])),
+                          (lambda w, m, r=r, c=c, kk=kk: ops.mask_update_(w, m, gs, r, c, [], [], [kk], [kk])))
+    med = {name: statistics.median(t) for name, t in interleaved(variants, rounds, device).items()}
+    payload = {"n": n, "k": ks, "rounds": rounds, "median_s": med,
+               "over_no_vectors": {name: med[name] / med["no_vectors"] for name in med},
+               "threads": torch.get_num_threads(), "cpu_isa": ops.cpu_isa() if device == "cpu" else None,
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+    print(payload)
+    if not QUICK:
+        save_results(os.path.join(RESULTS, machine_name() + ".json"), f"mask_update_liveness_{device}", payload)

@@ -72,7 +72,6 @@ from .channels import ChannelState, channel_floor, group_scores, select_channels
 from .config import ChaseConfig
 from .density import erk_counts
 from .groups import ChannelGroup
-from .reference import live_slots
 from .schedules import is_channel_event, is_update_step
 
 __all__ = ["ChaseOptimizer"]
@@ -583,7 +582,11 @@ class ChaseOptimizer(torch.optim.Optimizer):
             if r is None and c is None:
                 continue
             m = self._mask_dict[self._names[i]]
-            m.logical_and_(live_slots(p.detach(), r, c))
+            # broadcast in place: no mask-sized temporary
+            if r is not None:
+                m.logical_and_(r.to(m.device).view([m.shape[0]] + [1] * (m.dim() - 1)))
+            if c is not None:
+                m.logical_and_(c.to(m.device).view([1, m.shape[1]] + [1] * (m.dim() - 2)))
         self._masked_apply()
         if self.config.scope == "layer":
             self._k = erk_counts(self._live_shapes(), self.budget)

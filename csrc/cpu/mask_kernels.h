@@ -14,22 +14,25 @@ struct BlockScan {
   uint32_t bad_w, bad_s, p_total, p_below, g_total, g_below, any;
 };
 
-using ScanFn = BlockScan (*)(const void* w, const void* s, const uint8_t* m, int64_t n, bool live, uint32_t plo,
-                             uint32_t phi, uint32_t glo, uint32_t ghi, uint8_t* flag);
-using ApplyFn = void (*)(void* w, const void* s, uint8_t* m, uint8_t* keep, int64_t j0, int64_t j1, uint32_t live,
-                         uint32_t ptie, uint32_t gtie, uint32_t pk, uint32_t gk, uint32_t* count, float* sum);
+// lv: one liveness byte per slot for the per-slot variants (else unused, `live` holds)
+using ScanFn = BlockScan (*)(const void* w, const void* s, const uint8_t* m, const uint8_t* lv, int64_t n,
+                             bool live, uint32_t plo, uint32_t phi, uint32_t glo, uint32_t ghi, uint8_t* flag);
+using ApplyFn = void (*)(void* w, const void* s, uint8_t* m, const uint8_t* lv, uint8_t* keep, int64_t j0,
+                         int64_t j1, uint32_t live, uint32_t ptie, uint32_t gtie, uint32_t pk, uint32_t gk,
+                         uint32_t* count, float* sum);
 
 // p[j] <- 0 where m[j] == 0, for n elements of one size
 using ZeroFn = void (*)(void* p, const uint8_t* m, int64_t n);
 // *count += active slots among n, *sum += their sum |w|
 using StatsFn = void (*)(const void* w, const uint8_t* m, int64_t n, int64_t* count, double* sum);
 
-// scan / apply: [weight format][score format]; stats: [weight format];
+// scan / apply: [liveness per block (0) or per slot (1)][weight format][score format];
+// stats: [weight format];
 // zero_where_clear: by element size 1, 2, 4, 8 bytes
 struct MaskKernels {
   const char* isa = nullptr;
-  ScanFn scan[3][3] = {};
-  ApplyFn apply[3][3] = {};
+  ScanFn scan[2][3][3] = {};
+  ApplyFn apply[2][3][3] = {};
   StatsFn stats[3] = {};
   ZeroFn zero_where_clear[4] = {};
 

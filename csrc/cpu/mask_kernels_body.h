@@ -53,12 +53,14 @@ inline float abs_value(uint32_t f32) {
 // active slots) and the grow bracket [glo, ghi] (flipped keys of |score| of the
 // candidates: inactive slots and active slots certainly pruned). flag[j] gets bit 0
 // when slot j is inside the prune bracket, bit 1 when inside the grow bracket.
-template <class W, class S>
+// Liveness: `live` for the whole block, or with PerSlot one byte per slot in lv (rows of
+// a layer whose input channels were removed: runs as short as one slot).
+template <class W, class S, bool PerSlot>
 BlockScan scan_block(const typename W::U* __restrict wb, const typename S::U* __restrict sb,
-                     const uint8_t* __restrict mb, int64_t n, bool live, uint32_t plo, uint32_t phi,
-                     uint32_t glo, uint32_t ghi, uint8_t* __restrict flag) {
+                     const uint8_t* __restrict mb, const uint8_t* __restrict lv, int64_t n, bool live,
+                     uint32_t plo, uint32_t phi, uint32_t glo, uint32_t ghi, uint8_t* __restrict flag) {
   uint32_t bw = 0, bs = 0, pt = 0, pb = 0, gt = 0, gb = 0, any = 0;
-  if (!live) {
+  if (!PerSlot && !live) {
 #pragma omp simd reduction(| : bw, bs)
     for (int64_t j = 0; j < n; ++j) {
       bw |= nonfinite_bits(W::f32(wb[j]));
@@ -71,11 +73,13 @@ BlockScan scan_block(const typename W::U* __restrict wb, const typename S::U* __
     const uint32_t fw = W::f32(wb[j]), fg = S::f32(sb[j]);
     bw |= nonfinite_bits(fw);
     bs |= nonfinite_bits(fg);
-    const uint32_t act = mb[j] & 1u;
+    const uint32_t lj = PerSlot ? uint32_t(lv[j] != 0) : 1u;
+    const uint32_t old = mb[j] & 1u;
+    const uint32_t act = old & lj;
     const uint32_t kw = abs_key(fw), fkg = ~abs_key(fg);
     const uint32_t below = act & (kw < plo);
     const uint32_t pin = act & (kw >= plo) & (kw <= phi);
-    const uint32_t cand = (act ^ 1u) | below;  // inactive, or certainly pruned
+    const uint32_t cand = ((old ^ 1u) | below) & lj;  // live and inactive, or certainly pruned
     const uint32_t gbl = cand & (fkg < glo);
     const uint32_t gin = cand & (fkg >= glo) & (fkg <= ghi);
     pt += act;
@@ -91,11 +95,11 @@ BlockScan scan_block(const typename W::U* __restrict wb, const typename S::U* __
 // The writing pass over slots [j0, j1) of one block, where "index < cutoff" is the
 // constant ptie / gtie: new mask = (old and not pruned) or grown; weights zeroed unless
 // kept (old and new); keep[j] for the state zeroing; adds the new active count and the
-// sum of kept |w| to *count / *sum.
-template <class W, class S>
+// sum of kept |w| to *count / *sum. Liveness as in scan_block.
+template <class W, class S, bool PerSlot>
 void apply_piece(typename W::U* __restrict wb, const typename S::U* __restrict sb, uint8_t* __restrict mb,
-                 uint8_t* __restrict kb, int64_t j0, int64_t j1, uint32_t live, uint32_t ptie, uint32_t gtie,
-                 uint32_t pk, uint32_t gk, uint32_t* count, float* sum) {
+                 const uint8_t* __restrict lv, uint8_t* __restrict kb, int64_t j0, int64_t j1, uint32_t live,
+                 uint32_t ptie, uint32_t gtie, uint32_t pk, uint32_t gk, uint32_t* count, float* sum) {
   using WU = typename W::U;
   uint32_t c = 0;
   float fsum = 0.f;
@@ -103,9 +107,10 @@ void apply_piece(typename W::U* __restrict wb, const typename S::U* __restrict s
   for (int64_t j = j0; j < j1; ++j) {
     const uint32_t fw = W::f32(wb[j]);
     const uint32_t kw = abs_key(fw), kg = abs_key(S::f32(sb[j]));
+    const uint32_t lj = PerSlot ? uint32_t(lv[j] != 0) : live;
     const uint32_t old = mb[j] & 1u;
-    const uint32_t pr = old & live & ((kw < pk) | ((kw == pk) & ptie));
-    const uint32_t nw = (old & (pr ^ 1u)) | (live & ((kg > gk) | ((kg == gk) & gtie)));
+    const uint32_t pr = old & lj & ((kw < pk) | ((kw == pk) & ptie));
+    const uint32_t nw = (old & (pr ^ 1u)) | (lj & ((kg > gk) | ((kg == gk) & gtie)));
     const uint32_t k = old & nw;
     kb[j] = (uint8_t)k;
     wb[j] = k ? wb[j] : WU(0);
@@ -153,28 +158,34 @@ void active_stats(const void* w, const uint8_t* __restrict m, int64_t n, int64_t
 }
 
 // Type-erased entry points for the table of mask_kernels.h.
-template <class W, class S>
-BlockScan scan_erased(const void* w, const void* s, const uint8_t* m, int64_t n, bool live, uint32_t plo,
-                      uint32_t phi, uint32_t glo, uint32_t ghi, uint8_t* flag) {
-  return scan_block<W, S>(static_cast<const typename W::U*>(w), static_cast<const typename S::U*>(s), m, n, live,
-                          plo, phi, glo, ghi, flag);
+template <class W, class S, bool PerSlot>
+BlockScan scan_erased(const void* w, const void* s, const uint8_t* m, const uint8_t* lv, int64_t n, bool live,
+                      uint32_t plo, uint32_t phi, uint32_t glo, uint32_t ghi, uint8_t* flag) {
+  return scan_block<W, S, PerSlot>(static_cast<const typename W::U*>(w), static_cast<const typename S::U*>(s), m,
+                                   lv, n, live, plo, phi, glo, ghi, flag);
+}
+
+template <class W, class S, bool PerSlot>
+void apply_erased(void* w, const void* s, uint8_t* m, const uint8_t* lv, uint8_t* keep, int64_t j0, int64_t j1,
+                  uint32_t live, uint32_t ptie, uint32_t gtie, uint32_t pk, uint32_t gk, uint32_t* count,
+                  float* sum) {
+  apply_piece<W, S, PerSlot>(static_cast<typename W::U*>(w), static_cast<const typename S::U*>(s), m, lv, keep, j0,
+                             j1, live, ptie, gtie, pk, gk, count, sum);
 }
 
 template <class W, class S>
-void apply_erased(void* w, const void* s, uint8_t* m, uint8_t* keep, int64_t j0, int64_t j1, uint32_t live,
-                  uint32_t ptie, uint32_t gtie, uint32_t pk, uint32_t gk, uint32_t* count, float* sum) {
-  apply_piece<W, S>(static_cast<typename W::U*>(w), static_cast<const typename S::U*>(s), m, keep, j0, j1, live,
-                    ptie, gtie, pk, gk, count, sum);
+void fill_pair(MaskKernels& t, int wi, int si) {
+  t.scan[0][wi][si] = &scan_erased<W, S, false>;
+  t.scan[1][wi][si] = &scan_erased<W, S, true>;
+  t.apply[0][wi][si] = &apply_erased<W, S, false>;
+  t.apply[1][wi][si] = &apply_erased<W, S, true>;
 }
 
 template <class W>
 void fill_row(MaskKernels& t, int wi) {
-  t.scan[wi][kF32] = &scan_erased<W, F32>;
-  t.scan[wi][kBF16] = &scan_erased<W, BF16>;
-  t.scan[wi][kF16] = &scan_erased<W, F16>;
-  t.apply[wi][kF32] = &apply_erased<W, F32>;
-  t.apply[wi][kBF16] = &apply_erased<W, BF16>;
-  t.apply[wi][kF16] = &apply_erased<W, F16>;
+  fill_pair<W, F32>(t, wi, kF32);
+  fill_pair<W, BF16>(t, wi, kBF16);
+  fill_pair<W, F16>(t, wi, kF16);
   t.stats[wi] = &active_stats<W>;
 }
 

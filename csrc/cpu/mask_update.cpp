@@ -104,7 +104,8 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
   std::vector<Part> parts(chunks.size());
   using WU = typename Bits<W>::U;
   using SU = typename Bits<S>::U;
-  const ScanFn scan = mask_kernels().scan[Bits<W>::format][Bits<S>::format];
+  const ScanFn scan_run = mask_kernels().scan[0][Bits<W>::format][Bits<S>::format];
+  const ScanFn scan_slots = mask_kernels().scan[1][Bits<W>::format][Bits<S>::format];
   parallel_chunks(chunks, [&](int64_t c, const Chunk& ch) {
     Part& P = parts[c];
     int64_t p_total = 0, p_below = 0, g_total = 0, g_below = 0;
@@ -118,13 +119,14 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
       const SU* __restrict s = reinterpret_cast<const SU*>(sp[u.t]);
       const uint8_t* __restrict m = reinterpret_cast<const uint8_t*>(mp[u.t]);
       const int64_t off = L[u.t].offset;
-      for_segments(L[u.t], u.r0, u.r1, [&](int64_t b, int64_t e, bool live) {
+      for_runs(L[u.t], u.r0, u.r1, [&](int64_t b, int64_t e, bool live, const uint8_t* lv) {
+        const ScanFn scan = lv ? scan_slots : scan_run;
         for (int64_t b0 = b; b0 < e; b0 += kBlock) {
           const int64_t n = std::min<int64_t>(kBlock, e - b0);
           const WU* wb = w + b0;
           const SU* sb = s + b0;
           const uint8_t* mb = m + b0;
-          const BlockScan r = scan(wb, sb, mb, n, live, plo, phi, glo, ghi, flag);
+          const BlockScan r = scan(wb, sb, mb, lv ? lv + (b0 - b) : nullptr, n, live, plo, phi, glo, ghi, flag);
           const uint32_t bw = r.bad_w, bs = r.bad_s, pt = r.p_total, pb = r.p_below, gt = r.g_total,
                          gb = r.g_below, any = r.any;
           bad_w |= bw;
@@ -269,14 +271,16 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
     const SU* __restrict sc = reinterpret_cast<const SU*>(sp[t]);
     uint8_t* __restrict m = reinterpret_cast<uint8_t*>(mp[t]);
     const int64_t off = l.offset;
-    const ApplyFn apply = kernels.apply[Bits<W>::format][Bits<S>::format];
+    const ApplyFn apply_run = kernels.apply[0][Bits<W>::format][Bits<S>::format];
+    const ApplyFn apply_slots = kernels.apply[1][Bits<W>::format][Bits<S>::format];
     at::parallel_for(0, l.rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, l.row_stride)),
                      [&](int64_t r0, int64_t r1) {
       uint8_t keep[kBlock];
       for (int64_t r = r0; r < r1; ++r) {
         int64_t cnt = 0;
         double sum = 0;
-        for_segments(l, r, r + 1, [&](int64_t b, int64_t e, bool live) {
+        for_runs(l, r, r + 1, [&](int64_t b, int64_t e, bool live, const uint8_t* lv) {
+          const ApplyFn apply = lv ? apply_slots : apply_run;
           for (int64_t b0 = b; b0 < e; b0 += kBlock) {
             const int64_t n = std::min<int64_t>(kBlock, e - b0);
             // split the block where the tie cutoffs fall, so inside each piece
@@ -290,7 +294,8 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
               const int64_t j0 = cuts[piece], j1 = cuts[piece + 1];
               if (j0 >= j1) continue;
               const uint32_t ptie = (off + b0 + j0) < p.cutoff, gtie = (off + b0 + j0) < g.cutoff;
-              apply(w + b0, sc + b0, m + b0, keep, j0, j1, live, ptie, gtie, p.key, g.key, &c, &fsum);
+              apply(w + b0, sc + b0, m + b0, lv ? lv + (b0 - b) : nullptr, keep, j0, j1, live, ptie, gtie, p.key,
+                    g.key, &c, &fsum);
             }
             for (const StateRef& s : st) s.zero(s.data + b0 * s.elem, keep, n);
             cnt += c;

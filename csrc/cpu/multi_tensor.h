@@ -23,6 +23,7 @@ struct Layout {
   int64_t offset = 0, numel = 0, rows = 0, row_stride = 0, cols = 1, col_stride = 0;
   const bool* live_row = nullptr;  // nullptr: every row live
   const bool* live_col = nullptr;  // nullptr: every column live
+  std::vector<uint8_t> slot_live;   // with live_col: the liveness of each slot of a row
 };
 
 inline std::vector<Layout> make_layouts(TensorList ts, TensorList live_rows, TensorList live_cols) {
@@ -38,7 +39,12 @@ inline std::vector<Layout> make_layouts(TensorList ts, TensorList live_rows, Ten
     l.cols = x.dim() >= 2 ? x.size(1) : 1;
     l.col_stride = l.cols ? l.row_stride / l.cols : 0;
     if (!live_rows.empty()) l.live_row = live_rows[t].data_ptr<bool>();
-    if (!live_cols.empty()) l.live_col = live_cols[t].data_ptr<bool>();
+    if (!live_cols.empty()) {
+      l.live_col = live_cols[t].data_ptr<bool>();
+      l.slot_live.resize(l.row_stride);
+      for (int64_t c = 0; c < l.cols; ++c)
+        std::fill_n(l.slot_live.begin() + c * l.col_stride, l.col_stride, uint8_t(l.live_col[c]));
+    }
     off += l.numel;
   }
   return out;
@@ -61,26 +67,22 @@ inline void for_slots(const Layout& l, int64_t r0, int64_t r1, F&& f) {
   }
 }
 
-// Calls f(begin, end, live) for maximal runs of slots of rows [r0, r1) that share one
-// liveness, so hot loops run over plain index ranges with pointers in registers.
+// Calls f(begin, end, live, lv) for the slots of rows [r0, r1) in a few long runs, so hot
+// loops run over plain index ranges with pointers in registers: lv == nullptr means every
+// slot of the run has liveness `live`; otherwise lv[j] is the liveness of slot begin + j
+// (a live row of a layer with dead input channels, one byte per slot of the row).
 template <class F>
-inline void for_segments(const Layout& l, int64_t r0, int64_t r1, F&& f) {
+inline void for_runs(const Layout& l, int64_t r0, int64_t r1, F&& f) {
   if (!l.live_row && !l.live_col) {
-    f(r0 * l.row_stride, r1 * l.row_stride, true);
+    f(r0 * l.row_stride, r1 * l.row_stride, true, nullptr);
     return;
   }
   for (int64_t r = r0; r < r1; ++r) {
     const bool rl = !l.live_row || l.live_row[r];
     const int64_t base = r * l.row_stride;
-    if (!l.live_col || !rl) {
-      f(base, base + l.row_stride, rl);
-      continue;
-    }
-    for (int64_t c = 0; c < l.cols; ++c)
-      f(base + c * l.col_stride, base + (c + 1) * l.col_stride, (bool)l.live_col[c]);
+    f(base, base + l.row_stride, rl, rl && l.live_col ? l.slot_live.data() : nullptr);
   }
 }
-
 struct Unit {
   int t;
   int64_t r0, r1;  // rows [r0, r1) of tensor t
