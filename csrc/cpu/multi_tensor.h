@@ -55,15 +55,13 @@ template <class F>
 inline void for_slots(const Layout& l, int64_t r0, int64_t r1, F&& f) {
   for (int64_t r = r0; r < r1; ++r) {
     const bool rl = !l.live_row || l.live_row[r];
-    int64_t i = r * l.row_stride;
+    const int64_t base = r * l.row_stride;
     if (!l.live_col || !rl) {
-      for (const int64_t e = i + l.row_stride; i < e; ++i) f(i, rl);
+      for (int64_t i = base, e = base + l.row_stride; i < e; ++i) f(i, rl);
       continue;
     }
-    for (int64_t c = 0; c < l.cols; ++c) {
-      const bool cl = l.live_col[c];
-      for (const int64_t e = i + l.col_stride; i < e; ++i) f(i, cl);
-    }
+    const uint8_t* lv = l.slot_live.data();
+    for (int64_t j = 0; j < l.row_stride; ++j) f(base + j, lv[j] != 0);
   }
 }
 
