@@ -421,6 +421,23 @@ def test_mask_update_every_cpu_isa_matches_reference(monkeypatch, dtype, ties):
         R.mask_update_(*ref, ss, [], [], [], [], [int(m.sum()) // 2 for m in ms], [int(m.sum()) // 2 for m in ms])
         for x, y in zip(got[0] + got[1], ref[0] + ref[1]):
             assert torch.equal(x, y), isa
+    # removed channels: per-slot liveness from live_cols (1 and 9 slots per column),
+    # dead rows, and active slots left in dead channels, on the bracketed path too
+    gl = torch.Generator().manual_seed(4)
+    lr = [torch.rand(s[0], generator=gl) >= 0.3 for s in shapes]
+    lc = [torch.rand(s[1], generator=gl) >= 0.3 for s in shapes]
+    live_act = count([m & l for m, l in zip(ms, R._live_list(ws, lr, lc))])
+    kp, kg = [live_act // 4], [live_act // 4 + 5]
+    want = (clone(ws), clone(ms), clone(states))
+    rc, rs = R.mask_update_(*want[:2], ss, lr, lc, want[2], owner, kp, kg)
+    for isa in isas:
+        monkeypatch.setenv("CHASE_EXT_CPU_ISA", isa)
+        got = (clone(ws), clone(ms), clone(states))
+        cnt, sums = ops.mask_update_(*got[:2], ss, lr, lc, got[2], owner, kp, kg)
+        for x, y in zip(got[0] + got[1] + got[2], want[0] + want[1] + want[2]):
+            assert torch.equal(x, y), isa
+        assert torch.equal(cnt, rc), isa
+        torch.testing.assert_close(sums, rs, rtol=1e-5, atol=1e-5)
     # non-finite input is caught by every instruction set, with nothing written
     for isa in isas:
         monkeypatch.setenv("CHASE_EXT_CPU_ISA", isa)
