@@ -1,5 +1,6 @@
-// The per-slot loops of the CPU mask update, masked apply and channel stats, compiled for several instruction sets
-// (baseline x86-64 / SSE2, AVX2, AVX-512) and picked at run time (mask_kernels.cpp).
+// The per-slot loops of the CPU mask update, masked apply and channel stats, compiled
+// for several instruction sets (baseline x86-64 / SSE2, AVX2, AVX-512) and picked at run
+// time (mask_kernels.cpp).
 // The loops themselves are in mask_kernels_body.h.
 #pragma once
 #include <cstdint>
