@@ -128,8 +128,11 @@ def masked_apply_(tensors: list[Tensor], masks: list[Tensor], owner: list[int]) 
 def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:
     """Compact ``tensor`` along ``dim`` in place into the prefix of its memory.
 
-    ``keep`` may be on any device (as in the reference): it picks the kernel otherwise.
+    ``keep`` may be on any device (as in the reference). The CUDA kernel reads ``keep``
+    on the host anyway, so it is moved only for a CPU tensor (a CUDA ``keep`` would
+    otherwise pick the CUDA kernel).
     """
-    if isinstance(keep, Tensor) and isinstance(tensor, Tensor) and keep.device != tensor.device:
+    if isinstance(keep, Tensor) and isinstance(tensor, Tensor) and tensor.device.type == "cpu" \
+            and keep.device != tensor.device:
         keep = keep.to(tensor.device)
     _ops.gather_channels_(tensor, keep, dim)

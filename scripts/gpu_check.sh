@@ -1,45 +1,96 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: build the CUDA kernels, run the test suite (the
-# device-parametrized tests then also run on the GPU, including CPU == CUDA bit for bit)
-# and the GPU benchmarks, and write results to benchmarks/results/ (logs also to $OUT).
+# On a machine with an NVIDIA GPU, in one call: build the CUDA kernels, run the GPU
+# tests (every device-parametrized test on CUDA, CPU == CUDA bit for bit for the ops and
+# for whole ChaseOptimizer runs), the GPU benchmarks, the demo on the GPU, then the rest
+# of the suite; results go to benchmarks/results/, logs to $OUT (or benchmarks/results/
+# gpu_logs), packed as gpu_check.tgz so that they come back as one file.
 #
-#   bash scripts/gpu_check.sh [all|build|test|bench]    (default: all)
+#   bash scripts/gpu_check.sh [all|build|test|bench|demo|rest]    (default: all)
 #
-# Stages exist so each fits a 10-minute remote call; `all` runs them in order.
+# GPU_CHECK_BUDGET_S (default 540) bounds the whole run: each stage gets a time cap and
+# never more than what is left, so the logs come back even when a stage hangs. Stages
+# run in order of what a GPU session most needs to learn.
 # Uses the python3 that holds a CUDA torch; pytest, hypothesis and pytest-benchmark must
-# be importable (carry wheels where the machine has no registry).
+# be importable. Wheels in .whl/ (e.g. mlxtend for the demo, fetched by
+# `bash scripts/gpu_wheels.sh` on a machine with a registry) are installed first.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
 PY=${PYTHON:-python3}
 STAGE=${1:-all}
-export CHASE_EXT_CUDA=1 PYTHONUNBUFFERED=1
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
+export CHASE_EXT_CUDA=1 PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}
-LOG=${OUT:-benchmarks/results}
+LOG=${OUT:+$OUT/logs}
+LOG=${LOG:-benchmarks/results/gpu_logs}
 mkdir -p "$LOG" benchmarks/results
+T0=$SECONDS
 rc=0
+want() { [[ $STAGE == all || $STAGE == "$1" ]]; }
+# cap CAP: seconds a stage may take, at most what is left of the budget (20 s kept back)
+cap() { local left=$((BUDGET - (SECONDS - T0) - 20)); ((left < $1)) && echo $((left > 10 ? left : 10)) || echo "$1"; }
+stage() { echo "== [$((SECONDS - T0))s] $*" | tee -a "$LOG/summary.txt"; }
+note() { echo "$*" | tee -a "$LOG/summary.txt"; }
+pytest_timeout=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && pytest_timeout=(--timeout=180)
 
-if [[ $STAGE == all || $STAGE == build ]]; then
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee "$LOG/gpu_env.txt"
-  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$LOG/gpu_env.txt"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+if want build; then
+  stage "build"
+  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv | tee -a "$LOG/summary.txt"
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$LOG/summary.txt"
   # Only the GPU that is here: one arch keeps nvcc time down.
-  cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap}
-  t0=$(date +%s)
-  "$PY" setup.py build_ext --inplace > "$LOG/gpu_build.log" 2>&1 || { tail -40 "$LOG/gpu_build.log"; exit 1; }
-  echo "build: $(( $(date +%s) - t0 )) s" | tee -a "$LOG/gpu_env.txt"
-  "$PY" -c "import chase_ext._ops as o; print(o.build_info())" | tee -a "$LOG/gpu_env.txt"
+  cap_=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap_}
+  t0=$SECONDS
+  if ! timeout "$(cap 300)" "$PY" setup.py build_ext --inplace > "$LOG/build.log" 2>&1; then
+    tail -40 "$LOG/build.log"; note "build FAILED"; rc=1; STAGE=none
+  else
+    note "build: $((SECONDS - t0)) s"
+    "$PY" -c "import chase_ext._ops as o; print(o.build_info(), 'cpu isa', o.cpu_isa())" | tee -a "$LOG/summary.txt"
+  fi
 fi
 
-if [[ $STAGE == all || $STAGE == test ]]; then
-  PYTHONPATH=$PWD "$PY" -m pytest -q -p no:cacheprovider -x tests -rs 2>&1 | tee "$LOG/gpu_tests.log" | tail -40
-  [[ ${PIPESTATUS[0]} == 0 ]] || rc=1
+if want test; then
+  stage "GPU tests (-k cuda: ops on CUDA, CPU == CUDA, ChaseOptimizer on CUDA)"
+  timeout "$(cap 240)" "$PY" -m pytest -q -p no:cacheprovider tests -k cuda -rs --durations=10 \
+    "${pytest_timeout[@]}" > "$LOG/tests_cuda.log" 2>&1
+  r=$?; tail -30 "$LOG/tests_cuda.log"; note "GPU tests rc=$r"; ((r == 0)) || rc=1
 fi
 
-if [[ $STAGE == all || $STAGE == bench ]]; then
+if want bench; then
   # GPU cases only: the CPU figures come from the CPU machine (its results file).
-  (cd benchmarks && PYTHONPATH=$PWD/.. "$PY" -m pytest -q -p no:cacheprovider . -s -k cuda \
-     --benchmark-json="$LOG/gpu_benchmark_raw.json" 2>&1 | tee "$LOG/gpu_bench.log" | tail -60
-   exit "${PIPESTATUS[0]}") || rc=1
+  stage "GPU benchmarks"
+  (cd benchmarks && timeout "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider . -s -k cuda \
+     --benchmark-json="$ROOT/$LOG/benchmark_raw.json" > "$ROOT/$LOG/bench.log" 2>&1)
+  r=$?; grep -E "ratio|floor|median|passed|failed|Error" "$LOG/bench.log" | tail -40; note "GPU benchmarks rc=$r"
+  ((r == 0)) || rc=1
   for f in benchmarks/results/gpu-*.json; do [[ -e $f ]] && cp "$f" "$LOG"/; done
+fi
+
+if want demo; then
+  stage "demo on the GPU"
+  if "$PY" -c "import mlxtend" 2>/dev/null; then
+    timeout "$(cap 150)" "$PY" -m chase_ext.demo --device cuda --no-progress --out "$LOG/demo_report" > "$LOG/demo.log" 2>&1
+    r=$?; tail -25 "$LOG/demo.log"; note "demo rc=$r"; ((r == 0)) || rc=1
+  else
+    note "demo skipped: mlxtend is not importable (bash scripts/gpu_wheels.sh, then carry .whl)"
+  fi
+fi
+
+if want rest; then
+  stage "the rest of the suite on this machine's CPU and torch"
+  timeout "$(cap 240)" "$PY" -m pytest -q -p no:cacheprovider tests -k "not cuda" -rs \
+    "${pytest_timeout[@]}" > "$LOG/tests_rest.log" 2>&1
+  r=$?; tail -15 "$LOG/tests_rest.log"; note "rest of the suite rc=$r"; ((r == 0)) || rc=1
+fi
+
+stage "done, rc=$rc"
+if [[ -n ${OUT:-} ]]; then
+  tar -C "$OUT" -czf "$OUT/gpu_check.tgz" logs && rm -rf "$OUT/logs"
 fi
 exit $rc

@@ -176,6 +176,21 @@ def test_cpu_equals_cuda(seed, ties, live):
         assert torch.equal(x, y.cpu())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_capture_is_refused():
+    """The CUDA ops stage their tensor lists in host memory, which a graph replay would
+    read after reuse: capturing one is a clear error, and nothing is written."""
+    w = torch.randn(64, device="cuda")
+    m = torch.rand(64, device="cuda") < 0.5
+    w0 = w.clone()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="CUDA graph"):
+        with torch.cuda.graph(graph):
+            ops.masked_apply_([w], [m], [0])
+    torch.cuda.synchronize()
+    assert torch.equal(w, w0)
+
+
 # ---------------------------------------------------------------- opcheck and compile
 def _opcheck_cases(device):
     ws, ms, scores, lr, lc, g = make_case(3, 2, torch.float32, device, ties=True, live=True,

@@ -99,8 +99,15 @@ inline MultiTensor make_multi(TensorList ts, TensorList live_rows, TensorList li
 // current stream (the caching host allocator keeps the buffer until that copy is done).
 // A copy from pageable memory would sync the stream, i.e. stall every training step in
 // masked_apply_. Returns a byte tensor; use dev_ptr<T>() on it.
+// Not capturable in a CUDA graph: a replay would read the staging buffer again after
+// it was reused, so a capture is refused with a clear error instead.
 template <class T>
 at::Tensor upload(const std::vector<T>& v, const at::Device& dev) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
+              "chase_ext: its CUDA ops cannot be captured in a CUDA graph (their tensor lists are "
+              "staged in host memory); run ChaseOptimizer.step outside the captured region");
   const int64_t bytes = (int64_t)(v.size() * sizeof(T));
   auto out = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(dev));
   if (!bytes) return out;

@@ -1,0 +1,181 @@
+"""ChaseOptimizer and slimming on every device, and CPU == CUDA bit for bit for whole runs.
+
+The op tests (test_ops.py) check each kernel on CUDA; these check the method around
+them: masks, budgets, channel events, slimming during training and checkpoints with the
+model and its optimizer on the GPU. On a machine without CUDA the CUDA cases skip.
+
+For the CPU == CUDA run the arithmetic is made exact on both devices, so any difference
+is a difference in selection, not rounding: weights and gradients are multiples of
+2^-8 in [-1, 1], plain SGD with lr = 2^-4 (every weight stays a multiple of 2^-12 of
+magnitude < 8, which float32 holds exactly, and so does every per-channel sum of |w|),
+and gradients are set directly rather than by a backward pass (cuDNN and oneDNN round
+differently). Quantised values also make many exact ties, which both devices must break
+by the lower index.
+"""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from chase_ext.optimizer import ChaseOptimizer
+from models import MODELS, example_input
+from test_optimizer import Watcher, check_masked
+
+pytest.importorskip("chase_ext._ops", reason="chase_ext._C is not built")
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _quantised_(model, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randint(-256, 257, p.shape, generator=g).float() / 256)
+
+
+def _build(name, device, seed=0, opt="sgd-exact", **kw):
+    torch.manual_seed(seed)
+    model = MODELS[name]()
+    if opt == "sgd-exact":
+        _quantised_(model, seed)
+    model = model.to(device)
+    if opt == "sgd-exact":
+        o = torch.optim.SGD(model.parameters(), lr=2.0**-4)
+    elif opt == "sgd-momentum":
+        o = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    else:
+        o = torch.optim.Adam(model.parameters(), lr=1e-2)
+    kw.setdefault("density", 0.3)
+    kw.setdefault("total_steps", 60)
+    kw.setdefault("update_interval", 6)
+    kw.setdefault("channel_sparsity", 0.5)
+    kw.setdefault("channel_end", 0.5)
+    kw.setdefault("min_channel_ratio", 0.1)
+    chase = ChaseOptimizer(o, model, example_inputs=example_input(name).to(device), **kw)
+    return model, o, chase
+
+
+def _set_grads(model, g):
+    """Exact gradients (multiples of 2^-8), drawn on the CPU at each parameter's
+    current shape, so a slimmed CPU run and a slimmed CUDA run get the same values."""
+    for p in model.parameters():
+        p.grad = (torch.randint(-256, 257, p.shape, generator=g).float() / 256).to(p.device)
+
+
+def _backward_step(name, model, chase, i, device):
+    x = example_input(name, batch=8, seed=i).to(device)
+    y = torch.randint(0, 10 if name != "mlp" else 5, (8,), generator=torch.Generator().manual_seed(i))
+    loss = torch.nn.functional.cross_entropy(model(x), y.to(device))
+    chase.zero_grad()
+    loss.backward()
+    chase.step()
+    return float(loss.detach())
+
+
+@pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck", "mobilenet_v2_small"])
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adam"])
+def test_training_invariants_on_device(device, name, opt):
+    """Real forward/backward on the device; after every step: masked weights and state
+    are 0, the active count is the target at updates, the channel schedule is followed,
+    removed channels stay removed; the slimmed model computes the masked model's output."""
+    model, o, chase = _build(name, device, opt=opt, slim_during_training=2)
+    assert chase.groups
+    w = Watcher(chase)
+    for i in range(chase.config.total_steps):
+        _backward_step(name, model, chase, i, device)
+        w.after()
+    assert w.events and w.events[-1][0] == chase.config.last_channel_event
+    assert chase.slim_count > 0
+    assert chase.active_count() == min(chase.budget, sum(chase._live_numels()))
+    for n, m in chase.masks.items():
+        assert m.device.type == torch.device(device).type, n
+    x = example_input(name, batch=4).to(device)
+    model.eval()
+    with torch.no_grad():
+        y_masked = model(x)
+        chase.slim_()
+        y_slim = model(x)
+    torch.testing.assert_close(y_slim, y_masked, rtol=1e-4, atol=1e-5)
+    check_masked(chase)
+
+
+def _exact_run(name, device, steps, seed=0, checkpoint_at=None, **kw):
+    model, o, chase = _build(name, device, seed=seed, total_steps=steps, **kw)
+    g = torch.Generator().manual_seed(seed + 1)
+    trace, ckpt = [], None
+    for i in range(steps):
+        _set_grads(model, g)
+        chase.step()
+        trace.append((chase.active_count(), [r["live"] for r in chase.channel_report()]))
+        if checkpoint_at == i + 1:
+            buf = io.BytesIO()
+            torch.save({"model": model.state_dict(), "optim": chase.state_dict(),
+                        "gen": g.get_state()}, buf)
+            ckpt = buf.getvalue()
+    check_masked(chase)
+    return model, chase, trace, ckpt
+
+
+def _assert_same_run(a, b):
+    (ma, ca, ta, _), (mb, cb, tb, _) = a, b
+    assert ta == tb
+    assert ca.channel_report() == cb.channel_report()
+    assert ca.t == cb.t and ca.slim_count == cb.slim_count
+    for n in ca.masks:
+        assert torch.equal(ca.masks[n].cpu(), cb.masks[n].cpu()), n
+    for (n, pa), pb in zip(ma.named_parameters(), mb.parameters()):
+        assert pa.shape == pb.shape, n
+        assert torch.equal(pa.detach().cpu(), pb.detach().cpu()), n
+
+
+EXACT_CASES = [
+    dict(),
+    dict(grow="random", slim_during_training=True),
+    dict(scope="layer", slim_during_training=2),
+    dict(channel_score="active_mean", round_to=2),
+]
+EXACT_IDS = ["global-gradient", "random-slim", "layer-slim2", "active-mean-round2"]
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck", "mobilenet_v2_small"])
+@pytest.mark.parametrize("kw", EXACT_CASES, ids=EXACT_IDS)
+def test_cpu_equals_cuda_whole_run(name, kw):
+    """The same exact-arithmetic run on CPU and CUDA: same masks, weights, channel
+    choices and shapes after every step, through channel events and slims."""
+    steps = 48
+    _assert_same_run(_exact_run(name, "cpu", steps, **kw), _exact_run(name, "cuda", steps, **kw))
+
+
+@pytest.mark.parametrize("kw", EXACT_CASES[1:], ids=EXACT_IDS[1:])
+def test_native_equals_reference_whole_run(kw):
+    """The same exact-arithmetic runs on the CPU: compiled kernels == the pure-PyTorch
+    reference, so a CPU == CUDA failure above points at the CUDA kernels."""
+    steps = 48
+    _assert_same_run(_exact_run("vgg_small", "cpu", steps, **kw),
+                     _exact_run("vgg_small", "cpu", steps, backend="reference", **kw))
+
+
+@needs_cuda
+def test_cuda_checkpoint_resumes_on_cpu_and_cuda():
+    """A checkpoint written mid-run on the GPU (after slims) resumes on either device
+    and finishes exactly as the uninterrupted GPU run does."""
+    steps, at, kw = 48, 20, dict(slim_during_training=True)
+    full = _exact_run("vgg_small", "cuda", steps, checkpoint_at=at, **kw)
+    ckpt = torch.load(io.BytesIO(full[3]), map_location="cpu", weights_only=False)
+    assert full[1].slim_count > 0 and ckpt["optim"] is not None
+    for device in ("cpu", "cuda"):
+        model, o, chase = _build("vgg_small", device, total_steps=steps, **kw)
+        chase.load_state_dict(ckpt["optim"])
+        model.load_state_dict(ckpt["model"])
+        g = torch.Generator()
+        g.set_state(ckpt["gen"])
+        for _ in range(at, steps):
+            _set_grads(model, g)
+            chase.step()
+        for n in chase.masks:
+            assert torch.equal(chase.masks[n].cpu(), full[1].masks[n].cpu()), (device, n)
+        for (n, pa), pb in zip(model.named_parameters(), full[0].parameters()):
+            assert torch.equal(pa.detach().cpu(), pb.detach().cpu()), (device, n)
