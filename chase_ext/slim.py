@@ -83,7 +83,7 @@ def _compact(t: Tensor, idx: Tensor, dim: int, gather: Gather) -> Tensor:
     ref = t
     if not t.is_contiguous():
         t = t.contiguous()
-    gather(t, idx.to(t.device), dim)
+    gather(t, idx, dim)  # idx stays on the CPU: the CUDA kernel validates it on the host
     shape = list(t.shape)
     shape[dim] = int(idx.numel())
     n = math.prod(shape)
