@@ -101,6 +101,51 @@ def test_training_invariants_on_device(device, name, opt):
     check_masked(chase)
 
 
+def test_mixed_precision_on_device(device):
+    """The usual GPU recipe: float16 autocast + GradScaler on CUDA (bfloat16 on the CPU),
+    with channel events and slimming during training. Steps the scaler skips (inf
+    gradients) do not count and change no mask; after every taken step the invariants
+    hold; a bfloat16-parameter model keeps its dtype through the slims."""
+    name = "vgg_small"
+    model, o, chase = _build(name, device, opt="sgd-momentum", slim_during_training=True, update_interval=5)
+    amp_dtype = torch.float16 if device == "cuda" else torch.bfloat16
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    w, skip = Watcher(chase), {7, 19, 33}
+    taken = 0
+    for i in range(chase.config.total_steps + len(skip)):
+        x = example_input(name, batch=8, seed=i).to(device)
+        y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(i)).to(device)
+        with torch.autocast(device, dtype=amp_dtype):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), y)
+        if i in skip:
+            loss = loss * float("inf")
+        before, t0 = {n: m.clone() for n, m in chase.masks.items()}, chase.t
+        chase.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(chase)
+        scaler.update()
+        if i in skip:
+            assert chase.t == t0 and all(torch.equal(before[n], chase.masks[n]) for n in before)
+        else:
+            taken += 1
+            w.after()
+    assert chase.t == taken == chase.config.total_steps
+    assert chase.slim_count > 0 and w.events[-1][0] == chase.config.last_channel_event
+    assert chase.active_count() == min(chase.budget, sum(chase._live_numels()))
+
+    bf_model, bf_opt, bf_chase = _build(name, device, opt="sgd-momentum", slim_during_training=True)
+    bf_model.to(torch.bfloat16)
+    for i in range(bf_chase.config.total_steps):
+        x = example_input(name, batch=8, seed=i).to(device, torch.bfloat16)
+        y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(i)).to(device)
+        loss = torch.nn.functional.cross_entropy(bf_model(x).float(), y)
+        bf_chase.zero_grad()
+        loss.backward()
+        bf_chase.step()
+    check_masked(bf_chase)
+    assert bf_chase.slim_count > 0 and all(p.dtype == torch.bfloat16 for p in bf_model.parameters())
+
+
 def _exact_run(name, device, steps, seed=0, checkpoint_at=None, **kw):
     model, o, chase = _build(name, device, seed=seed, total_steps=steps, **kw)
     g = torch.Generator().manual_seed(seed + 1)
