@@ -174,8 +174,9 @@ class ChannelState:
 
     def load_state_dict(self, sd: dict) -> None:
         self.channels = list(sd["channels"])
-        self.alive = [a.clone().to(torch.bool) for a in sd["alive"]]
-        self.present = [p.clone().to(torch.int64) for p in sd["present"]]
+        # kept on the CPU whatever map_location the checkpoint was loaded with
+        self.alive = [torch.as_tensor(a).detach().to("cpu", torch.bool).clone() for a in sd["alive"]]
+        self.present = [torch.as_tensor(p).detach().to("cpu", torch.int64).clone() for p in sd["present"]]
         self.events = int(sd["events"])
         self.done = bool(sd["done"])
         self.slim_records = [list(r) for r in sd["slim_records"]]

@@ -401,12 +401,20 @@ class ChaseOptimizer(torch.optim.Optimizer):
         _layout.masked_apply_(self.ops, tensors, masks, owner)
 
     def _align_masks(self, params: list[torch.Tensor]) -> None:
-        """Keep each mask in its parameter's memory layout (the user may change it, e.g. with
-        ``model.to(memory_format=torch.channels_last)``), so masked apply needs no copies."""
+        """Keep each mask on its parameter's device and in its memory layout (the user may
+        move the model after wrapping it, e.g. ``model.cuda()`` or
+        ``model.to(memory_format=torch.channels_last)``), so masked apply needs no copies.
+        Host-side checks only: no sync."""
+        moved = False
         for n, p in zip(self._names, params):
             m = self._mask_dict[n]
+            if m.device != p.device:
+                m = self._mask_dict[n] = m.to(p.device)
+                moved = True
             if not _layout.same_layout(m, p):
                 self._mask_dict[n] = _layout.like(m, p)
+        if moved:  # the liveness vectors and bias masks follow (they are built per device)
+            self._rebuild_live()
 
     def _check_finite(self, grads: bool) -> None:
         ts, names = [], []
@@ -423,7 +431,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         dev = ts[0].device
         sums = torch.stack([x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).to(dev)
                             for x in ts])
-        flagged = torch.nonzero(~torch.isfinite(sums)).flatten().tolist()
+        flagged = torch.nonzero(~torch.isfinite(sums).cpu()).flatten().tolist()  # one sync
         bad = [names[i] for i in flagged if not bool(torch.isfinite(ts[i]).all())]
         if bad:
             raise FloatingPointError(
@@ -588,9 +596,9 @@ class ChaseOptimizer(torch.optim.Optimizer):
             # write only the dead slices (reading the whole mask cost ~20 ms on ResNet-50)
             for dim, live in ((0, r), (1, c)):
                 if live is not None:
-                    dead = torch.nonzero(~live.to(m.device)).flatten()
+                    dead = torch.nonzero(~live).flatten()  # live is on the CPU: no device sync
                     if dead.numel():
-                        m.index_fill_(dim, dead, False)
+                        m.index_fill_(dim, dead.to(m.device), False)
         self._masked_apply()
         if self.config.scope == "layer":
             self._k = erk_counts(self._live_shapes(), self.budget)
@@ -725,6 +733,12 @@ class ChaseOptimizer(torch.optim.Optimizer):
             exp = list(self._orig_shapes)
         if [tuple(m.shape) for m in cs["masks"]] != exp:
             raise ValueError("checkpoint masks have unexpected shapes")
+        # a checkpoint loaded with map_location="cuda" has its generator state on the GPU
+        rng = torch.as_tensor(cs["rng"]).detach().to("cpu", torch.uint8)
+        try:
+            torch.Generator().set_state(rng)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint's random-generator state is not valid: {e}") from None
         if not replay:
             cur = [tuple(p.shape) for p in self._params]
             if cur != exp:
@@ -744,7 +758,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         for n, p, m in zip(self._names, self._params, cs["masks"]):
             self._mask_dict[n] = m.detach().clone().to(device=p.device, dtype=torch.bool)
         self._k = [int(x) for x in cs["k"]]
-        self._gen.set_state(cs["rng"])
+        self._gen.set_state(rng)
         if self._ch is not None:
             self._ch.load_state_dict(chs)
         self._rebuild_live()

@@ -64,6 +64,19 @@ def _set_grads(model, g):
         p.grad = (torch.randint(-256, 257, p.shape, generator=g).float() / 256).to(p.device)
 
 
+def _with_head_input(model, x):
+    """Output and the input of the first Linear, i.e. what the convs computed (a head at
+    its channel floor can be constant, so the output alone could hide a difference)."""
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Linear))
+    seen = []
+    h = first.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+    try:
+        y = model(x)
+    finally:
+        h.remove()
+    return seen[0], y
+
+
 def _backward_step(name, model, chase, i, device):
     x = example_input(name, batch=8, seed=i).to(device)
     y = torch.randint(0, 10 if name != "mlp" else 5, (8,), generator=torch.Generator().manual_seed(i))
@@ -93,10 +106,14 @@ def test_training_invariants_on_device(device, name, opt):
         assert m.device.type == torch.device(device).type, n
     x = example_input(name, batch=4).to(device)
     model.eval()
-    with torch.no_grad():
-        y_masked = model(x)
+    # cuDNN may run the narrower convs with other kernels; TF32 (on by default for convs)
+    # would then differ by ~1e-3 between the two, so compare in full float32
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        h_masked, y_masked = _with_head_input(model, x)
         chase.slim_()
-        y_slim = model(x)
+        h_slim, y_slim = _with_head_input(model, x)
+    assert float(h_masked.abs().max()) > 0
+    torch.testing.assert_close(h_slim, h_masked, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y_slim, y_masked, rtol=1e-4, atol=1e-5)
     check_masked(chase)
 
@@ -112,24 +129,28 @@ def test_mixed_precision_on_device(device):
     scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
     w, skip = Watcher(chase), {7, 19, 33}
     taken = 0
-    for i in range(chase.config.total_steps + len(skip)):
+    for i in range(chase.config.total_steps + len(skip) + 10):  # room for the scaler's own skips
+        if chase.t == chase.config.total_steps:
+            break
         x = example_input(name, batch=8, seed=i).to(device)
         y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(i)).to(device)
         with torch.autocast(device, dtype=amp_dtype):
             loss = torch.nn.functional.cross_entropy(model(x).float(), y)
         if i in skip:
             loss = loss * float("inf")
-        before, t0 = {n: m.clone() for n, m in chase.masks.items()}, chase.t
+        before, t0, scale = {n: m.clone() for n, m in chase.masks.items()}, chase.t, scaler.get_scale()
         chase.zero_grad()
         scaler.scale(loss).backward()
         scaler.step(chase)
         scaler.update()
-        if i in skip:
+        skipped = scaler.get_scale() < scale  # the scaler backs off exactly when it skipped
+        assert skipped or i not in skip
+        if skipped:
             assert chase.t == t0 and all(torch.equal(before[n], chase.masks[n]) for n in before)
         else:
             taken += 1
             w.after()
-    assert chase.t == taken == chase.config.total_steps
+    assert chase.t == taken
     assert chase.slim_count > 0 and w.events[-1][0] == chase.config.last_channel_event
     assert chase.active_count() == min(chase.budget, sum(chase._live_numels()))
 
@@ -209,18 +230,38 @@ def test_cuda_checkpoint_resumes_on_cpu_and_cuda():
     and finishes exactly as the uninterrupted GPU run does."""
     steps, at, kw = 48, 20, dict(slim_during_training=True)
     full = _exact_run("vgg_small", "cuda", steps, checkpoint_at=at, **kw)
-    ckpt = torch.load(io.BytesIO(full[3]), map_location="cpu", weights_only=False)
-    assert full[1].slim_count > 0 and ckpt["optim"] is not None
-    for device in ("cpu", "cuda"):
+    assert full[1].slim_count > 0
+    for mapped, device in [("cpu", "cpu"), ("cpu", "cuda"), ("cuda", "cuda"), ("cuda", "cpu")]:
+        ckpt = torch.load(io.BytesIO(full[3]), map_location=mapped, weights_only=False)
         model, o, chase = _build("vgg_small", device, total_steps=steps, **kw)
         chase.load_state_dict(ckpt["optim"])
         model.load_state_dict(ckpt["model"])
         g = torch.Generator()
-        g.set_state(ckpt["gen"])
+        g.set_state(ckpt["gen"].cpu())
         for _ in range(at, steps):
             _set_grads(model, g)
             chase.step()
         for n in chase.masks:
-            assert torch.equal(chase.masks[n].cpu(), full[1].masks[n].cpu()), (device, n)
+            assert torch.equal(chase.masks[n].cpu(), full[1].masks[n].cpu()), (mapped, device, n)
         for (n, pa), pb in zip(model.named_parameters(), full[0].parameters()):
-            assert torch.equal(pa.detach().cpu(), pb.detach().cpu()), (device, n)
+            assert torch.equal(pa.detach().cpu(), pb.detach().cpu()), (mapped, device, n)
+        assert chase.state_dict()["chase"]["channels"]["alive"][0].device.type == "cpu"
+
+
+@needs_cuda
+def test_model_moved_to_cuda_after_wrapping():
+    """Built on the CPU, then ``model.cuda()``: masks, liveness vectors and bias masks
+    follow at the next step, and the run equals one built on the GPU."""
+    steps, kw = 48, dict(slim_during_training=True)
+    model, o, chase = _build("vgg_small", "cpu", total_steps=steps, **kw)
+    model.cuda()
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        _set_grads(model, g)
+        chase.step()
+    check_masked(chase)
+    ref = _exact_run("vgg_small", "cuda", steps, **kw)
+    for n in chase.masks:
+        assert chase.masks[n].is_cuda and torch.equal(chase.masks[n], ref[1].masks[n]), n
+    for (n, pa), pb in zip(model.named_parameters(), ref[0].parameters()):
+        assert torch.equal(pa.detach(), pb.detach()), n

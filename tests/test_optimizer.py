@@ -489,6 +489,28 @@ def test_mismatched_checkpoint_changes_nothing():
     assert str(o2.state_dict()) == str(ostate)
 
 
+
+def test_bad_rng_state_rejected_before_anything_changes():
+    """The generator state is validated with the rest (a checkpoint mapped to another
+    device, or damaged), so a bad one leaves a slimming run exactly as it was."""
+    m1, o1, c1 = make("vgg_small", total_steps=40, channel_sparsity=0.5, channel_end=0.5,
+                      slim_during_training=True, grow="random")
+    run("vgg_small", m1, c1, 30, watch=False)
+    sd = c1.state_dict()
+    assert c1.slim_count > 0
+    m2, o2, c2 = make("vgg_small", total_steps=40, channel_sparsity=0.5, channel_end=0.5,
+                      slim_during_training=True, grow="random")
+    shapes = [tuple(p.shape) for p in m2.parameters()]
+    bad = dict(sd, chase=dict(sd["chase"], rng=torch.zeros(3, dtype=torch.uint8)))
+    with pytest.raises(ValueError, match="random-generator state"):
+        c2.load_state_dict(bad)
+    assert c2.t == 0 and c2.slim_count == 0 and shapes == [tuple(p.shape) for p in m2.parameters()]
+    # the same state as another integer dtype (as a device copy might come back) loads
+    ok = dict(sd, chase=dict(sd["chase"], rng=sd["chase"]["rng"].to(torch.int64)))
+    c2.load_state_dict(ok)
+    assert c2.t == 30 and c2.slim_count == c1.slim_count
+
+
 # --------------------------------------------------------------------------- backends
 @pytest.mark.skipif(not HAVE_NATIVE, reason="chase_ext._ops cannot be imported")
 def test_native_equals_reference():
