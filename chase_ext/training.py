@@ -539,12 +539,19 @@ def run_comparison(
     report = chase_opt.channel_report()
     before = {str(r["group"]): int(r["channels"]) for r in report}
     live = {str(r["group"]): int(r["live"]) for r in report}
-    masked_logits, ys = predict(chase_model, test_loader, device)
+    # Compared in full float32: on a GPU, cuDNN may pick other kernels for the narrower
+    # convs, and TF32 (its default for convs) would differ by ~1e-3 between the two.
+    def exact():
+        return torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False)
+
+    with exact():
+        masked_logits, ys = predict(chase_model, test_loader, device)
     masked_macs = count_macs(chase_model, example)
     t0 = time.perf_counter()
     chase_opt.slim_()
     slim_s = time.perf_counter() - t0
-    slim_logits, _ = predict(chase_model, test_loader, device)
+    with exact():
+        slim_logits, _ = predict(chase_model, test_loader, device)
     mods = dict(chase_model.named_modules())
     after = {}
     for g in before:
