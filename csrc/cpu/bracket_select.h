@@ -1,6 +1,6 @@
 // Exact selection in (about) one pass: a deterministic sample brackets the k-th
-// key in [lo, hi]; one pass counts the candidates below lo and collects those inside the
-// bracket; the k-th is then found by radix select over the small buffer. When the
+// key in [lo, hi] (common/bracket.h); one pass counts the candidates below lo and
+// collects those inside the bracket; the k-th is then found by radix select over the small buffer. When the
 // sample misses (the k-th lies outside the bracket) the caller falls back to the
 // multi-pass radix select, so results never depend on the sample, only speed does.
 #pragma once
@@ -10,6 +10,7 @@
 #include <optional>
 #include <vector>
 
+#include "common/bracket.h"
 #include "cpu/multi_tensor.h"
 
 namespace chase_ext::cpu {
@@ -18,30 +19,6 @@ struct Cand {
   uint32_t key;  // in "smaller is better" order
   int64_t gidx;
 };
-
-struct Bracket {
-  uint32_t lo = 0, hi = kKeyMax;
-};
-
-// A bracket around the q-quantile of the sampled keys, wide enough for sampling error.
-// `sample` is reordered.
-inline Bracket bracket_from_sample(std::vector<uint32_t>& sample, double q) {
-  Bracket b;
-  const int64_t n = (int64_t)sample.size();
-  if (n == 0) return b;
-  q = std::min(1.0, std::max(0.0, q));
-  const double m = 5.0 * std::sqrt(q * (1 - q) / n) + 4.0 / n + 1e-3;
-  const int64_t lo_rank = (int64_t)std::floor((q - m) * n), hi_rank = (int64_t)std::ceil((q + m) * n);
-  if (lo_rank > 0) {
-    std::nth_element(sample.begin(), sample.begin() + lo_rank, sample.end());
-    b.lo = sample[lo_rank];
-  }
-  if (hi_rank < n - 1) {
-    std::nth_element(sample.begin(), sample.begin() + hi_rank, sample.end());
-    b.hi = sample[hi_rank];
-  }
-  return b;
-}
 
 // The need-th smallest (1-based) of the buffer by key, ties by global index, by radix
 // select over the keys (16 + 16 bits). Returns (key, cutoff) in the buffer's key order.

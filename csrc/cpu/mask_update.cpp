@@ -56,7 +56,7 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
   const int64_t stride = std::max<int64_t>(1, total / 65536);
   // Sample: prune keys of active slots; grow keys of inactive slots and of the active
   // slots the prune is likely to take (below the sampled prune quantile).
-  std::vector<uint32_t> spk, sg;
+  std::vector<uint32_t> sg;
   std::vector<std::pair<uint32_t, uint32_t>> sa;  // active: (prune key, flipped grow key)
   int64_t n_sampled = 0;
   sample_slots(L, scope, stride, [&](int t, int64_t i, bool live) {
@@ -70,30 +70,8 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
     }
   });
   const double f = (double)n_sampled / std::max<int64_t>(1, total);  // sampled share
-  for (const auto& a : sa) spk.push_back(a.first);
-  Bracket bp;
-  if (kp == 0) {
-    bp = {0, 0};  // abs keys are >= 2^31: nothing below or inside
-  } else {
-    const double qp = spk.empty() ? 0.5 : kp * f / spk.size();
-    std::vector<uint32_t> tmp = spk;
-    const Bracket mid = bracket_from_sample(tmp, qp);
-    bp = mid;
-    // likely-pruned samples join the grow sample
-    std::vector<uint32_t> q = spk;
-    const int64_t r = std::min<int64_t>((int64_t)q.size() - 1, (int64_t)std::llround(qp * q.size()));
-    if (r >= 0) {
-      std::nth_element(q.begin(), q.begin() + r, q.end());
-      for (const auto& a : sa)
-        if (a.first <= q[r]) sg.push_back(a.second);
-    }
-  }
-  Bracket bg;
-  if (kg == 0) {
-    bg = {0, 0};  // flipped keys: "below 0" is empty; key 0 (= +NaN) is rejected anyway
-  } else {
-    bg = bracket_from_sample(sg, sg.empty() ? 0.5 : kg * f / sg.size());
-  }
+  const std::pair<Bracket, Bracket> br = sample_brackets(sa, sg, kp, kg, f);
+  const Bracket bp = br.first, bg = br.second;
 
   struct Part {
     int64_t p_total = 0, p_below = 0, g_total = 0, g_below = 0;
