@@ -52,7 +52,25 @@ def paper(ws, ms, gs, k):
     paper_mask_update(ws, ms, gs, [], [], k, k)
 
 
+def fused_bracket(ws, ms, gs, k):
+    """CUDA only: the one-pass bracketed select (CHASE_EXT_CUDA_SELECT=bracket)."""
+    old = os.environ.get("CHASE_EXT_CUDA_SELECT")
+    os.environ["CHASE_EXT_CUDA_SELECT"] = "bracket"
+    try:
+        fused(ws, ms, gs, k)
+    finally:
+        if old is None:
+            os.environ.pop("CHASE_EXT_CUDA_SELECT")
+        else:
+            os.environ["CHASE_EXT_CUDA_SELECT"] = old
+
+
 VARIANTS = {"fused": fused, "reference": reference, "paper_style": paper}
+CUDA_VARIANTS = {"fused_bracket": fused_bracket}
+
+
+def variants_for(device):
+    return {**VARIANTS, **(CUDA_VARIANTS if device == "cuda" else {})}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -60,11 +78,11 @@ def test_results_equal(device):
     """All three variants give the same masks and weights (no ties in these inputs)."""
     ws, ms, gs, n, k = make_problem(device)
     outs = {}
-    for name, fn in VARIANTS.items():
+    for name, fn in variants_for(device).items():
         w, m = [x.clone() for x in ws], [x.clone() for x in ms]
         fn(w, m, gs, k)
         outs[name] = (w, m)
-    for name in ("reference", "paper_style"):
+    for name in (n for n in outs if n != "fused"):
         for a, b in zip(outs["fused"][1] + outs["fused"][0], outs[name][1] + outs[name][0]):
             assert torch.equal(a, b), name
     assert sum(int(m.sum()) for m in outs["fused"][1]) == sum(int(m.sum()) for m in ms)
@@ -94,7 +112,7 @@ def test_mask_update_side_by_side(device):
     rounds = 1 if QUICK else 7
     variants = {
         name: ((lambda: ([w.clone() for w in ws], [m.clone() for m in ms], gs, k)), fn)
-        for name, fn in VARIANTS.items()
+        for name, fn in variants_for(device).items()
     }
     times = interleaved(variants, rounds, device)
     med = {name: statistics.median(t) for name, t in times.items()}
@@ -109,6 +127,9 @@ def test_mask_update_side_by_side(device):
         "copy_bandwidth_GBps": bw / 1e9,
         "bandwidth_floor_s": floor,
         "fused_over_floor": med["fused"] / floor,
+        **({"bracket_over_floor": med["fused_bracket"] / floor,
+            "bracket_speedup_vs_reference": med["reference"] / med["fused_bracket"]}
+           if "fused_bracket" in med else {}),
         "threads": torch.get_num_threads(),
         "cpu_isa": ops.cpu_isa() if device == "cpu" else None,
         "torch": torch.__version__,

@@ -215,6 +215,16 @@ def test_cpu_equals_cuda_whole_run(name, kw):
     _assert_same_run(_exact_run(name, "cpu", steps, **kw), _exact_run(name, "cuda", steps, **kw))
 
 
+@needs_cuda
+@pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck"])
+@pytest.mark.parametrize("kw", EXACT_CASES, ids=EXACT_IDS)
+def test_cpu_equals_cuda_whole_run_bracketed(monkeypatch, name, kw):
+    """The same with the CUDA one-pass bracketed select (CHASE_EXT_CUDA_SELECT=bracket)."""
+    monkeypatch.setenv("CHASE_EXT_CUDA_SELECT", "bracket")
+    steps = 48
+    _assert_same_run(_exact_run(name, "cpu", steps, **kw), _exact_run(name, "cuda", steps, **kw))
+
+
 @pytest.mark.parametrize("kw", EXACT_CASES[1:], ids=EXACT_IDS[1:])
 def test_native_equals_reference_whole_run(kw):
     """The same exact-arithmetic runs on the CPU: compiled kernels == the pure-PyTorch

@@ -191,6 +191,88 @@ def test_cuda_graph_capture_is_refused():
     assert torch.equal(w, w0)
 
 
+@pytest.fixture
+def cuda_select():
+    """Runs the body under each CUDA selection mode (CHASE_EXT_CUDA_SELECT)."""
+    import contextlib
+    import os
+
+    @contextlib.contextmanager
+    def mode(name):
+        old = os.environ.get("CHASE_EXT_CUDA_SELECT")
+        os.environ["CHASE_EXT_CUDA_SELECT"] = name
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("CHASE_EXT_CUDA_SELECT", None)
+            else:
+                os.environ["CHASE_EXT_CUDA_SELECT"] = old
+
+    return mode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), dtype=st.sampled_from(DTYPES), ties=st.booleans(),
+       live=st.booleans(), with_states=st.booleans(), big=st.booleans(),
+       frac=st.sampled_from([0.0, 0.01, 0.3, 1.0]), grow_frac=st.sampled_from([0.0, 0.02, 0.5, 1.0]))
+def test_cuda_selection_modes_match_reference(cuda_select, seed, n, dtype, ties, live, with_states, big, frac,
+                                              grow_frac):
+    """Global scope on CUDA in both selection modes (radix; bracketed with its fallback)
+    equals the reference; `big` adds tensors past one sample (65536 slots), tiles and
+    row segments."""
+    shapes = None
+    if big:
+        g = torch.Generator().manual_seed(seed)
+        shapes = [SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))] for _ in range(n)]
+        shapes += [(300, 257), (3, 40000)] if not live else [(300, 257), (3, 4, 100, 100)]
+    ws, ms, scores, lr, lc, g = make_case(seed, n, dtype, "cpu", ties, live, shapes=shapes)
+    if live and not all(len(w.shape) >= 2 for w in ws):
+        lr, lc = [], []
+    lv = live_list(ws, lr, lc)
+    active = count([m & l for m, l in zip(ms, lv)])
+    prune = [round(frac * active)]
+    grow = [round(grow_frac * (count(lv) - active + prune[0]))]
+    states = [torch.randn(w.shape, generator=g) for w in ws] if with_states else []
+    owner = list(range(len(ws))) if with_states else []
+    want = (clone(ws), clone(ms), clone(states))
+    rc, _ = R.mask_update_(want[0], want[1], scores, lr, lc, want[2], owner, prune, grow)
+    for mode in ("radix", "bracket"):
+        a = ([w.cuda() for w in ws], [m.cuda() for m in ms], [x.cuda() for x in states])
+        with cuda_select(mode):
+            cnt, _ = ops.mask_update_(a[0], a[1], [x.cuda() for x in scores], [x.cuda() for x in lr],
+                                      [x.cuda() for x in lc], a[2], owner, prune, grow)
+        for x, y in zip(a[1] + a[0] + a[2], want[1] + want[0] + want[2]):
+            assert torch.equal(x.cpu(), y), mode
+        assert torch.equal(cnt.cpu(), rc), mode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_cuda_bracketed_select_sampled_and_fallback(cuda_select, adversarial):
+    with cuda_select("bracket"):
+        _sampled_case("cuda", adversarial)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_selection_mode_errors(cuda_select):
+    w, m = [torch.randn(8, device="cuda")], [torch.ones(8, dtype=torch.bool, device="cuda")]
+    w0 = w[0].clone()
+    with cuda_select("fastest"), pytest.raises(RuntimeError, match="CHASE_EXT_CUDA_SELECT=fastest"):
+        ops.mask_update_(w, m, [torch.rand(8, device="cuda")], [], [], [], [], [2], [2])
+    assert torch.equal(w[0], w0) and bool(m[0].all())
+    # the bracketed path raises the radix path's errors, before writing anything
+    with cuda_select("bracket"), pytest.raises(RuntimeError, match="prune_counts=9 is out of range"):
+        ops.mask_update_(w, m, [torch.rand(8, device="cuda")], [], [], [], [], [9], [0])
+    bad = torch.rand(8, device="cuda")
+    bad[3] = float("nan")
+    with cuda_select("bracket"), pytest.raises(RuntimeError, match="scores has non-finite"):
+        ops.mask_update_(w, m, [bad], [], [], [], [], [2], [2])
+    assert torch.equal(w[0], w0) and bool(m[0].all())
+
+
 # ---------------------------------------------------------------- opcheck and compile
 def _opcheck_cases(device):
     ws, ms, scores, lr, lc, g = make_case(3, 2, torch.float32, device, ties=True, live=True,
@@ -350,6 +432,10 @@ def test_mask_update_large_multi_chunk(device, ties, per_tensor):
 
 @pytest.mark.parametrize("adversarial", [False, True])
 def test_mask_update_sampled_bracket_and_fallback(device, adversarial):
+    _sampled_case(device, adversarial)
+
+
+def _sampled_case(device, adversarial):
     # > 65536 slots, so the kernels bracket the thresholds from a strided sample. With
     # `adversarial`, the sampled positions (every 4th slot) hold values unlike the rest,
     # so the bracket misses and the exact multi-pass path must take over.

@@ -1,11 +1,15 @@
 // mask_update_ on CUDA: prune by |w|, grow by |score|, rewrite masks, zero what changed,
-// and emit per-row active counts and sum |w|. Selections first (read only; pass 0 of the
-// prune select also validates everything), then one writing pass (rows.cuh), so every
-// error is raised before anything is written.
+// and emit per-row active counts and sum |w|. Selections first (read only; the first
+// pass of either select also validates everything), then one writing pass (rows.cuh),
+// so every error is raised before anything is written. Selections by the multi-pass
+// radix select (radix_select.cuh) or, with CHASE_EXT_CUDA_SELECT=bracket, the one-pass
+// bracketed select (bracket_select.cuh) with the radix select as its fallback.
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <string>
 
+#include "cuda/bracket_select.cuh"
 #include "cuda/radix_select.cuh"
 #include "cuda/rows.cuh"
 
@@ -13,6 +17,17 @@ namespace chase_ext::cuda {
 namespace {
 
 constexpr const char* kOp = "chase_ext.mask_update_";
+
+// CHASE_EXT_CUDA_SELECT: "radix" (default) selects by the multi-pass radix select;
+// "bracket" tries the one-pass bracketed select first (global scope), with the radix
+// select as its exact fallback. Both give the same result.
+bool use_bracketed_select() {
+  const char* e = std::getenv("CHASE_EXT_CUDA_SELECT");
+  const std::string mode = e && *e ? e : "radix";
+  TORCH_CHECK(mode == "radix" || mode == "bracket", kOp, ": CHASE_EXT_CUDA_SELECT=", mode,
+              " is not known (radix or bracket)");
+  return mode == "bracket";
+}
 
 // Prune candidates: active live slots, key |w|. Pass 0 also flags non-finite weights
 // (bit 0) and scores (bit 1) anywhere, and counts inactive live slots (grow candidates
@@ -72,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, a
 
   const std::vector<int64_t> kp(prune_counts.begin(), prune_counts.end());
   const std::vector<int64_t> kg(grow_counts.begin(), grow_counts.end());
-  const auto psel = radix_select(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, [&](const FirstPass& fp) {
+  // every check on what the first read-only pass learned: raised before anything is written
+  auto check = [&](const FirstPass& fp) {
     TORCH_CHECK(!(fp.bad & 1u), kOp, ": weights has non-finite values");
     TORCH_CHECK(!(fp.bad & 2u), kOp, ": scores has non-finite values");
     for (int s = 0; s < scopes; ++s)
@@ -82,21 +98,37 @@ std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, a
     for (int s = 0; s < scopes; ++s)
       TORCH_CHECK(kg[s] <= fp.other[s] + kp[s], kOp, ": ", name("grow_counts", s), "=", kg[s],
                   " is out of range: only ", fp.other[s] + kp[s], " candidate slots");
-  });
-  const auto pd = upload(psel, dev);
-  const GrowSrc<W, S> gsrc{dev_ptr<Selection>(pd)};
-  const auto gsel = radix_select(mt, ds, dev, scopes, gsrc, kg, true, [&](const FirstPass& fp) {
-    for (int s = 0; s < scopes; ++s)  // checked above already; a mismatch is a bug here
-      TORCH_CHECK(kg[s] <= fp.cand[s], kOp, ": internal: grow candidates miscounted");
-  });
-  const auto gd = upload(gsel, dev);
+  };
+  int64_t total = 0;
+  for (const Desc& d : mt.d) total += d.numel;
+  // device arrays: prune selection(s) of every scope, then grow selection(s)
+  at::Tensor pd, gd;
+  const Selection* pp = nullptr;
+  const Selection* gp = nullptr;
+  std::optional<at::Tensor> fast;
+  if (global && total < ((int64_t)1 << 32) && use_bracketed_select())
+    fast = bracketed_select<W, S>(mt, ds, dev, kp[0], kg[0], check);
+  if (fast) {
+    pp = dev_ptr<Selection>(*fast);
+    gp = pp + 1;
+  } else {
+    const auto psel = radix_select(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, check);
+    pd = upload(psel, dev);
+    const GrowSrc<W, S> gsrc{dev_ptr<Selection>(pd)};
+    const auto gsel = radix_select(mt, ds, dev, scopes, gsrc, kg, true, [&](const FirstPass& fp) {
+      for (int s = 0; s < scopes; ++s)  // checked above already; a mismatch is a bug here
+        TORCH_CHECK(kg[s] <= fp.cand[s], kOp, ": internal: grow candidates miscounted");
+    });
+    gd = upload(gsel, dev);
+    pp = dev_ptr<Selection>(pd);
+    gp = dev_ptr<Selection>(gd);
+  }
   const auto sd = upload(st, dev);
 
   auto opts = at::TensorOptions().device(dev);
   auto counts = at::zeros({mt.rows}, opts.dtype(at::kLong));
   auto sums = at::zeros({mt.rows}, opts.dtype(at::kFloat));
-  launch_rows<W, S, true>(mt, ds, dev_ptr<Selection>(pd), dev_ptr<Selection>(gd), dev_ptr<StateRef>(sd), counts,
-                          sums);
+  launch_rows<W, S, true>(mt, ds, pp, gp, dev_ptr<StateRef>(sd), counts, sums);
   return {counts, sums};
 }
 
