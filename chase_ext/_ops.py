@@ -13,6 +13,7 @@ from . import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
 __all__ = [
     "build_info",
     "cpu_isa",
+    "cuda_bracket_stats",
     "select_threshold",
     "mask_update_",
     "channel_stats",
@@ -38,6 +39,15 @@ def cpu_isa() -> str:
     """Instruction set of the CPU mask-update loops: ``"avx512"``, ``"avx2"`` or
     ``"baseline"`` -- the widest this CPU runs, unless ``CHASE_EXT_CPU_ISA`` names one."""
     return _C.cpu_isa()
+
+
+def cuda_bracket_stats() -> dict | None:
+    """How many CUDA mask updates the bracketed select (``CHASE_EXT_CUDA_SELECT=bracket``)
+    finished itself and how many it handed to the radix select; None without CUDA kernels."""
+    if not hasattr(_C, "cuda_bracket_stats"):
+        return None
+    fast, fallback = _C.cuda_bracket_stats()
+    return {"fast": int(fast), "fallback": int(fallback)}
 
 
 def _rows(ts) -> int:

@@ -6,6 +6,9 @@
 #include <torch/extension.h>
 
 #include "cpu/mask_kernels.h"
+#ifdef WITH_CUDA
+#include "common/select_stats.h"
+#endif
 #endif
 
 #ifndef CHASE_EXT_VERSION
@@ -45,5 +48,11 @@ PYBIND11_MODULE(_C, mod) {
   mod.attr("cuda_archs") = CHASE_EXT_CUDA_ARCHS;
   mod.def("cpu_isa", [] { return std::string(chase_ext::cpu::mask_kernels().isa); },
           "Instruction set the CPU mask update runs with now (see CHASE_EXT_CPU_ISA).");
+#ifdef WITH_CUDA
+  mod.def("cuda_bracket_stats", [] {
+    const auto s = chase_ext::cuda::bracket_stats();
+    return std::make_pair(s.fast, s.fallback);
+  }, "(fast, fallback): CUDA mask updates the bracketed select finished itself / handed to the radix select.");
+#endif
 }
 #endif

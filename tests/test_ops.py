@@ -252,8 +252,15 @@ def test_cuda_selection_modes_match_reference(cuda_select, seed, n, dtype, ties,
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("adversarial", [False, True])
 def test_cuda_bracketed_select_sampled_and_fallback(cuda_select, adversarial):
+    """Same result both ways; the path taken is what the plant decides: an ordinary
+    sample brackets both thresholds, a planted one misses and hands over to the radix
+    select."""
+    before = ops.cuda_bracket_stats()
     with cuda_select("bracket"):
         _sampled_case("cuda", adversarial)
+    after = ops.cuda_bracket_stats()
+    took = "fallback" if adversarial else "fast"
+    assert after[took] == before[took] + 1, (before, after)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

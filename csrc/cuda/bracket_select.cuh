@@ -76,8 +76,8 @@ __device__ __forceinline__ long long warp_append(bool take, unsigned long long* 
 
 template <class W, class S>
 __global__ void __launch_bounds__(kThreads)
-bracket_scan_kernel(const Desc* ds, int n, BracketKeys b, unsigned long long cap, ScanCounts* out,
-                    uint64_t* pbuf, uint32_t* pbuf_g, uint64_t* gbuf) {
+bracket_scan_kernel(const Desc* ds, int n, BracketKeys b, unsigned long long pcap, unsigned long long gcap,
+                    ScanCounts* out, uint64_t* pbuf, uint32_t* pbuf_g, uint64_t* gbuf) {
   const TileRef tl = locate_tile(ds, n, blockIdx.x);
   const Desc d = ds[tl.t];
   unsigned bad = 0;
@@ -105,12 +105,12 @@ bracket_scan_kernel(const Desc* ds, int n, BracketKeys b, unsigned long long cap
     }
     const uint64_t gi = (uint64_t)(d.offset + i);
     const long long pp = warp_append(pin, &out->pn);
-    if (pp >= 0 && (unsigned long long)pp < cap) {
+    if (pp >= 0 && (unsigned long long)pp < pcap) {
       pbuf[pp] = (uint64_t)kw << 32 | gi;
       pbuf_g[pp] = fkg;
     }
     const long long gp = warp_append(gin, &out->gn);
-    if (gp >= 0 && (unsigned long long)gp < cap) gbuf[gp] = (uint64_t)fkg << 32 | gi;
+    if (gp >= 0 && (unsigned long long)gp < gcap) gbuf[gp] = (uint64_t)fkg << 32 | gi;
   }
   // block totals: warp sums, then one atomic per counter per block
   __shared__ unsigned long long part[kWarps][4];
@@ -210,18 +210,29 @@ std::optional<at::Tensor> bracketed_select(const MultiTensor& mt, const Desc* ds
   const auto br = sample_brackets(active, inactive, kp, kg, (double)count / std::max<int64_t>(1, total));
   const BracketKeys b{br.first.lo, br.first.hi, br.second.lo, br.second.hi};
 
-  // 2. one pass: counts + the slots inside the brackets
-  const unsigned long long cap = (unsigned long long)std::max<int64_t>(kSample, total / 32);
+  // 2. one pass: counts + the slots inside the brackets. A buffer only for a selection
+  // that is asked for, capacity N/32 (the brackets hold ~2% of the slots here); too
+  // little memory for them means the radix select, which needs none.
+  const int64_t cap = std::max<int64_t>(kSample, total / 32);
+  const int64_t pcap = kp ? cap : 0, gcap = kg ? cap : 0;
+  const auto i64 = at::TensorOptions().dtype(at::kLong).device(dev);
+  const auto i32 = at::TensorOptions().dtype(at::kInt).device(dev);
+  at::Tensor pbuf, pbuf_g, gbuf;
+  try {
+    pbuf = at::empty({pcap}, i64);
+    pbuf_g = at::empty({pcap}, i32);
+    gbuf = at::empty({gcap}, i64);
+  } catch (const c10::OutOfMemoryError&) {
+    return std::nullopt;
+  }
   auto counts = at::zeros({(int64_t)sizeof(ScanCounts)}, bytes);
   auto* cp = reinterpret_cast<ScanCounts*>(counts.data_ptr());
-  auto pbuf = at::empty({(int64_t)cap * 2}, at::TensorOptions().dtype(at::kLong).device(dev));  // in + sorted
-  auto pbuf_g = at::empty({(int64_t)cap * 2}, at::TensorOptions().dtype(at::kInt).device(dev));
-  auto gbuf = at::empty({(int64_t)cap * 2}, at::TensorOptions().dtype(at::kLong).device(dev));
   auto* pb = reinterpret_cast<uint64_t*>(pbuf.data_ptr());
   auto* pg = reinterpret_cast<uint32_t*>(pbuf_g.data_ptr());
   auto* gb = reinterpret_cast<uint64_t*>(gbuf.data_ptr());
   if (mt.tiles) {
-    bracket_scan_kernel<W, S><<<grid_for(mt.tiles, 1), kThreads, 0, stream()>>>(ds, mt.n(), b, cap, cp, pb, pg, gb);
+    bracket_scan_kernel<W, S><<<grid_for(mt.tiles, 1), kThreads, 0, stream()>>>(
+        ds, mt.n(), b, (unsigned long long)pcap, (unsigned long long)gcap, cp, pb, pg, gb);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   ScanCounts c;
@@ -241,24 +252,40 @@ std::optional<at::Tensor> bracketed_select(const MultiTensor& mt, const Desc* ds
   auto* psel = dev_ptr<Selection>(sel);
 
   // 3. prune selection; the pruned slots inside the bracket join the grow candidates
-  if (c.pn > cap || c.gn > cap) return std::nullopt;
-  const int64_t need_p = kp - (int64_t)c.p_below;
+  if ((int64_t)c.pn > pcap || (int64_t)c.gn > gcap) return std::nullopt;
   if (kp > 0) {
+    const int64_t need_p = kp - (int64_t)c.p_below;
     if (need_p <= 0 || need_p > (int64_t)c.pn) return std::nullopt;
-    sort_buffer(pb, pb + cap, pg, pg + cap, (int64_t)c.pn, dev);
-    pruned_to_grow_kernel<<<grid_for(need_p, kThreads), kThreads, 0, stream()>>>(pb + cap, pg + cap, need_p, b, cap,
-                                                                                cp, gb, psel);
+    at::Tensor ps, pgs;
+    try {
+      ps = at::empty({(int64_t)c.pn}, i64);
+      pgs = at::empty({(int64_t)c.pn}, i32);
+    } catch (const c10::OutOfMemoryError&) {
+      return std::nullopt;
+    }
+    auto* psorted = reinterpret_cast<uint64_t*>(ps.data_ptr());
+    auto* pgsorted = reinterpret_cast<uint32_t*>(pgs.data_ptr());
+    sort_buffer(pb, psorted, pg, pgsorted, (int64_t)c.pn, dev);
+    pruned_to_grow_kernel<<<grid_for(need_p, kThreads), kThreads, 0, stream()>>>(
+        psorted, pgsorted, need_p, b, (unsigned long long)gcap, cp, gb, psel);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const auto h = counts.to(at::kCPU);  // syncs
     std::memcpy(&c, h.data_ptr(), sizeof(c));
-    if (c.gn > cap) return std::nullopt;
+    if ((int64_t)c.gn > gcap) return std::nullopt;
   }
   // 4. grow selection
   if (kg > 0) {
     const int64_t need_g = kg - (int64_t)c.g_below;
     if (need_g <= 0 || need_g > (int64_t)c.gn) return std::nullopt;
-    sort_buffer(gb, gb + cap, nullptr, nullptr, (int64_t)c.gn, dev);
-    grow_selection_kernel<<<1, 1, 0, stream()>>>(gb + cap, need_g, psel + 1);
+    at::Tensor gs;
+    try {
+      gs = at::empty({(int64_t)c.gn}, i64);
+    } catch (const c10::OutOfMemoryError&) {
+      return std::nullopt;
+    }
+    auto* gsorted = reinterpret_cast<uint64_t*>(gs.data_ptr());
+    sort_buffer(gb, gsorted, nullptr, nullptr, (int64_t)c.gn, dev);
+    grow_selection_kernel<<<1, 1, 0, stream()>>>(gsorted, need_g, psel + 1);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return sel;

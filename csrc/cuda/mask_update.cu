@@ -6,9 +6,11 @@
 // bracketed select (bracket_select.cuh) with the radix select as its fallback.
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <string>
 
+#include "common/select_stats.h"
 #include "cuda/bracket_select.cuh"
 #include "cuda/radix_select.cuh"
 #include "cuda/rows.cuh"
@@ -21,6 +23,8 @@ constexpr const char* kOp = "chase_ext.mask_update_";
 // CHASE_EXT_CUDA_SELECT: "radix" (default) selects by the multi-pass radix select;
 // "bracket" tries the one-pass bracketed select first (global scope), with the radix
 // select as its exact fallback. Both give the same result.
+std::atomic<int64_t> bracket_fast{0}, bracket_fallback{0};
+
 bool use_bracketed_select() {
   const char* e = std::getenv("CHASE_EXT_CUDA_SELECT");
   const std::string mode = e && *e ? e : "radix";
@@ -106,8 +110,10 @@ std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, a
   const Selection* pp = nullptr;
   const Selection* gp = nullptr;
   std::optional<at::Tensor> fast;
-  if (global && total < ((int64_t)1 << 32) && use_bracketed_select())
+  if (global && total < ((int64_t)1 << 32) && use_bracketed_select()) {
     fast = bracketed_select<W, S>(mt, ds, dev, kp[0], kg[0], check);
+    ++(fast ? bracket_fast : bracket_fallback);
+  }
   if (fast) {
     pp = dev_ptr<Selection>(*fast);
     gp = pp + 1;
@@ -163,6 +169,8 @@ std::tuple<at::Tensor, at::Tensor> mask_update(at::TensorList weights, at::Tenso
 }
 
 }  // namespace
+
+BracketStats bracket_stats() { return {bracket_fast.load(), bracket_fallback.load()}; }
 
 TORCH_LIBRARY_IMPL(chase_ext, CUDA, m) { m.impl("mask_update_", &mask_update); }
 
