@@ -18,7 +18,7 @@ from chase_ext import layout, reference as R
 from conftest import QUICK, RESULTS, machine_name
 from paper_style import mask_update as paper_mask_update
 from shapes import resnet50_weight_shapes
-from timing import copy_bandwidth, interleaved, save_results
+from timing import copy_bandwidth, copy_variant, interleaved, save_results
 
 ops = pytest.importorskip("chase_ext._ops", reason="chase_ext._C is not built")
 
@@ -114,9 +114,10 @@ def test_mask_update_side_by_side(device):
         name: ((lambda: ([w.clone() for w in ws], [m.clone() for m in ms], gs, k)), fn)
         for name, fn in variants_for(device).items()
     }
+    variants["copy"], moved = copy_variant(device)
     times = interleaved(variants, rounds, device)
     med = {name: statistics.median(t) for name, t in times.items()}
-    bw = copy_bandwidth(device)
+    bw = moved / med.pop("copy")
     bytes_floor = n * (ws[0].element_size() + gs[0].element_size() + 2)  # read W, G, M; write M
     floor = bytes_floor / bw
     payload = {

@@ -29,12 +29,20 @@ def interleaved(variants: dict, rounds: int, device="cpu") -> dict:
     return times
 
 
-def copy_bandwidth(device="cpu", nbytes=256 << 20, rounds=7) -> float:
-    """Measured bytes/s of a large tensor copy (bytes read + bytes written)."""
+def copy_variant(device="cpu", nbytes=256 << 20):
+    """A 256 MiB tensor copy as an `interleaved` variant, so the bandwidth floor is timed in
+    the same rounds as what it is compared with (this shared machine's copy bandwidth
+    drifts between 20 and 40 GB/s within minutes). Returns (variant, bytes moved)."""
     src = torch.ones(nbytes // 4, device=device)
     dst = torch.empty_like(src)
-    ts = interleaved({"copy": (lambda: (), lambda: dst.copy_(src))}, rounds, device)["copy"]
-    return 2 * nbytes / statistics.median(ts)
+    return (lambda: (), lambda: dst.copy_(src)), 2 * nbytes
+
+
+def copy_bandwidth(device="cpu", nbytes=256 << 20, rounds=7) -> float:
+    """Measured bytes/s of a large tensor copy (bytes read + bytes written)."""
+    variant, moved = copy_variant(device, nbytes)
+    ts = interleaved({"copy": variant}, rounds, device)["copy"]
+    return moved / statistics.median(ts)
 
 
 def save_results(path: str, key: str, payload: dict) -> None:
