@@ -9,6 +9,7 @@ bandwidth floor in benchmarks/results/<machine>.json.
 import os
 import statistics
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -54,15 +55,8 @@ def paper(ws, ms, gs, k):
 
 def fused_bracket(ws, ms, gs, k):
     """CUDA only: the one-pass bracketed select (CHASE_EXT_CUDA_SELECT=bracket)."""
-    old = os.environ.get("CHASE_EXT_CUDA_SELECT")
-    os.environ["CHASE_EXT_CUDA_SELECT"] = "bracket"
-    try:
+    with mock.patch.dict(os.environ, {"CHASE_EXT_CUDA_SELECT": "bracket"}):
         fused(ws, ms, gs, k)
-    finally:
-        if old is None:
-            os.environ.pop("CHASE_EXT_CUDA_SELECT")
-        else:
-            os.environ["CHASE_EXT_CUDA_SELECT"] = old
 
 
 VARIANTS = {"fused": fused, "reference": reference, "paper_style": paper}

@@ -1,4 +1,7 @@
 """Every native op against chase_ext.reference (hypothesis), opcheck, compile, errors."""
+import os
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -193,23 +196,8 @@ def test_cuda_graph_capture_is_refused():
 
 @pytest.fixture
 def cuda_select():
-    """Runs the body under each CUDA selection mode (CHASE_EXT_CUDA_SELECT)."""
-    import contextlib
-    import os
-
-    @contextlib.contextmanager
-    def mode(name):
-        old = os.environ.get("CHASE_EXT_CUDA_SELECT")
-        os.environ["CHASE_EXT_CUDA_SELECT"] = name
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop("CHASE_EXT_CUDA_SELECT", None)
-            else:
-                os.environ["CHASE_EXT_CUDA_SELECT"] = old
-
-    return mode
+    """``with cuda_select(mode):`` runs a block under one CUDA selection mode."""
+    return lambda name: mock.patch.dict(os.environ, {"CHASE_EXT_CUDA_SELECT": name})
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -466,24 +454,15 @@ def _sampled_case(device, adversarial):
 
 def _cpu_isas():
     """Instruction sets the CPU mask update can be forced to on this machine."""
-    import os
-
     out = []
-    old = os.environ.get("CHASE_EXT_CPU_ISA")
-    try:
-        for isa in ("baseline", "avx2", "avx512"):
-            os.environ["CHASE_EXT_CPU_ISA"] = isa
+    for isa in ("baseline", "avx2", "avx512"):
+        with mock.patch.dict(os.environ, {"CHASE_EXT_CPU_ISA": isa}):
             try:
                 ops.mask_update_([torch.ones(1)], [torch.ones(1, dtype=torch.bool)], [torch.ones(1)], [], [], [], [],
                                  [0], [0])
                 out.append(isa)
             except RuntimeError as e:
                 assert "cannot run" in str(e)
-    finally:
-        if old is None:
-            os.environ.pop("CHASE_EXT_CPU_ISA", None)
-        else:
-            os.environ["CHASE_EXT_CPU_ISA"] = old
     return out
 
 

@@ -179,12 +179,10 @@ inline void sort_buffer(const uint64_t* in, uint64_t* out, const uint32_t* in_v,
 // Device selections {prune, grow} (a 2-entry Selection array, as bytes) of kp and kg
 // slots for one global scope, or nullopt when a bracket missed or a buffer overflowed.
 // `check` gets the same FirstPass as the radix select's and raises the same errors.
-// Requires fewer than 2^32 slots (global indices share the 64-bit sort key).
+// `total`: slots in the list, fewer than 2^32 (global indices share the 64-bit sort key).
 template <class W, class S, class Check>
-std::optional<at::Tensor> bracketed_select(const MultiTensor& mt, const Desc* ds, const at::Device& dev, int64_t kp,
-                                           int64_t kg, Check&& check) {
-  int64_t total = 0;
-  for (const Desc& d : mt.d) total += d.numel;
+std::optional<at::Tensor> bracketed_select(const MultiTensor& mt, const Desc* ds, const at::Device& dev,
+                                           int64_t total, int64_t kp, int64_t kg, Check&& check) {
   TORCH_CHECK(total < ((int64_t)1 << 32), "chase_ext: internal: bracketed select needs < 2^32 slots");
   auto bytes = at::TensorOptions().dtype(at::kByte).device(dev);
 

@@ -23,8 +23,6 @@ constexpr const char* kOp = "chase_ext.mask_update_";
 // CHASE_EXT_CUDA_SELECT: "radix" (default) selects by the multi-pass radix select;
 // "bracket" tries the one-pass bracketed select first (global scope), with the radix
 // select as its exact fallback. Both give the same result.
-std::atomic<int64_t> bracket_fast{0}, bracket_fallback{0};
-
 bool use_bracketed_select() {
   const char* e = std::getenv("CHASE_EXT_CUDA_SELECT");
   const std::string mode = e && *e ? e : "radix";
@@ -32,6 +30,8 @@ bool use_bracketed_select() {
               " is not known (radix or bracket)");
   return mode == "bracket";
 }
+
+std::atomic<int64_t> bracket_fast{0}, bracket_fallback{0};  // see common/select_stats.h
 
 // Prune candidates: active live slots, key |w|. Pass 0 also flags non-finite weights
 // (bit 0) and scores (bit 1) anywhere, and counts inactive live slots (grow candidates
@@ -111,7 +111,7 @@ std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, a
   const Selection* gp = nullptr;
   std::optional<at::Tensor> fast;
   if (global && total < ((int64_t)1 << 32) && use_bracketed_select()) {
-    fast = bracketed_select<W, S>(mt, ds, dev, kp[0], kg[0], check);
+    fast = bracketed_select<W, S>(mt, ds, dev, total, kp[0], kg[0], check);
     ++(fast ? bracket_fast : bracket_fallback);
   }
   if (fast) {
