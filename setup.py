@@ -60,7 +60,8 @@ def extensions():
 
         cpp_ext.CUDA_HOME = cuda_home  # torch resolved it at import time, maybe wrongly
         if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+            # sm_80 and sm_90 machine code, plus PTX that newer GPUs (sm_100, sm_120) JIT-compile
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         macros += [("WITH_CUDA", None)]

@@ -4,23 +4,30 @@
 one int per tensor, summing to exactly ``budget`` (capped at the total size: a budget the
 tensors cannot hold makes every tensor dense).
 
-Rounding (SPEC §2): each tensor gets the float share x_l; k_l = floor(x_l) and the
+Rounding (SPEC §2): each tensor gets the share x_l; k_l = floor(x_l) and the
 ``budget - Σ floor`` leftover units go one each to the tensors with the largest
 fractional remainders, equal remainders to the lower index. A tensor never gets more
-than its size. Should float error leave a leftover that the remainders cannot place (or a
-negative one), units are added to / taken from the tensors in the same remainder order
-(largest first to add, smallest first to take), skipping full / empty tensors; this keeps
-Σ k_l == budget exactly in every case.
+than its size. The shares are exact rationals (``fractions.Fraction``): in floats, two
+shares that are equal (ERK layers with the same Σ dims) can differ in the last bit and
+hand the extra unit to the higher index. Should a leftover remain that the remainders
+cannot place (or a negative one), units are added to / taken from the tensors in the same
+remainder order (largest first to add, smallest first to take), skipping full / empty
+tensors; this keeps Σ k_l == budget exactly in every case.
 
-ERK (SPEC §2): raw_l = Σ dims / Π dims; ε solves Σ_l min(1, ε·raw_l)·n_l = B. Each round
-solves ε over the non-dense tensors with the dense ones' sizes taken off B; every tensor
-with ε·raw_l >= 1 becomes dense and the round repeats (adding all such tensors at once
-reaches the same fixed point as one at a time, since ε only grows). A zero-sized tensor
-gets 0.
+ERK (SPEC §2): raw_l = Σ dims / Π dims; ε solves Σ_l min(1, ε·raw_l)·n_l = B, so a
+non-dense tensor's share is ε·Σ dims. Each round solves ε over the non-dense tensors with
+the dense ones' sizes taken off B; every tensor with ε·raw_l >= 1 becomes dense and the
+round repeats (adding all such tensors at once reaches the same fixed point as one at a
+time, since ε only grows). A zero-sized tensor gets 0.
+
+Uniform (SPEC §2: "every layer gets d"): the share is d·n_l with the configured density d
+(not B/N, which differs from d by the rounding of B); with ``dense_first`` the first
+tensor is dense and the others share the rest of B: (B - n_0)/(N - n_0)·n_l.
 """
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import Sequence
 
 __all__ = ["largest_remainder", "erk_counts", "uniform_counts", "erk_raw"]
@@ -36,11 +43,12 @@ def erk_raw(shape: Sequence[int]) -> float:
     return float(sum(int(s) for s in shape)) / n if n > 0 else 0.0
 
 
-def largest_remainder(shares: Sequence[float], sizes: Sequence[int], total: int) -> list[int]:
+def largest_remainder(shares: Sequence[Fraction | float], sizes: Sequence[int], total: int) -> list[int]:
     """Integers k_l <= sizes[l] near ``shares`` with Σ k_l == total (SPEC §2 rounding)."""
     total = min(int(total), sum(sizes))
-    ks = [min(int(math.floor(x)), n) if x > 0 else 0 for x, n in zip(shares, sizes)]
-    rem = [x - math.floor(x) if x > 0 else 0.0 for x in shares]
+    shares = [Fraction(x) for x in shares]  # exact: equal remainders must compare equal
+    ks = [min(math.floor(x), n) if x > 0 else 0 for x, n in zip(shares, sizes)]
+    rem = [x - math.floor(x) if x > 0 else Fraction(0) for x in shares]
     left = total - sum(ks)
     if left > 0:
         order = sorted(range(len(ks)), key=lambda i: (-rem[i], i))
@@ -74,26 +82,28 @@ def erk_counts(shapes: Sequence[Sequence[int]], budget: int) -> list[int]:
     budget = min(int(budget), total)
     if budget < 0:
         raise ValueError(f"budget must be >= 0, got {budget}")
-    raw = [erk_raw(s) for s in shapes]
+    dims = [sum(int(d) for d in s) for s in shapes]
     dense = [n == 0 for n in sizes]
     while True:
         rest = budget - sum(n for n, d in zip(sizes, dense) if d and n > 0)
-        denom = sum(r * n for r, n, d in zip(raw, sizes, dense) if not d)
+        denom = sum(m for m, d in zip(dims, dense) if not d)  # Σ raw_l·n_l = Σ Σdims_l
         if denom <= 0:
-            eps = 0.0
+            eps = Fraction(0)
             break
-        eps = rest / denom
-        newly = [i for i in range(len(sizes)) if not dense[i] and eps * raw[i] >= 1.0]
+        eps = Fraction(rest, denom)
+        newly = [i for i in range(len(sizes)) if not dense[i] and eps * dims[i] >= sizes[i]]
         if not newly:
             break
         for i in newly:
             dense[i] = True
-    shares = [float(n) if d else min(1.0, eps * r) * n for n, r, d in zip(sizes, raw, dense)]
+    shares = [Fraction(n) if d else eps * m for n, m, d in zip(sizes, dims, dense)]
     return largest_remainder(shares, sizes, budget)
 
 
-def uniform_counts(shapes: Sequence[Sequence[int]], budget: int, dense_first: bool = False) -> list[int]:
-    """Every tensor gets the same density; optionally the first is dense (SPEC §2)."""
+def uniform_counts(
+    shapes: Sequence[Sequence[int]], budget: int, dense_first: bool = False, density: float | None = None
+) -> list[int]:
+    """Every tensor gets density d (default B/N); optionally the first is dense (SPEC §2)."""
     sizes = [_numel(s) for s in shapes]
     total = sum(sizes)
     budget = min(int(budget), total)
@@ -106,9 +116,12 @@ def uniform_counts(shapes: Sequence[Sequence[int]], budget: int, dense_first: bo
                 f"more than the whole budget B={budget}; lower dense_first_layer or raise density"
             )
         rest_n = total - sizes[0]
-        d = (budget - sizes[0]) / rest_n if rest_n > 0 else 0.0
-        shares = [float(sizes[0])] + [d * n for n in sizes[1:]]
+        d = Fraction(budget - sizes[0], rest_n) if rest_n > 0 else Fraction(0)
+        shares = [Fraction(sizes[0])] + [d * n for n in sizes[1:]]
     else:
-        d = budget / total if total > 0 else 0.0
+        if density is not None:
+            d = Fraction(density)
+        else:
+            d = Fraction(budget, total) if total > 0 else Fraction(0)
         shares = [d * n for n in sizes]
     return largest_remainder(shares, sizes, budget)

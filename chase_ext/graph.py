@@ -480,6 +480,9 @@ def _closure(tr: _Trace, producer: str, node: fx.Node, excl) -> _Closure:
         cl.block("no shape information")
         return cl
     m = tr.modules[producer]
+    if isinstance(m, _CONV) and len(shp) != m.weight.dim():
+        cl.block(f"conv {producer} runs on an unbatched input: its channels are not at dim 1")
+        return cl
     cdim = 1 if isinstance(m, _CONV) else len(shp) - 1
     cl.state[node] = (cdim, 1, len(shp))
     work = [node]
@@ -705,15 +708,17 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
     or ``(name, repeat)`` for a Linear reading each channel as ``repeat`` consecutive
     input features), optional ``"followers"`` (BatchNorm/InstanceNorm or depthwise convs
     of that width) and optional ``"channels"`` (checked). Widths are checked against the
-    model's current shapes. A module may be a producer, follower or consumer of at most
-    one group. Groups come back ordered by their first producer's position in
+    model's current shapes. A module's output channels (as producer or follower) belong
+    to at most one group, and so do its input channels (as consumer): a layer may consume
+    one group and produce the next, as every inner layer of a chain does, but not both
+    within one group. Groups come back ordered by their first producer's position in
     ``model.named_parameters()``. Raises ``ValueError``/``TypeError`` naming the entry.
     """
     if isinstance(spec, (dict, ChannelGroup)):
         spec = [spec]
     mods = dict(model.named_modules())
     pos = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    used: dict[str, str] = {}
+    used: dict[tuple[str, str], str] = {}  # (module, "out" | "in") -> where it appeared
     out: list[tuple[int, ChannelGroup]] = []
 
     def get(i, role, name):
@@ -721,10 +726,15 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
             raise TypeError(f"channel_groups[{i}].{role}: module names must be strings, got {name!r}")
         if name not in mods:
             raise ValueError(f"channel_groups[{i}].{role}: model has no module {name!r}")
-        key = used.get(name)
+        side = "in" if role == "consumers" else "out"
+        key = used.get((name, side))
         if key is not None:
             raise ValueError(f"channel_groups[{i}].{role}: module {name!r} already appears in {key}")
-        used[name] = f"channel_groups[{i}].{role}"
+        other = used.get((name, "out" if side == "in" else "in"), "")
+        if other.startswith(f"channel_groups[{i}]."):
+            raise ValueError(f"channel_groups[{i}].{role}: module {name!r} already appears in {other} "
+                             "of the same group")
+        used[(name, side)] = f"channel_groups[{i}].{role}"
         return mods[name]
 
     for i, entry in enumerate(spec):

@@ -16,8 +16,13 @@ does not count). On step ``t``:
 2. the wrapped optimizer steps;
 3. one ``masked_apply_`` zeroes masked weights and every same-shape optimizer-state tensor
    (and the bias entries of removed channels);
-4. a channel event, if one falls on ``t`` (and slimming, if due);
-5. the parameter update: one ``mask_update_`` call for the whole model.
+4. on an update step, the weights are checked again (the wrapped step can overflow, and
+   random growth does not check gradients): non-finite ones raise ``FloatingPointError``
+   with the step taken but no event or update run (masks, channels and the generator
+   unchanged); a second host sync, on update steps only;
+5. a channel event, if one falls on ``t`` (and slimming, if due); non-finite channel
+   scores raise ``FloatingPointError`` before anything is removed;
+6. the parameter update: one ``mask_update_`` call for the whole model.
 
 Non-update, non-event steps do no host sync: they only build the ``masked_apply_`` call.
 
@@ -77,6 +82,9 @@ from .schedules import is_channel_event, is_update_step
 __all__ = ["ChaseOptimizer"]
 
 _STATE_VERSION = 1
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _load_backend(backend: str):
@@ -153,6 +161,15 @@ class ChaseOptimizer(torch.optim.Optimizer):
         sparse = _sp.find_sparse(self.model, cfg.exclude)
         if not sparse:
             raise ValueError("the model has no sparse tensors (Conv/Linear weights not excluded)")
+        if backend == "native":  # the kernels take one of these, one dtype for the model
+            kinds = {p.dtype for _, p in sparse}
+            odd = [f"{n!r} is {p.dtype}" for n, p in sparse if p.dtype not in _KERNEL_DTYPES]
+            if odd or len(kinds) > 1:
+                raise TypeError(
+                    "ChaseOptimizer: the sparse weights must share one dtype among float32, bfloat16 and "
+                    f"float16 (got {', '.join(odd) if odd else sorted(map(str, kinds))}); convert the model "
+                    "or exclude those weights"
+                )
         self._names = [n for n, _ in sparse]
         self._params = [p for _, p in sparse]
         self._index = {n: i for i, n in enumerate(self._names)}
@@ -163,7 +180,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         self._gen = torch.Generator()
         self._gen.manual_seed(cfg.seed)
 
-        counts = _sp.init_counts(self._orig_shapes, self.budget, cfg.init, cfg.dense_first_layer)
+        counts = _sp.init_counts(self._orig_shapes, self.budget, cfg.init, cfg.dense_first_layer, cfg.density)
         self._k = list(counts)  # per-tensor counts (layer scope)
         masks = _sp.init_masks(self._params, counts, self._gen)
         self._mask_dict: dict[str, torch.Tensor] = dict(zip(self._names, masks))
@@ -416,7 +433,8 @@ class ChaseOptimizer(torch.optim.Optimizer):
         if moved:  # the liveness vectors and bias masks follow (they are built per device)
             self._rebuild_live()
 
-    def _check_finite(self, grads: bool) -> None:
+    def _nonfinite(self, grads: bool) -> list[str]:
+        """Names of the sparse weights (and gradients) holding a non-finite value; one sync."""
         ts, names = [], []
         for n, p in zip(self._names, self._params):
             ts.append(p.detach())
@@ -432,12 +450,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         sums = torch.stack([x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).to(dev)
                             for x in ts])
         flagged = torch.nonzero(~torch.isfinite(sums).cpu()).flatten().tolist()  # one sync
-        bad = [names[i] for i in flagged if not bool(torch.isfinite(ts[i]).all())]
-        if bad:
-            raise FloatingPointError(
-                f"ChaseOptimizer: non-finite values at update step {self._t + 1} in {', '.join(bad)}; "
-                "nothing was changed (step not taken)"
-            )
+        return [names[i] for i in flagged if not bool(torch.isfinite(ts[i]).all())]
 
     def _live_numels(self) -> list[int]:
         out = []
@@ -486,7 +499,12 @@ class ChaseOptimizer(torch.optim.Optimizer):
         scores = None
         if upd:
             gradient = cfg.grow == "gradient"
-            self._check_finite(grads=gradient)
+            bad = self._nonfinite(grads=gradient)
+            if bad:
+                raise FloatingPointError(
+                    f"ChaseOptimizer: non-finite values at update step {t} in {', '.join(bad)}; "
+                    "nothing was changed (step not taken)"
+                )
             if gradient:
                 scores = [
                     p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p)
@@ -496,6 +514,16 @@ class ChaseOptimizer(torch.optim.Optimizer):
         self._t = t
         with torch.no_grad():
             self._masked_apply()
+            if upd:
+                # the wrapped step itself can overflow (or, with random growth, apply a
+                # non-finite gradient, which SPEC §3.0 does not check): refuse the update
+                bad = self._nonfinite(grads=False)
+                if bad:
+                    raise FloatingPointError(
+                        f"ChaseOptimizer: the wrapped optimizer's step {t} made {', '.join(bad)} "
+                        "non-finite; that step was taken, but no channel event or mask update ran "
+                        "(masks, channels and the random generator are unchanged)"
+                    )
             if ev:
                 scores = self._channel_event(t, scores)
             if upd:
@@ -568,19 +596,28 @@ class ChaseOptimizer(torch.optim.Optimizer):
         cfg = self.config
         ch = self._ch
         assert ch is not None
-        ch.events += 1
-        if t >= cfg.channel_end_steps:
-            ch.done = True
         target = target_live(t, cfg.channel_end_steps, cfg.channel_sparsity, ch.total)
         live = ch.live_counts()
         need = sum(live) - target
-        if need > 0:
-            sc = self._channel_scores()
+        sc = self._channel_scores() if need > 0 else None
+        if sc is not None and not all(math.isfinite(x) for g in sc for x, _ in g):
+            bad = [self.groups[g].name for g, row in enumerate(sc) if not all(math.isfinite(x) for x, _ in row)]
+            raise FloatingPointError(
+                f"ChaseOptimizer: non-finite channel scores at step {t} in groups {', '.join(bad)} "
+                "(non-finite weights); no channel was removed and the event did not count"
+            )
+        ch.events += 1
+        if t >= cfg.channel_end_steps:
+            ch.done = True
+        if sc is not None:
             removed = select_channels(sc, live, self._floors, ch.channels, need, cfg.round_to)
             if any(removed):
                 for g, r in enumerate(removed):
                     ch.remove(g, r)
                 self._after_removal()
+        if cfg.scope == "layer":
+            # SPEC §3.4: after every channel event, whether or not it removed anything
+            self._k = erk_counts(self._live_shapes(), self.budget)
         k = cfg.slim_every
         if k and ch.events % k == 0:
             scores = self._slim(scores)
@@ -600,8 +637,6 @@ class ChaseOptimizer(torch.optim.Optimizer):
                     if dead.numel():
                         m.index_fill_(dim, dead.to(m.device), False)
         self._masked_apply()
-        if self.config.scope == "layer":
-            self._k = erk_counts(self._live_shapes(), self.budget)
 
     # ------------------------------------------------------------------ slimming
     def slim_(self) -> "ChaseOptimizer":

@@ -16,8 +16,10 @@
     * ``masks`` (dict: parameter name -> tensor shaped like the parameter): the entries
       of changed parameters are replaced by gathered tensors;
     * ``optimizer.state[p]``: every tensor whose shape equals ``p``'s old shape (momentum,
-      ``exp_avg``, ``exp_avg_sq``, ...) is gathered the same way; scalars (``step``) and
-      other shapes are left alone. ``p.grad`` is gathered too.
+      ``exp_avg``, ``exp_avg_sq``, ...) is gathered the same way, and so is every tensor of
+      ``p``'s rank that broadcasts to it and spans the gathered dim (Adafactor's factored
+      ``row_var`` / ``col_var``); one of size 1 there (a mean over that dim) is left as it
+      is, as are scalars (``step``) and other shapes. ``p.grad`` is gathered too.
 
     Parameter objects keep their identity: only ``p.data`` changes, so the optimizer's
     ``param_groups`` and any reference a user holds stay valid. Buffers keep identity
@@ -102,6 +104,16 @@ def _set_param_data(p: Tensor, new: Tensor) -> None:
     p.data = new
 
 
+def _spans(shape, param_shape, dim: int) -> bool:
+    """A state of this shape is per-slot along ``dim`` of the parameter: same rank, the
+    full size at ``dim``, every other dim full or 1 (it broadcasts to the parameter)."""
+    return (
+        len(shape) == len(param_shape) > dim
+        and shape[dim] == param_shape[dim]
+        and all(a == b or a == 1 for a, b in zip(shape, param_shape))
+    )
+
+
 def _expand(idx: Tensor, repeat: int) -> Tensor:
     if repeat == 1:
         return idx
@@ -129,7 +141,7 @@ class _Slimmer:
             st = self.optimizer.state.get(p)
             if st:
                 for k, v in list(st.items()):
-                    if isinstance(v, Tensor) and v.shape == old_shape and v.dim() > 0:
+                    if isinstance(v, Tensor) and _spans(v.shape, old_shape, dim):
                         st[k] = _compact(v, idx, dim, self.gather)
         name = self.pname.get(id(p))
         if self.masks is not None and name is not None and name in self.masks:

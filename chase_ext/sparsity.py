@@ -55,15 +55,19 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 def find_sparse(model: nn.Module, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of every sparse tensor in global order (SPEC §1)."""
     owners: dict[int, str] = {}
+    embeddings: set[int] = set()  # never masked (SPEC §1), also when tied to a Linear head
     for mname, mod in model.named_modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, nn.Parameter) or isinstance(w, nn.parameter.UninitializedParameter):
+            continue
         if isinstance(mod, SPARSE_MODULES):
-            w = getattr(mod, "weight", None)
-            if isinstance(w, nn.Parameter) and not isinstance(w, nn.parameter.UninitializedParameter):
-                owners.setdefault(id(w), mname)
+            owners.setdefault(id(w), mname)
+        elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            embeddings.add(id(w))
     out = []
     for pname, p in model.named_parameters():
         mname = owners.get(id(p))
-        if mname is None or p.dim() < 2:
+        if mname is None or p.dim() < 2 or id(p) in embeddings:
             continue
         if matches(pname, exclude) or matches(mname, exclude):
             continue
@@ -71,10 +75,12 @@ def find_sparse(model: nn.Module, exclude: Sequence[str] = ()) -> list[tuple[str
     return out
 
 
-def init_counts(shapes: Sequence[Sequence[int]], budget: int, init: str, dense_first: bool) -> list[int]:
+def init_counts(
+    shapes: Sequence[Sequence[int]], budget: int, init: str, dense_first: bool, density: float
+) -> list[int]:
     if init == "erk":
         return _density.erk_counts(shapes, budget)
-    return _density.uniform_counts(shapes, budget, dense_first)
+    return _density.uniform_counts(shapes, budget, dense_first, density)
 
 
 def init_masks(params: Sequence[torch.Tensor], counts: Sequence[int], gen: torch.Generator) -> list[torch.Tensor]:

@@ -290,6 +290,10 @@ def test_explicit_groups():
     assert gs == [auto["features.0"], auto["features.11"]]
     assert explicit_groups(m, gs) == gs
     assert [group_from_dict(group_to_dict(g)) for g in gs] == gs
+    # a chain: every inner conv consumes one group and produces the next
+    traced = _find(m, example_input("vgg_small"))
+    assert explicit_groups(m, traced) == traced
+    assert explicit_groups(m, [group_to_dict(g) for g in reversed(traced)]) == traced
 
 
 @pytest.mark.parametrize(
@@ -319,6 +323,11 @@ def test_explicit_groups_duplicate():
     ]
     with pytest.raises(ValueError, match="already appears"):
         explicit_groups(vgg_small(), spec)
+    with pytest.raises(ValueError, match=r"already appears in channel_groups\[0\].consumers"):
+        explicit_groups(vgg_small(), [{"producers": ["features.0"], "consumers": ["features.4"]},
+                                      {"producers": ["features.8"], "consumers": ["features.4"]}])
+    with pytest.raises(ValueError, match="of the same group"):
+        explicit_groups(vgg_small(), [{"producers": ["features.4"], "consumers": ["features.4"]}])
 
 
 # --------------------------------------------------------------------------- torchvision
@@ -334,6 +343,7 @@ def test_torchvision_resnet50():
     blocks = [f"layer{i}.{j}" for i, n in zip((1, 2, 3, 4), (3, 4, 6, 3)) for j in range(n)]
     assert names == ["conv1"] + [f"{b}.conv{c}" for b in blocks for c in (1, 2)]
     assert gs[0].consumers == [Consumer("layer1.0.conv1"), Consumer("layer1.0.downsample.0")]
+    assert explicit_groups(m, gs) == gs
     cg = _find(m, torch.randn(1, 3, 64, 64), coupled=True)
     assert sum(len(g.producers) > 1 for g in cg) == 4  # one coupled group per stage
     assert len(cg) == len(gs) + 4
@@ -377,3 +387,30 @@ def test_unbatched_layouts_block():
             return self.b(self.inorm(self.a(x))), self.d(self.pool(self.c(s)))
 
     assert _find(Odd(), (torch.randn(2, 4), torch.randn(2, 3, 7))) == []
+
+
+def test_unbatched_conv_producer_blocks():
+    # an unbatched (C, L) / (C, H, W) conv output has its channels at dim 0; with the
+    # spatial size equal to a width the sizes alone would accept a wrong group
+    class Conv1dHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv1d(4, 8, 1)
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.c(x)))
+
+    class Conv2dFlat(nn.Module):
+        def __init__(self, fc_in):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+            self.fc = nn.Linear(fc_in, 2)
+
+        def forward(self, x):
+            return self.fc(torch.flatten(self.c(x), 1))
+
+    assert _find(Conv1dHead(), (torch.randn(4, 8),)) == []
+    assert _find(Conv2dFlat(16), (torch.randn(3, 4, 4),)) == []
+    (g,) = _find(Conv2dFlat(64), (torch.randn(2, 3, 4, 4),))  # batched: the group is real
+    assert g.producers == ["c"]

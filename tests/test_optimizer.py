@@ -200,6 +200,52 @@ def test_erk_dense_layers_and_ties():
         uniform_counts([(4, 4), (2, 2)], 5, dense_first=True)
 
 
+def test_equal_shares_tie_to_the_lower_index():
+    # ERK: layers 0 and 3 both have Σ dims = 12, so their shares are equal (10.5 each);
+    # in floats one came out as 10.499999999999998 and the extra unit went to layer 3
+    shapes = [(3, 9), (3, 6, 10, 7), (6, 9), (11, 1), (10, 5)]
+    ks = erk_counts(shapes, 70)
+    assert (ks[0], ks[3]) == (11, 10) and sum(ks) == 70
+    # uniform: the share is d·n_l (SPEC: "every layer gets d"), not B/N·n_l
+    assert uniform_counts([(6,), (39,), (52,)], round(0.387 * 97), density=0.387) == [3, 15, 20]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 7), min_size=2, max_size=3), st.integers(1, 5), st.floats(0.01, 0.9))
+def test_erk_equal_sum_of_dims_layers_tie_to_the_lower_index(shape, copies, d):
+    # layers with the same Σ dims that stay sparse get equal shares: counts may differ by
+    # one unit at most, and the lower index never gets fewer
+    shapes = [tuple(shape)] * copies + [(16, 16)] + [tuple(reversed(shape))] * copies
+    N = sum(math.prod(s) for s in shapes)
+    ks = erk_counts(shapes, round(d * N))
+    same = [k for s, k in zip(shapes, ks) if s != (16, 16) and k < math.prod(s)]
+    assert all(a >= b and a - b <= 1 for a, b in zip(same, same[1:]))
+
+
+def test_embedding_tied_to_a_linear_head_is_never_masked():
+    # SPEC §1: embeddings are never masked, also when a Linear head shares the weight
+    class TiedLM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(50, 16)
+            self.hidden = nn.Linear(16, 16)
+            self.head = nn.Linear(16, 50, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.hidden(self.emb(x))))
+
+    model = TiedLM()
+    chase = ChaseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, density=0.5,
+                           total_steps=4, update_interval=2, backend=BACKEND)
+    assert chase._names == ["hidden.weight"]
+    for _ in range(4):
+        chase.zero_grad()
+        model(torch.randint(0, 50, (8, 3))).sum().backward()
+        chase.step()
+    assert bool((model.emb.weight != 0).all())
+
+
 def test_init_exact_and_reproducible():
     m1, _, c1 = make("vgg_small", total_steps=100)
     m2, _, c2 = make("vgg_small", total_steps=100)
@@ -311,6 +357,35 @@ def test_layer_scope_and_random_growth():
     assert sum(chase._k) == min(chase.budget, sum(chase._live_numels()))
 
 
+def test_layer_scope_resplits_by_erk_at_every_channel_event():
+    # SPEC §3.4: after every channel event the k_l are re-split by ERK over the live
+    # shapes, whatever init was, also when the event removed nothing
+    model, opt, chase = make("vgg_small", total_steps=80, scope="layer", init="uniform",
+                             channel_sparsity=0.001, channel_end=0.5)
+    start = list(chase._k)
+    assert start != erk_counts(chase._live_shapes(), chase.budget)
+    i = 0
+    while chase._ch.events == 0:
+        train_step("vgg_small", model, chase, i)
+        i += 1
+    assert all(r["live"] == r["channels"] for r in chase.channel_report()), "the first event removed channels"
+    assert chase._k == erk_counts(chase._live_shapes(), chase.budget)
+
+
+def test_explicit_channel_groups_equal_traced_ones():
+    # the traced groups of a chain, given back explicitly, drive the same run
+    from chase_ext.graph import find_channel_groups, group_to_dict
+
+    kw = dict(total_steps=60, channel_sparsity=0.4, channel_end=0.5, slim_during_training=True)
+    m1, _, c1 = make("vgg_small", **kw)
+    groups = [group_to_dict(g) for g in find_channel_groups(m1, example_input("vgg_small"))]
+    run("vgg_small", m1, c1, 60)
+    m2, _, c2 = make("vgg_small", channel_groups=groups, **kw)  # same seed, same init
+    run("vgg_small", m2, c2, 60)
+    assert c1.channel_report() == c2.channel_report()
+    assert all(torch.equal(a, b) for a, b in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+
 def test_uniform_init_no_channels_lr_scheduler():
     model, opt, chase = make("resnet_basic", init="uniform", total_steps=40)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(chase, T_max=40)
@@ -412,9 +487,65 @@ def test_non_finite_named_and_overflow_is_not(where, value):
     assert chase.t == 5
 
 
+def test_step_that_makes_weights_non_finite_stops_the_update():
+    # random growth does not check gradients before the step (SPEC §3.0): a NaN gradient
+    # reaches the weights through the wrapped step; the update is refused, cleanly
+    model, opt, chase = make("mlp", total_steps=60, update_interval=5, grow="random")
+    for i in range(4):
+        train_step("mlp", model, chase, i)
+    x, y = batch("mlp", 4)
+    chase.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    name, p, m = chase._names[0], chase._params[0], chase.masks[chase._names[0]]
+    slot = int(torch.nonzero(m.flatten())[0])
+    with torch.no_grad():
+        p.grad.view(-1)[slot] = float("nan")
+    masks = {n: v.clone() for n, v in chase.masks.items()}
+    rng = chase._gen.get_state()
+    with pytest.raises(FloatingPointError, match=f"step 5 made weight {name!r} non-finite"):
+        chase.step()
+    assert chase.t == 5  # the wrapped step was taken
+    assert all(torch.equal(masks[n], chase.masks[n]) for n in masks)
+    assert torch.equal(rng, chase._gen.get_state())
+
+
+def test_event_with_non_finite_weights_removes_nothing():
+    model, opt, chase = make("vgg_small", total_steps=80, channel_sparsity=0.5, channel_end=0.5)
+    cfg = chase.config
+    i = 0
+    while not is_channel_event(chase.t + 1, cfg.channel_interval_steps, cfg.update_steps) or is_update_step(
+        chase.t + 1, cfg.update_steps, cfg.t_end_steps
+    ):
+        train_step("vgg_small", model, chase, i)
+        i += 1
+    x, y = batch("vgg_small", i)
+    chase.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    slot = int(torch.nonzero(chase.masks[chase._names[0]].flatten())[0])  # active: not zeroed
+    with torch.no_grad():
+        chase._params[0].view(-1)[slot] = float("inf")  # an event-only step: no finiteness check
+    before = chase.channel_report()
+    events = chase._ch.events
+    with pytest.raises(FloatingPointError, match="non-finite channel scores"):
+        chase.step()
+    assert chase.channel_report() == before and chase._ch.events == events
+
+
 def test_backend_argument():
     with pytest.raises(ValueError, match="backend"):
         make("mlp", backend="cuda")
+
+
+@pytest.mark.skipif(not HAVE_NATIVE, reason="the native kernels are not built")
+def test_weight_dtypes_the_kernels_cannot_take_fail_at_construction():
+    m = mlp().double()
+    with pytest.raises(TypeError, match=r"'.*weight' is torch.float64"):
+        ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, density=0.5, total_steps=10)
+    m = mlp()
+    next(mod for mod in m.modules() if isinstance(mod, nn.Linear)).half()
+    with pytest.raises(TypeError, match="share one dtype"):
+        ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, density=0.5, total_steps=10)
+    ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, density=0.5, total_steps=10, backend="reference")
 
 
 def test_channel_part_needs_groups():

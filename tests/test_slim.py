@@ -184,6 +184,40 @@ def test_optimizer_state_masks_and_grads_follow(kind):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.skipif(not hasattr(torch.optim, "Adafactor"), reason="torch.optim.Adafactor needs torch >= 2.5")
+def test_factored_optimizer_state_follows():
+    # Adafactor keeps row_var / col_var that broadcast to the weight: each is gathered on
+    # the dims it spans and left alone on the dims it averages over (size 1)
+    torch.manual_seed(0)
+    model = vgg_small()
+    x = example_input("vgg_small")
+    groups = find_channel_groups(model, x)
+    opt = torch.optim.Adafactor(model.parameters(), lr=1e-2)
+    model(x).sum().backward()
+    opt.step()
+    keep = _random_keep(groups, torch.Generator().manual_seed(3))
+    expect = {n: {k: v.clone() for k, v in opt.state[p].items() if torch.is_tensor(v) and v.dim()}
+              for n, p in model.named_parameters()}
+    for g, k in zip(groups, keep):
+        cuts = [(f"{m}.{t}", 0, k) for m in g.producers + g.followers for t in ("weight", "bias")
+                if f"{m}.{t}" in expect]
+        cuts += [(f"{c.module}.weight", 1, (k.view(-1, 1) * c.repeat + torch.arange(c.repeat)).reshape(-1))
+                 for c in g.consumers]
+        for n, dim, idx in cuts:
+            expect[n] = {kk: v.index_select(dim, idx) if v.shape[dim] > 1 else v for kk, v in expect[n].items()}
+    slim_(model, groups, keep, optimizer=opt)
+    factored = 0
+    for n, p in model.named_parameters():
+        for kk, v in opt.state[p].items():
+            if torch.is_tensor(v) and v.dim():
+                assert torch.equal(v, expect[n][kk]), (n, kk)
+                factored += v.shape != p.shape
+    assert factored >= 2 * len(groups)
+    model(x).sum().backward()
+    opt.step()  # the next step sees consistent shapes
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def test_accumulate_grad_trap():
     """An autograd graph alive across slim_ must not break the next backward."""
     # the trap exists in this PyTorch: a plain .data swap breaks the next backward
