@@ -54,13 +54,30 @@ def _rows(ts) -> int:
     return sum((t.shape[0] if t.dim() > 0 else 1) for t in ts)
 
 
+def _one_device(op: str, **lists) -> None:
+    """Every tensor argument on one device. The fake kernels run for fake tensors (under
+    torch.compile) and also whenever one argument is a meta tensor, which outranks the
+    CPU and CUDA kernels in dispatch: without this check, a single meta tensor among real
+    ones would skip the real kernel and return uninitialised results, with no error."""
+    first = None
+    for name, ts in lists.items():
+        for i, t in enumerate(ts):
+            if first is None:
+                first = (f"{name}[{i}]", t.device)
+            elif t.device != first[1]:
+                raise RuntimeError(f"chase_ext.{op}: {name}[{i}] is on {t.device} but {first[0]} is on {first[1]}")
+
+
 @torch.library.register_fake("chase_ext::select_threshold")
 def _(keys, masks, live_rows, live_cols, mask_value, k, largest, absolute):
+    _one_device("select_threshold", keys=keys, masks=masks, live_rows=live_rows, live_cols=live_cols)
     return torch.empty(2, dtype=torch.int64, device="cpu")
 
 
 @torch.library.register_fake("chase_ext::mask_update_")
 def _(weights, masks, scores, live_rows, live_cols, states, state_owner, prune_counts, grow_counts):
+    _one_device("mask_update_", weights=weights, masks=masks, scores=scores, live_rows=live_rows,
+                live_cols=live_cols, states=states)
     dev = weights[0].device
     n = _rows(weights)
     return torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, dtype=torch.float32, device=dev)
@@ -68,6 +85,7 @@ def _(weights, masks, scores, live_rows, live_cols, states, state_owner, prune_c
 
 @torch.library.register_fake("chase_ext::channel_stats")
 def _(weights, masks):
+    _one_device("channel_stats", weights=weights, masks=masks)
     dev = weights[0].device
     n = _rows(weights)
     return torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, dtype=torch.float32, device=dev)
@@ -75,11 +93,14 @@ def _(weights, masks):
 
 @torch.library.register_fake("chase_ext::masked_apply_")
 def _(tensors, masks, owner):
+    _one_device("masked_apply_", tensors=tensors, masks=masks)
     return None
 
 
 @torch.library.register_fake("chase_ext::gather_channels_")
 def _(tensor, keep, dim):
+    if keep.device.type != "cpu":  # keep may stay on the CPU for a tensor on any device
+        _one_device("gather_channels_", tensor=[tensor], keep=[keep])
     return None
 
 

@@ -38,6 +38,138 @@ __all__ = [
 
 KEY_MAX = 2**32 - 1
 
+# ------------------------------------------------------------------ argument checks
+# The rules of csrc/common/checks.h (and the keep checks of gather_channels), so the
+# reference refuses what the native ops refuse, naming the argument, and always before
+# it writes anything (SPEC §6). Without them zip() truncates lists, owner -1 wraps and
+# masks broadcast. Dtypes raise TypeError, everything else ValueError.
+
+_KEY_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# zeroing goes through an integer view of the same width (see _zero_where_not)
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _err(op: str, msg: str, exc: type = ValueError) -> Exception:
+    return exc(f"chase_ext.{op}: {msg}")
+
+
+def _check_list(op: str, name: str, ts) -> None:
+    if isinstance(ts, Tensor) or not all(isinstance(t, Tensor) for t in ts):
+        raise _err(op, f"{name} must be a list of tensors", TypeError)
+
+
+def _check_float_list(op: str, name: str, ts) -> None:
+    """float32/float16/bfloat16, contiguous, one dtype for the whole list."""
+    _check_list(op, name, ts)
+    for i, t in enumerate(ts):
+        if t.dtype not in _KEY_DTYPES:
+            raise _err(op, f"{name}[{i}] must be float32, float16 or bfloat16, got {t.dtype}", TypeError)
+        if not t.is_contiguous():
+            raise _err(op, f"{name}[{i}] must be contiguous")
+        if t.dtype != ts[0].dtype:
+            raise _err(op, f"{name}[{i}] has dtype {t.dtype} but {name}[0] has {ts[0].dtype} (one dtype per list)",
+                       TypeError)
+
+
+def _check_bool_list(op: str, name: str, ts) -> None:
+    _check_list(op, name, ts)
+    for i, t in enumerate(ts):
+        if t.dtype != torch.bool:
+            raise _err(op, f"{name}[{i}] must be bool, got {t.dtype}", TypeError)
+        if not t.is_contiguous():
+            raise _err(op, f"{name}[{i}] must be contiguous")
+
+
+def _check_like(op: str, name: str, ts, ref_name: str, ref) -> None:
+    """Same length as ``ref``; each tensor of the same shape (no broadcasting) and device."""
+    _check_list(op, name, ts)
+    if len(ts) != len(ref):
+        raise _err(op, f"{name} has {len(ts)} tensors but {ref_name} has {len(ref)}")
+    for i, (t, r) in enumerate(zip(ts, ref)):
+        if t.shape != r.shape:
+            raise _err(op, f"{name}[{i}] has shape {list(t.shape)} but {ref_name}[{i}] has shape {list(r.shape)}")
+        if t.device != r.device:
+            raise _err(op, f"{name}[{i}] is on {t.device} but {ref_name}[{i}] is on {r.device}")
+
+
+def _check_masks(op: str, masks, ref, ref_name: str) -> None:
+    _check_like(op, "masks", masks, ref_name, ref)
+    _check_bool_list(op, "masks", masks)
+
+
+def _check_one_device(op: str, name: str, ts) -> None:
+    for i, t in enumerate(ts):
+        if t.device != ts[0].device:
+            raise _err(op, f"{name}[{i}] is on {t.device} but {name}[0] is on {ts[0].device}")
+
+
+def _check_live(op: str, name: str, live, ref, dim: int) -> None:
+    """Empty (all live) or one contiguous 1-D bool tensor of ``ref[i].shape[dim]`` per tensor."""
+    _check_list(op, name, live)
+    if len(live) == 0:
+        return
+    if len(live) != len(ref):
+        raise _err(op, f"{name} has {len(live)} tensors; expected 0 (all live) or {len(ref)}")
+    for i, (l, r) in enumerate(zip(live, ref)):
+        if r.dim() <= dim:
+            raise _err(op, f"{name}[{i}] given for a tensor of {r.dim()} dims")
+        if l.dtype != torch.bool or l.dim() != 1 or l.numel() != r.shape[dim] or not l.is_contiguous():
+            raise _err(op, f"{name}[{i}] must be a contiguous 1-D bool tensor of {r.shape[dim]} entries, "
+                           f"got {l.dtype} of shape {list(l.shape)}")
+        if l.device != r.device:
+            raise _err(op, f"{name}[{i}] is on {l.device} but its tensor is on {r.device}")
+
+
+def _check_counts(op: str, name: str, counts, n: int) -> None:
+    """1 count (global scope) or n (one per tensor), none negative."""
+    if len(counts) not in (1, n):
+        raise _err(op, f"{name} must hold 1 count (global) or {n} (one per tensor), got {len(counts)}")
+    for i, c in enumerate(counts):
+        if c < 0:
+            raise _err(op, f"{name}[{i}]={c} is negative")
+
+
+def _check_owned(op: str, name: str, ts, owner_name: str, owner, owned_name: str, owned) -> None:
+    """``ts[j]`` belongs to ``owned[owner[j]]``: owner in range (no -1 wrap), same shape
+    and device, and ``ts[j]`` a contiguous float tensor we can zero bit-wise."""
+    _check_list(op, name, ts)
+    if len(owner) != len(ts):
+        raise _err(op, f"{owner_name} has {len(owner)} entries but there are {len(ts)} {name}")
+    for j, (t, o) in enumerate(zip(ts, owner)):
+        if not 0 <= o < len(owned):
+            raise _err(op, f"{owner_name}[{j}]={o} is out of range [0, {len(owned)})")
+        if t.shape != owned[o].shape:
+            raise _err(op, f"{name}[{j}] has shape {list(t.shape)} but its owner {owned_name}[{o}] has shape "
+                           f"{list(owned[o].shape)}")
+        if t.device != owned[o].device:
+            raise _err(op, f"{name}[{j}] is on {t.device} but its owner {owned_name}[{o}] is on {owned[o].device}")
+        if not t.is_contiguous():
+            raise _err(op, f"{name}[{j}] must be contiguous")
+        if not t.is_floating_point() or t.element_size() not in _SAME_WIDTH_INT:
+            raise _err(op, f"{name}[{j}] must be floating point of 1, 2, 4 or 8 bytes, got {t.dtype}", TypeError)
+
+
+def _check_no_alias(op: str, written: dict, read: dict) -> None:
+    """No written tensor shares a byte with another argument (read-only ones may overlap
+    each other): with aliases, what one tensor's write does would change what the next
+    one reads. Byte ranges suffice: every tensor was checked contiguous."""
+    spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), f"{name}[{i}]", w)
+             for w, group in ((True, written), (False, read)) for name, ts in group.items()
+             for i, t in enumerate(ts) if t.numel() > 0]
+    spans.sort(key=lambda s: s[0])
+    for a, (lo, hi, name, w) in enumerate(spans):
+        for lo2, _, name2, w2 in spans[a + 1:]:
+            if lo2 >= hi:
+                break
+            if w or w2:
+                raise _err(op, f"{name2} shares memory with {name} and one of them is written; pass separate tensors")
+
+
+def _zero_where_not(t: Tensor, keep: Tensor) -> None:
+    """``t[~keep] = 0`` for any float dtype: on the integer view, since zero bits are +0.0
+    in every float format and masked_fill_ has no float8 kernels."""
+    t.view(_SAME_WIDTH_INT[t.element_size()]).masked_fill_(~keep, 0)
+
 
 def sortable_key(x: Tensor, absolute: bool) -> Tensor:
     """int64 keys whose order equals the float32 order of ``x`` (or ``|x|``)."""
@@ -85,15 +217,16 @@ def selected(keys: Tensor, gidx: Tensor, key: int, cutoff: int, largest: bool) -
     return better | ((keys == key) & (gidx < cutoff))
 
 
-def _check_k(name: str, k: int, available: int) -> None:
+def _check_k(op: str, name: str, k: int, available: int) -> None:
     if k < 0 or k > available:
-        raise ValueError(f"{name}={k} is out of range: only {available} candidate slots")
+        raise _err(op, f"{name}={k} is out of range: only {available} candidate slots")
 
 
-def _check_finite(name: str, ts) -> None:
+def _check_finite(op: str, name: str, ts) -> None:
+    # every slot, candidate or not, as the native ops do
     for i, t in enumerate(ts):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name}[{i}] has non-finite values")
+            raise _err(op, f"{name}[{i}] has non-finite values")
 
 
 def _gidx(ts) -> list[Tensor]:
@@ -115,29 +248,37 @@ def select_threshold(
     absolute: bool,
 ) -> Tensor:
     """k-th best key among slots with ``mask == mask_value`` in live channels."""
-    _check_finite("keys", keys)
+    op = "select_threshold"
+    _check_float_list(op, "keys", keys)
+    _check_masks(op, masks, keys, "keys")
+    _check_live(op, "live_rows", live_rows, keys, 0)
+    _check_live(op, "live_cols", live_cols, keys, 1)
+    _check_one_device(op, "keys", keys)
+    if k < 0:
+        raise _err(op, f"k={k} is negative")
+    _check_finite(op, "keys", keys)
     live = _live_list(keys, live_rows, live_cols)
     cand = [(m == mask_value) & l for m, l in zip(masks, live)]
     gidx = _gidx(keys)
     flat_keys = torch.cat([sortable_key(x, absolute).flatten()[c.flatten()] for x, c in zip(keys, cand)]) if keys else torch.zeros(0, dtype=torch.int64)
     flat_idx = torch.cat([g.flatten()[c.flatten()] for g, c in zip(gidx, cand)]) if keys else torch.zeros(0, dtype=torch.int64)
-    _check_k("k", k, flat_keys.numel())
+    _check_k(op, "k", k, flat_keys.numel())
     key, cutoff = _select(flat_keys, flat_idx, k, largest)
     return torch.tensor([key, cutoff], dtype=torch.int64)
 
 
-def _select_scoped(key_list, cand_list, gidx_list, counts, largest, name):
+def _select_scoped(key_list, cand_list, gidx_list, counts, largest, op, name):
     """Selections for global scope (one count) or per-tensor scope (one per tensor)."""
     if len(counts) == 1:
         keys = torch.cat([k.flatten()[c.flatten()] for k, c in zip(key_list, cand_list)])
         idx = torch.cat([g.flatten()[c.flatten()] for g, c in zip(gidx_list, cand_list)])
-        _check_k(name, counts[0], keys.numel())
+        _check_k(op, name, counts[0], keys.numel())
         sel = _select(keys, idx, counts[0], largest)
         return [sel] * len(key_list)
     out = []
     for t, (k, c, g) in enumerate(zip(key_list, cand_list, gidx_list)):
         keys, idx = k.flatten()[c.flatten()], g.flatten()[c.flatten()]
-        _check_k(f"{name}[{t}]", counts[t], keys.numel())
+        _check_k(op, f"{name}[{t}]", counts[t], keys.numel())
         out.append(_select(keys, idx, counts[t], largest))
     return out
 
@@ -163,34 +304,54 @@ def mask_update_(
     Returns per-row active counts (int64) and per-row Σ|w| (float32), concatenated over
     the weights in order.
     """
-    n = len(weights)
-    if len(prune_counts) not in (1, n) or len(grow_counts) != len(prune_counts):
-        raise ValueError("prune_counts and grow_counts must both hold 1 or len(weights) counts")
-    _check_finite("weights", weights)
-    _check_finite("scores", scores)
+    op = "mask_update_"
+    _check_float_list(op, "weights", weights)
+    _check_float_list(op, "scores", scores)
+    _check_like(op, "scores", scores, "weights", weights)
+    _check_masks(op, masks, weights, "weights")
+    _check_live(op, "live_rows", live_rows, weights, 0)
+    _check_live(op, "live_cols", live_cols, weights, 1)
+    _check_owned(op, "states", states, "state_owner", state_owner, "weights", weights)
+    _check_counts(op, "prune_counts", prune_counts, len(weights))
+    _check_counts(op, "grow_counts", grow_counts, len(weights))
+    if len(grow_counts) != len(prune_counts):
+        raise _err(op, f"prune_counts has {len(prune_counts)} entries but grow_counts has {len(grow_counts)}")
+    _check_one_device(op, "weights", weights)
+    _check_no_alias(op, dict(weights=weights, masks=masks, states=states),
+                    dict(scores=scores, live_rows=live_rows, live_cols=live_cols))
+    if not weights:  # nothing to select from: only zero counts fit
+        if any(prune_counts) or any(grow_counts):
+            raise _err(op, "prune_counts/grow_counts given for an empty list of weights")
+        return channel_stats([], [])
+    _check_finite(op, "weights", weights)
+    _check_finite(op, "scores", scores)
     live = _live_list(weights, live_rows, live_cols)
     gidx = _gidx(weights)
     old = [m.clone() for m in masks]
     wkeys = [sortable_key(w, True) for w in weights]
     skeys = [sortable_key(s, True) for s in scores]
     cand_p = [o & l for o, l in zip(old, live)]
-    sel_p = _select_scoped(wkeys, cand_p, gidx, list(prune_counts), False, "prune_counts")
+    sel_p = _select_scoped(wkeys, cand_p, gidx, list(prune_counts), False, op, "prune_counts")
     pruned = [c & selected(k, g, *s, largest=False) for c, k, g, s in zip(cand_p, wkeys, gidx, sel_p)]
     after = [o & ~p for o, p in zip(old, pruned)]
     cand_g = [~a & l for a, l in zip(after, live)]
-    sel_g = _select_scoped(skeys, cand_g, gidx, list(grow_counts), True, "grow_counts")
+    sel_g = _select_scoped(skeys, cand_g, gidx, list(grow_counts), True, op, "grow_counts")
     new = [a | (c & selected(k, g, *s, largest=True)) for a, c, k, g, s in zip(after, cand_g, skeys, gidx, sel_g)]
     for w, m, o, nm in zip(weights, masks, old, new):
         keep = o & nm
         w.masked_fill_(~keep, 0)
         m.copy_(nm)
     for s, owner in zip(states, state_owner):
-        s.masked_fill_(~(old[owner] & new[owner]), 0)
+        _zero_where_not(s, old[owner] & new[owner])
     return channel_stats(weights, masks)
 
 
 def channel_stats(weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
     """Per output channel (dim 0) of each weight: active count and Σ|w| over active slots."""
+    op = "channel_stats"
+    _check_float_list(op, "weights", weights)
+    _check_masks(op, masks, weights, "weights")
+    _check_one_device(op, "weights", weights)
     if not weights:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
     counts, sums = [], []
@@ -202,15 +363,15 @@ def channel_stats(weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, T
     return torch.cat(counts), torch.cat(sums)
 
 
-_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def masked_apply_(tensors: list[Tensor], masks: list[Tensor], owner: list[int]) -> None:
     """``tensors[i] <- where(masks[owner[i]], tensors[i], 0)`` for every i."""
+    op = "masked_apply_"
+    _check_bool_list(op, "masks", masks)
+    _check_owned(op, "tensors", tensors, "owner", owner, "masks", masks)
+    _check_one_device(op, "tensors", tensors)
+    _check_no_alias(op, dict(tensors=tensors), dict(masks=masks))
     for t, o in zip(tensors, owner):
-        # on the integer view: zero bits are +0.0 in every float format, and masked_fill_
-        # has no float8 kernels
-        t.view(_SAME_WIDTH_INT[t.element_size()]).masked_fill_(~masks[o], 0)
+        _zero_where_not(t, masks[o])
 
 
 def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:
@@ -219,5 +380,30 @@ def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:
     The result is written row-major into the first ``numel * len(keep) / shape[dim]``
     elements of the tensor's (contiguous) memory; the caller re-views that prefix.
     """
+    op = "gather_channels_"
+    if not isinstance(tensor, Tensor) or not isinstance(keep, Tensor):
+        raise _err(op, "tensor and keep must be tensors", TypeError)
+    if dim not in (0, 1):  # no negative dims: the native kernels take 0 or 1 only
+        raise _err(op, f"dim must be 0 or 1, got {dim}")
+    if tensor.dim() <= dim:
+        raise _err(op, f"tensor has {tensor.dim()} dims, cannot gather along dim {dim}")
+    if not tensor.is_contiguous():
+        raise _err(op, "tensor must be contiguous")
+    if keep.dtype != torch.int64 or keep.dim() != 1:
+        raise _err(op, f"keep must be a 1-D int64 tensor, got {keep.dtype} of shape {list(keep.shape)}",
+                   TypeError if keep.dtype != torch.int64 else ValueError)
+    if not (keep.device.type == "cpu" or tensor.device.type == "cpu" or keep.device == tensor.device):
+        raise _err(op, f"keep is on {keep.device} but tensor is on {tensor.device}")
+    # sorted and unique: index_select would happily reorder or repeat channels
+    kv = keep.detach().cpu()
+    c = tensor.shape[dim]
+    bad = ((kv < 0) | (kv >= c)).nonzero()
+    if bad.numel():
+        j = int(bad[0])
+        raise _err(op, f"keep[{j}]={int(kv[j])} is out of range [0, {c})")
+    down = (kv[1:] <= kv[:-1]).nonzero()
+    if down.numel():
+        j = int(down[0]) + 1
+        raise _err(op, f"keep must be strictly increasing (keep[{j}]={int(kv[j])} after {int(kv[j - 1])})")
     kept = tensor.index_select(dim, keep.to(tensor.device)).contiguous()
     tensor.view(-1)[: kept.numel()].copy_(kept.view(-1))

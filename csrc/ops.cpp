@@ -1,7 +1,13 @@
 // Every op schema, once, plus the pybind11 module carrying build information.
 // Backends register implementations in csrc/cpu/*.cpp and csrc/cuda/*.cu.
 // CMake builds this file with CHASE_EXT_NO_PYTHON (a plain op library, no pybind11).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
+
+#include <vector>
 #ifndef CHASE_EXT_NO_PYTHON
 #include <torch/extension.h>
 
@@ -29,6 +35,59 @@ TORCH_LIBRARY(chase_ext, m) {
   m.def("channel_stats(Tensor[] weights, Tensor[] masks) -> (Tensor, Tensor)");
   m.def("masked_apply_(Tensor(a!)[] tensors, Tensor[] masks, int[] owner) -> ()");
   m.def("gather_channels_(Tensor(a!) tensor, Tensor keep, int dim) -> ()");
+}
+
+namespace {
+
+// The Autograd kernel of every op. None is differentiable, and each writes its outputs in
+// place, so: refuse tensors that require grad while grad mode is on (a leaf modified in
+// place, or a result autograd could not differentiate), refuse writing an inference
+// tensor outside inference mode, and after the kernel move the version counter of every
+// tensor the schema marks as written, so that a backward through a graph that saved one
+// of them raises instead of using the overwritten values. All checks come before the
+// kernel runs: a refused call writes nothing.
+void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& schema = op.schema();
+  const auto& args = schema.arguments();
+  const size_t start = stack->size() - args.size();
+  const bool grad_mode = at::GradMode::is_enabled();
+  const bool inference_mode = c10::InferenceMode::is_enabled();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < args.size(); ++i) {
+    const auto* alias = args[i].alias_info();
+    const bool writes = alias != nullptr && alias->isWrite();
+    auto visit = [&](const at::Tensor& t, int64_t j) {
+      if (!t.defined()) return;
+      const std::string where = args[i].name() + (j < 0 ? std::string() : "[" + std::to_string(j) + "]");
+      TORCH_CHECK(!(grad_mode && t.requires_grad()), schema.name(), ": ", where,
+                  " requires grad; the op is not differentiable (call it under torch.no_grad() or on "
+                  "detached tensors)");
+      if (!writes) return;
+      TORCH_CHECK(inference_mode || !t.is_inference(), schema.name(), ": ", where,
+                  " is an inference tensor, which can be written in place only under torch.inference_mode()");
+      written.push_back(t);
+    };
+    const c10::IValue& v = (*stack)[start + i];
+    if (v.isTensor()) {
+      visit(v.toTensor(), -1);
+    } else if (v.isTensorList()) {
+      int64_t j = 0;
+      for (const c10::IValue& e : v.toListRef()) visit(e.toTensor(), j++);
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written)
+    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(chase_ext, Autograd, m) {
+  for (const char* name : {"select_threshold", "mask_update_", "channel_stats", "masked_apply_", "gather_channels_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&autograd_kernel>());
 }
 
 #ifndef CHASE_EXT_NO_PYTHON

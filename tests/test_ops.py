@@ -374,6 +374,94 @@ def test_gather_errors(device):
         assert torch.equal(t, before)
 
 
+def test_gather_keep_may_be_a_view_of_the_tensor(device):
+    # the moves overwrite the tensor's storage; keep is read from a copy
+    t = torch.arange(12, dtype=torch.int64, device=device).view(3, 4)
+    keep = t.view(-1)[2:4]  # values [2, 3]
+    expect = t.clone()
+    R.gather_channels_(expect, keep.clone(), 1)
+    ops.gather_channels_(t, keep, 1)
+    assert torch.equal(t.view(-1)[:6], expect.view(-1)[:6])
+
+
+def test_aliased_written_arguments_are_refused(device):
+    ws, ms, scores, *_ = make_case(4, 2, torch.float32, device, ties=False, live=False,
+                                   shapes=[(5, 4), (5, 4)], density=0.5)
+    before = [clone(ws), clone(ms)]
+    cases = [
+        (dict(states=[ws[1]], owner=[0]), r"states\[0\] shares memory with weights\[1\]|weights\[1\] shares memory with states\[0\]"),
+        (dict(states=[scores[1]], owner=[0]), "shares memory"),
+        (dict(masks=[ms[0], ms[0]]), "masks"),
+        (dict(weights=[ws[0], ws[0].view(-1)[:20].view(5, 4)]), "shares memory"),
+    ]
+    for kw, needle in cases:
+        w, m = kw.get("weights", ws), kw.get("masks", ms)
+        args = (w, m, scores, [], [], kw.get("states", []), kw.get("owner", []), [2], [2])
+        with pytest.raises(RuntimeError, match=needle):
+            ops.mask_update_(*args)
+        with pytest.raises(ValueError, match=needle):
+            R.mask_update_(*args)
+        assert _unchanged(before, ws, ms)
+    t = torch.randn(5, 4, device=device)
+    t0 = t.clone()
+    with pytest.raises(RuntimeError, match=r"tensors\[1\] shares memory with tensors\[0\]"):
+        ops.masked_apply_([t, t], [ms[0]], [0, 0])
+    with pytest.raises(ValueError, match=r"tensors\[1\] shares memory with tensors\[0\]"):
+        R.masked_apply_([t, t], [ms[0]], [0, 0])
+    assert torch.equal(t, t0)
+    # read-only arguments may share memory: the same scores twice, one mask for two tensors
+    ops.mask_update_(clone(ws), clone(ms), [scores[0], scores[0]], [], [], [], [], [2], [2])
+    ops.masked_apply_([t, t0], [ms[0]], [0, 0])
+
+
+def test_a_meta_tensor_among_real_ones_is_refused(device):
+    # Meta outranks CPU/CUDA in dispatch: the fake kernel would run instead of the real one
+    ws, ms, scores, *_ = make_case(5, 1, torch.float32, device, ties=False, live=False, shapes=[(4, 3)], density=0.5)
+    meta_rows = [torch.ones(4, dtype=torch.bool, device="meta")]
+    w0 = clone(ws)
+    with pytest.raises(RuntimeError, match=r"live_rows\[0\] is on meta"):
+        ops.mask_update_(ws, ms, scores, meta_rows, [], [], [], [1], [1])
+    assert torch.equal(ws[0], w0[0])
+    with pytest.raises(RuntimeError, match=r"masks\[1\] is on meta"):
+        ops.masked_apply_(ws, [ms[0], torch.ones(2, dtype=torch.bool, device="meta")], [0])
+    with pytest.raises(RuntimeError, match=r"masks\[0\] is on meta"):
+        ops.channel_stats(ws, [torch.ones(4, 3, dtype=torch.bool, device="meta")])
+    with pytest.raises(RuntimeError, match=r"keep\[0\] is on meta|meta tensor"):
+        ops.gather_channels_(ws[0], torch.tensor([0, 1], device="meta"), 0)
+    assert torch.equal(ws[0], w0[0])
+
+
+def test_autograd_sees_the_in_place_ops(device):
+    w = torch.randn(4, 3, device=device, requires_grad=True)
+    m = torch.rand(4, 3, device=device) < 0.5
+    w0 = w.detach().clone()
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] requires grad; the op is not differentiable"):
+        ops.masked_apply_([w], [m], [0])
+    with pytest.raises(RuntimeError, match=r"weights\[0\] requires grad"):
+        ops.channel_stats([w], [m])
+    assert torch.equal(w.detach(), w0)
+    x = w * 2  # saved by the multiplication below, then overwritten in place
+    y = (x * x).sum()
+    with torch.no_grad():  # the optimizer's path
+        v = x._version
+        ops.masked_apply_([x], [m], [0])
+        assert x._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    t = torch.randn(6, 4, device=device)
+    with torch.no_grad():
+        v = t._version
+        ops.gather_channels_(t, torch.tensor([0, 2]), 0)
+        assert t._version > v
+    with torch.inference_mode():
+        inf = torch.randn(4, 3, device=device)
+        ops.masked_apply_([inf.clone()], [m], [0])  # inside inference mode: fine
+    inf0 = inf.clone()
+    with pytest.raises(RuntimeError, match=r"tensors\[0\] is an inference tensor"):
+        ops.masked_apply_([inf], [m], [0])
+    assert torch.equal(inf, inf0)
+
+
 def test_select_threshold_k_out_of_range(device):
     ws, ms, *_ = make_case(9, 1, torch.float32, device, ties=False, live=False, shapes=[(4, 3)], density=0.5)
     with pytest.raises(RuntimeError, match="k=100"):

@@ -3,6 +3,10 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
 namespace chase_ext {
 
 using TensorList = c10::ArrayRef<at::Tensor>;
@@ -92,6 +96,35 @@ inline void check_owner(const char* op, TensorList states, c10::IntArrayRef owne
   }
 }
 
+// The bytes of one (contiguous) tensor argument, for the aliasing check.
+struct Span {
+  uintptr_t lo, hi;
+  const char* name;
+  size_t index;
+  bool written;
+};
+
+inline void add_spans(std::vector<Span>& spans, const char* name, TensorList ts, bool written) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (ts[i].numel() == 0) continue;
+    const auto lo = reinterpret_cast<uintptr_t>(ts[i].data_ptr());
+    spans.push_back({lo, lo + static_cast<uintptr_t>(ts[i].numel() * ts[i].element_size()), name, i, written});
+  }
+}
+
+// A written argument may share no byte with any other argument: the kernels write tensor
+// by tensor, so an alias would let one tensor's writes change what the next one reads
+// (and make the result depend on the order). Read-only arguments may overlap each other.
+// Called after the contiguity checks, so each tensor's bytes are one range.
+inline void check_no_alias(const char* op, std::vector<Span> spans) {
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  for (size_t a = 0; a < spans.size(); ++a)
+    for (size_t b = a + 1; b < spans.size() && spans[b].lo < spans[a].hi; ++b)
+      TORCH_CHECK(!spans[a].written && !spans[b].written, op, ": ", spans[b].name, "[", spans[b].index,
+                  "] shares memory with ", spans[a].name, "[", spans[a].index,
+                  "] and one of them is written; pass separate tensors");
+}
+
 // Every argument check of mask_update_ (CPU and CUDA), before anything is read or written.
 inline void check_mask_update_args(const char* op, TensorList weights, TensorList masks, TensorList scores,
                                    TensorList live_rows, TensorList live_cols, TensorList states,
@@ -110,6 +143,14 @@ inline void check_mask_update_args(const char* op, TensorList weights, TensorLis
   check_counts(op, "grow_counts", grow_counts, weights.size());
   TORCH_CHECK(grow_counts.size() == prune_counts.size(), op, ": prune_counts has ", prune_counts.size(),
               " entries but grow_counts has ", grow_counts.size());
+  std::vector<Span> spans;
+  add_spans(spans, "weights", weights, true);
+  add_spans(spans, "masks", masks, true);
+  add_spans(spans, "states", states, true);
+  add_spans(spans, "scores", scores, false);
+  add_spans(spans, "live_rows", live_rows, false);
+  add_spans(spans, "live_cols", live_cols, false);
+  check_no_alias(op, std::move(spans));
 }
 
 // Every argument check of masked_apply_ (CPU and CUDA).
@@ -133,6 +174,10 @@ inline void check_masked_apply_args(const char* op, TensorList tensors, TensorLi
     TORCH_CHECK(tensors[j].is_floating_point(), op, ": tensors[", j, "] must be floating point, got ",
                 tensors[j].scalar_type());
   }
+  std::vector<Span> spans;
+  add_spans(spans, "tensors", tensors, true);
+  add_spans(spans, "masks", masks, false);
+  check_no_alias(op, std::move(spans));
 }
 
 // The device-independent argument checks of gather_channels_ (CPU and CUDA).

@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include <cstring>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -13,9 +14,11 @@ namespace {
 void gather_channels(const at::Tensor& tensor, const at::Tensor& keep, int64_t dim) {
   const char* op = "chase_ext.gather_channels_";
   check_gather_args(op, tensor, keep, dim);
+  // A copy: keep may live in the storage the moves below overwrite (a view of tensor).
   const at::Tensor k = keep.to(at::kCPU).contiguous();
-  const int64_t* kp = k.data_ptr<int64_t>();
-  const int64_t C = tensor.size(dim), K = k.numel();
+  const std::vector<int64_t> kv(k.data_ptr<int64_t>(), k.data_ptr<int64_t>() + k.numel());
+  const int64_t* kp = kv.data();
+  const int64_t C = tensor.size(dim), K = static_cast<int64_t>(kv.size());
   for (int64_t j = 0; j < K; ++j) {
     TORCH_CHECK(kp[j] >= 0 && kp[j] < C, op, ": keep[", j, "]=", kp[j], " is out of range [0, ", C, ")");
     TORCH_CHECK(j == 0 || kp[j] > kp[j - 1], op, ": keep must be strictly increasing (keep[", j, "]=",
