@@ -1,23 +1,50 @@
-"""chase_ext: channel-aware dynamic sparse training (Chase) with native kernels."""
-from __future__ import annotations
+"""chase_ext: channel-aware dynamic sparse training (Chase) with native kernels.
+
+Public names (all reachable after a plain ``import chase_ext``; everything but
+``reference`` is loaded on first use, so the import itself stays cheap):
+
+* ``ChaseOptimizer``, ``ChaseConfig``, ``rewrap_ddp``;
+* submodules ``ops`` (the native kernels), ``reference`` (the same ops
+  in plain PyTorch), ``slim`` (``export_dense``, ``slim_``), ``graph`` (channel groups),
+  ``config``, ``distributed``, ``optimizer``, ``training``.
+
+``import chase_ext.ops`` and ``from chase_ext import ops`` both work.
+"""
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
 from . import reference  # noqa: F401  (pure-PyTorch oracle, always importable)
 
+# Submodules loaded on first attribute access.
+_SUBMODULES = ("ops", "reference", "slim", "graph", "config", "distributed", "optimizer", "training")
+
+# `optimizer` and `training` stay out of __all__: a star import would shadow common names.
+__all__ = ["ChaseOptimizer", "ChaseConfig", "rewrap_ddp",
+           "ops", "reference", "slim", "graph", "config", "distributed"]
+
 
 def __getattr__(name):
     # Lazy: the optimizer pulls in the compiled ops; keep `import chase_ext` cheap.
-    if name in ("ChaseOptimizer", "ChaseConfig"):
-        from . import optimizer, config
+    if name == "ChaseOptimizer":
+        from .optimizer import ChaseOptimizer
 
-        return {"ChaseOptimizer": optimizer.ChaseOptimizer, "ChaseConfig": config.ChaseConfig}[name]
+        return ChaseOptimizer
+    if name == "ChaseConfig":
+        from .config import ChaseConfig
+
+        return ChaseConfig
     if name == "rewrap_ddp":
         from .distributed import rewrap_ddp
 
         return rewrap_ddp
-    if name == "ops":
-        from . import _ops
-
-        return _ops
+    if name in _SUBMODULES:
+        mod = _importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = mod  # later accesses skip __getattr__
+        return mod
     raise AttributeError(f"module 'chase_ext' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(__all__) | set(_SUBMODULES) | {n for n in globals() if n.startswith("__")})
+

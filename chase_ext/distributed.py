@@ -46,6 +46,7 @@ def rewrap_ddp(ddp: nn.Module, chase=None) -> nn.Module:
             raise TypeError(f"chase must be a chase_ext.ChaseOptimizer, got {type(chase).__name__}")
         if chase.model is not ddp.module:
             raise ValueError("chase does not drive ddp.module (it was built for another model)")
+        chase._rewraps_ddp = True  # the loop re-wraps: slims need not warn
         slims = chase.slim_count
         if getattr(ddp, "_chase_slim_count", 0) == slims:
             return ddp

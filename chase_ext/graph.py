@@ -43,11 +43,14 @@ Rules that keep groups correct rather than maximal (documented choices):
   producer or consumer whose weight is excluded blocks its group (followers don't).
 * ``exclude_channels``: globs matched against a producer's module name or weight name;
   a matching producer (and, with ``coupled=True``, its whole coupled group) is skipped.
+  A pattern that matches no producer layer of the model (a typo) gets a ``UserWarning``
+  naming it.
 * Ops named ``...1d/2d/3d`` (pooling, InstanceNorm, Dropout2d...) must see a batched
   input of their rank: on an unbatched input PyTorch moves the channel dim.
 * If tracing fails the function warns and returns no groups (use ``explicit_groups``).
   If ``example_inputs`` (a tensor, or a tuple/list of positional inputs, on the model's
-  device) do not run through the traced model, ``ValueError`` is raised.
+  device) do not run through the traced model, ``ValueError`` is raised; its message
+  starts with the model's own error (e.g. a conv's channel mismatch) and names the layer.
   Shape propagation runs in eval mode under ``torch.no_grad`` and restores every
   module's training flag afterwards (no BatchNorm statistics are touched).
 * Groups are ordered by their first producer's position in ``model.named_parameters()``;
@@ -535,6 +538,7 @@ def find_channel_groups(
     """
     excl = _norm_patterns(exclude)
     excl_ch = _norm_patterns(exclude_channels)
+    _warn_unmatched_channels(model, excl_ch)
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # noqa: BLE001 - any tracing failure
@@ -641,6 +645,21 @@ def find_channel_groups(
     return [g for _, g in groups]
 
 
+def _warn_unmatched_channels(model: nn.Module, patterns: Sequence[str]) -> None:
+    """One warning per ``exclude_channels`` pattern that names no producer layer."""
+    if not patterns:
+        return
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if _is_producer_module(m)]
+    for p in patterns:
+        if not any(_match(n, (p,)) or _match(f"{n}.weight", (p,)) for n in names):
+            warnings.warn(
+                f"chase_ext: exclude_channels pattern {p!r} matches no producer layer "
+                "(Conv with groups=1 or Linear, by module name or '<name>.weight'); it excludes nothing",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
 def _check_sizes(tr: _Trace, C: int, fol, cons) -> bool:
     for n in fol:
         m = tr.modules[n]
@@ -657,8 +676,28 @@ def _check_sizes(tr: _Trace, C: int, fol, cons) -> bool:
     return True
 
 
+def _describe_inputs(args: tuple) -> str:
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append(f"tensor of shape {list(a.shape)} ({a.dtype}, {a.device})")
+        else:
+            parts.append(type(a).__name__)
+    return ", ".join(parts) if parts else "no inputs"
+
+
 def _shape_prop(model: nn.Module, gm: fx.GraphModule, args: tuple) -> None:
+    import contextlib
+    import io
+
     from torch.fx.passes.shape_prop import ShapeProp
+
+    class _Prop(ShapeProp):  # remembers the node that failed
+        current = None
+
+        def run_node(self, n):
+            self.current = n
+            return super().run_node(n)
 
     flags = {m: m.training for m in model.modules()}
     flags.update({m: m.training for m in gm.modules()})
@@ -666,13 +705,34 @@ def _shape_prop(model: nn.Module, gm: fx.GraphModule, args: tuple) -> None:
         model.eval()
         gm.eval()
         with torch.no_grad():
+            prop = _Prop(gm)
             try:
-                ShapeProp(gm).propagate(*args)
+                # ShapeProp prints the traceback of a failing node to stderr before
+                # re-raising; the error below carries it instead.
+                with contextlib.redirect_stderr(io.StringIO()):
+                    prop.propagate(*args)
             except Exception as e:  # noqa: BLE001
+                cause = e
+                # ShapeProp wraps the model's own error in "ShapeProp error for: node=..."
+                if isinstance(e, RuntimeError) and str(e).startswith("ShapeProp error") and e.__cause__ is not None:
+                    cause = e.__cause__
+                n = prop.current
+                where = ""
+                if n is not None and n.op == "call_module":
+                    mod = dict(gm.named_modules()).get(str(n.target))
+                    where = f"raised in layer {str(n.target)!r} ({type(mod).__name__}); "
+                elif n is not None and n.op in ("call_function", "call_method"):
+                    fn = getattr(n.target, "__name__", str(n.target))
+                    where = f"raised in {fn!r} (node {n.name!r}); "
+                elif n is not None and n.op == "placeholder":
+                    where = f"at input {n.target!r}; "
+                # drop the FX context ("While executing %x ...") if a torch version appends it
+                msg = str(cause).split("\n\nWhile executing")[0].strip()
                 raise ValueError(
-                    f"chase_ext: example_inputs do not run through {type(model).__name__} "
-                    f"({type(e).__name__}: {e}); pass a batch the model accepts"
-                ) from e
+                    f"chase_ext: example_inputs do not run through {type(model).__name__}: "
+                    f"{type(cause).__name__}: {msg} ({where}example_inputs: {_describe_inputs(args)}); "
+                    "pass a batch the model accepts"
+                ) from cause
     finally:
         for m, f in flags.items():
             m.training = f

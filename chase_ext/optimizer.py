@@ -57,13 +57,18 @@ Choices where SPEC is vague:
   parameters, on the parameter's device; not bit-packed.
 * ``load_state_dict`` compares the mask-deciding config fields (density, total_steps,
   channel_sparsity, init, scope, seed), the sparse tensor names and original shapes, N,
-  B, the group names and widths, and the wrapped optimizer's group sizes.
+  B, the group names and widths, and the wrapped optimizer's group sizes; it checks every
+  counter, mask and channel record, replays the slim records on paper (they must end at
+  the recorded channels), refuses a changed ``round_to`` / ``min_channel_ratio`` and warns
+  about other changed settings. The wrapped optimizer's state is loaded before the model
+  is slimmed (and put back if that load fails), so a refused load changes nothing.
 * ``FloatingPointError`` (a subclass of ``ArithmeticError``) is raised for non-finite
   weights or gradients at an update step.
 """
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable
@@ -82,6 +87,8 @@ from .schedules import is_channel_event, is_update_step
 __all__ = ["ChaseOptimizer"]
 
 _STATE_VERSION = 1
+# settings whose change would make the recorded channel state inconsistent: refused on load
+_DECIDES_CHANNELS = ("round_to", "min_channel_ratio")
 
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -119,7 +126,28 @@ def _is_ddp(model: nn.Module) -> bool:
 
 
 class ChaseOptimizer(torch.optim.Optimizer):
-    """Channel-aware dynamic sparse training around any ``torch.optim.Optimizer``."""
+    """Channel-aware dynamic sparse training around any ``torch.optim.Optimizer``.
+
+    ``ChaseOptimizer(optimizer, model, config=None, *, backend="native", **knobs)``
+
+    * ``optimizer``: built on ``model.parameters()`` (every sparse weight must be in it);
+      its ``param_groups`` and ``state`` are shared, so LR schedulers and ``GradScaler``
+      work on this object as on the wrapped one.
+    * ``model``: the network (a DDP / DataParallel wrapper is unwrapped).
+    * ``config``: a :class:`chase_ext.ChaseConfig`, or the knobs as keywords (SPEC §8 names:
+      ``density`` and ``total_steps`` required; ``channel_sparsity``, ``example_inputs``,
+      ``init``, ``grow``, ``scope``, ``update_interval``, ``t_end``, ``soft_bound``,
+      ``soft_bound_end``, ``t_explore_end``, ``swap_fraction``, ``swap_fraction_end``,
+      ``channel_interval``, ``channel_end``, ``min_channel_ratio``, ``channel_score``,
+      ``round_to``, ``slim_during_training``, ``exclude``, ``exclude_channels``,
+      ``coupled_channels``, ``channel_groups``, ``dense_first_layer``, ``seed``; see
+      ``chase_ext.config``). Keywords given with ``config`` override its fields.
+    * ``backend``: ``"native"`` (the compiled kernels) or ``"reference"`` (plain PyTorch).
+
+    Construction zeroes the masked weights (ERK / uniform init) and finds the channel
+    groups. Call ``step()`` where the wrapped optimizer's ``step()`` would be called; see
+    the module docstring for what a step does.
+    """
 
     def __init__(
         self,
@@ -134,6 +162,9 @@ class ChaseOptimizer(torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ChaseOptimizer):
             raise TypeError("optimizer is already a ChaseOptimizer")
+        if config is not None and not isinstance(config, ChaseConfig):
+            raise TypeError(f"config must be a ChaseConfig (the knobs are keyword arguments: density=..., "
+                            f"total_steps=...), got {type(config).__name__} {config!r:.40}")
         if config is None:
             config = ChaseConfig(**kwargs)
         elif kwargs:
@@ -144,6 +175,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         self.config = config
         self.model = _unwrap(model)
         self._wrapped_in_ddp = _is_ddp(model)
+        self._rewraps_ddp = False  # set by chase_ext.rewrap_ddp(ddp, self): the loop re-wraps after slims
 
         # --- torch.optim.Optimizer plumbing, shared with the wrapped optimizer
         self.defaults = optimizer.defaults
@@ -170,6 +202,14 @@ class ChaseOptimizer(torch.optim.Optimizer):
                     f"float16 (got {', '.join(odd) if odd else sorted(map(str, kinds))}); convert the model "
                     "or exclude those weights"
                 )
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in sparse if id(p) not in owned]
+        if missing:
+            raise ValueError(
+                f"the optimizer does not update {len(missing)} sparse weight(s) of the model "
+                f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}): build it on model.parameters(), "
+                "or exclude those weights"
+            )
         self._names = [n for n, _ in sparse]
         self._params = [p for _, p in sparse]
         self._index = {n: i for i, n in enumerate(self._names)}
@@ -190,6 +230,11 @@ class ChaseOptimizer(torch.optim.Optimizer):
         self._ch: ChannelState | None = None
         if cfg.channel_sparsity > 0:
             self._setup_channels()
+        else:
+            unused = [k for k in ("exclude_channels", "coupled_channels", "channel_groups", "round_to")
+                      if getattr(cfg, k) not in ((), False, None)]
+            if unused:
+                warnings.warn(f"channel_sparsity=0 (no channel part): {', '.join(unused)} ignored", stacklevel=2)
         self._rebuild_live()
         with torch.no_grad():
             self._masked_apply()
@@ -212,6 +257,10 @@ class ChaseOptimizer(torch.optim.Optimizer):
                 exclude_channels=cfg.exclude_channels,
                 coupled=cfg.coupled_channels,
             )
+        if not groups:
+            warnings.warn(f"channel_sparsity={cfg.channel_sparsity} but the model has no prunable channel group "
+                          "(see exclude_channels, or give channel_groups): only the unstructured part runs",
+                          stacklevel=3)
         modules = dict(self.model.named_modules())
         self.groups = groups
         n = len(self._params)
@@ -326,12 +375,16 @@ class ChaseOptimizer(torch.optim.Optimizer):
         return 0 if self._ch is None else len(self._ch.slim_records)
 
     def active_count(self) -> int:
+        """Active (unmasked) weights over all sparse tensors now (one host sync)."""
         return sum(self._nnz())
 
     def sparse_names(self) -> list[str]:
+        """Names of the sparse (masked) weights, in global order (SPEC §1)."""
         return list(self._names)
 
     def channel_report(self) -> list[dict]:
+        """One dict per channel group: ``group`` name, ``producers``, original ``channels``
+        and ``live`` (not removed) count; ``[]`` without a channel part."""
         if self._ch is None:
             return []
         live = self._ch.live_counts()
@@ -352,9 +405,11 @@ class ChaseOptimizer(torch.optim.Optimizer):
         return out
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        """The wrapped optimizer's ``zero_grad``."""
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Adds to the wrapped optimizer; new parameters are trained dense (they are not sparse tensors)."""
         self.optimizer.add_param_group(param_group)
 
     # shared with the wrapped optimizer
@@ -488,6 +543,8 @@ class ChaseOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable | None = None):  # type: ignore[override]
+        """One optimizer step with masking, and on schedule a channel event and a mask
+        update (module docstring, "Step order"). Returns the closure's loss, if any."""
         cfg = self.config
         t = self._t + 1
         upd = is_update_step(t, cfg.update_steps, cfg.t_end_steps)
@@ -654,7 +711,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
             return scores
         idx = self._gather_index(keep)
         self._apply_slim(keep)
-        if self._wrapped_in_ddp:
+        if self._wrapped_in_ddp and not self._rewraps_ddp:  # rewrap_ddp(ddp, self) was never called
             warnings.warn("parameters shrank under DistributedDataParallel: re-wrap the model before the next "
                           "forward, e.g. ddp = chase_ext.rewrap_ddp(ddp, chase)", stacklevel=3)
         if scores is not None:
@@ -682,11 +739,12 @@ class ChaseOptimizer(torch.optim.Optimizer):
             out.append((ri, ci))
         return out
 
-    def _apply_slim(self, keep) -> None:
+    def _apply_slim(self, keep, with_state: bool = True) -> None:
         from .slim import slim_ as _slim_model
 
         gather = self.ops.gather_channels_
-        _slim_model(self.model, self.groups, list(keep), optimizer=self.optimizer, masks=self._mask_dict, gather=gather)
+        opt = self.optimizer if with_state else None
+        _slim_model(self.model, self.groups, list(keep), optimizer=opt, masks=self._mask_dict, gather=gather)
         self._ch.commit_slim(keep)
         self._rebuild_live()
 
@@ -705,12 +763,33 @@ class ChaseOptimizer(torch.optim.Optimizer):
             "rng": self._gen.get_state(),
             "channels": None if self._ch is None else self._ch.state_dict(),
             "groups": [g.name for g in self.groups],
+            "settings": self._settings(),
+        }
+
+    def _settings(self) -> dict:
+        """The resolved schedule and channel knobs (beyond ``config.fingerprint()``), compared on load."""
+        c = self.config
+        return {
+            "grow": c.grow, "update_interval": c.update_steps, "t_end": c.t_end_steps,
+            "t_explore_end": c.t_explore_end_steps, "soft_bound": c.soft_bound, "soft_bound_end": c.soft_bound_end,
+            "swap_fraction": c.swap_fraction, "swap_fraction_end": c.swap_fraction_end,
+            "channel_interval": c.channel_interval_steps, "channel_end": c.channel_end_steps,
+            "min_channel_ratio": c.min_channel_ratio, "channel_score": c.channel_score, "round_to": c.round_to,
+            "slim_during_training": c.slim_every, "coupled_channels": c.coupled_channels,
         }
 
     def state_dict(self) -> dict:
-        sd = self.optimizer.state_dict()
-        sd = dict(sd)
+        """The wrapped optimizer's state dict plus a ``"chase"`` entry (masks, counters, RNG
+        state, channel and slim records, settings). Runs the state-dict hooks registered on
+        this object, as ``torch.optim.Optimizer.state_dict`` does."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        sd = dict(self.optimizer.state_dict())
         sd["chase"] = self._chase_state()
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            out = hook(self, sd)
+            if out is not None:
+                sd = out
         return sd
 
     def _expected_shapes(self, present: list[torch.Tensor]) -> list[tuple[int, ...]]:
@@ -726,72 +805,187 @@ class ChaseOptimizer(torch.optim.Optimizer):
             out.append(tuple(s))
         return out
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        if not isinstance(state_dict, dict) or "chase" not in state_dict:
+    def _check_checkpoint(self, state_dict):
+        """Every check of ``load_state_dict``, touching nothing. Returns (chase entry,
+        wrapped optimizer's state dict, RNG state, channel state, slim records to replay)."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("chase"), dict):
             raise ValueError("not a ChaseOptimizer state dict (no 'chase' entry)")
         cs = state_dict["chase"]
         inner = {k: v for k, v in state_dict.items() if k != "chase"}
-        # ---- validate everything before touching anything
-        if cs.get("version") != _STATE_VERSION:
+
+        def entry(d, key, where="chase"):
+            if not isinstance(d, dict) or key not in d:
+                raise ValueError(f"checkpoint's {where!r} entry has no {key!r}")
+            return d[key]
+
+        def count(v, name, n=None):
+            """A non-negative int, or a list of n of them."""
+            vals = v if n is not None else [v]
+            if n is not None and (not isinstance(v, (list, tuple)) or len(v) != n):
+                raise ValueError(f"checkpoint's {name!r} must be a list of {n} counts, got {v!r:.80}")
+            for x in vals:
+                if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+                    raise ValueError(f"checkpoint's {name!r} must hold ints >= 0, got {x!r:.80}")
+
+        if entry(cs, "version") != _STATE_VERSION:
             raise ValueError(f"ChaseOptimizer checkpoint version {cs.get('version')!r}, expected {_STATE_VERSION}")
-        if list(cs["names"]) != self._names:
+        if not isinstance(inner.get("state"), dict) or not isinstance(inner.get("param_groups"), list):
+            raise ValueError("checkpoint has no wrapped-optimizer 'state' / 'param_groups'")
+        names = entry(cs, "names")
+        if list(names) != self._names:
             raise ValueError(
                 "checkpoint does not match this model: sparse tensors differ "
-                f"(checkpoint {len(cs['names'])}: {cs['names'][:3]}..., model {len(self._names)}: {self._names[:3]}...)"
+                f"(checkpoint {len(names)}: {list(names)[:3]}..., model {len(self._names)}: {self._names[:3]}...)"
             )
-        if [tuple(s) for s in cs["orig_shapes"]] != self._orig_shapes:
+        if [tuple(s) for s in entry(cs, "orig_shapes")] != self._orig_shapes:
             raise ValueError("checkpoint does not match this model: original sparse tensor shapes differ")
-        fp = self.config.fingerprint()
-        diff = [k for k in fp if cs["config"].get(k) != fp[k]]
+        fp, theirs = self.config.fingerprint(), entry(cs, "config")
+        diff = [k for k in fp if not isinstance(theirs, dict) or theirs.get(k) != fp[k]]
         if diff:
             raise ValueError(
                 "checkpoint was written with a different config: "
-                + ", ".join(f"{k}={cs['config'].get(k)!r} (now {fp[k]!r})" for k in diff)
+                + ", ".join(f"{k}={theirs.get(k) if isinstance(theirs, dict) else None!r} (now {fp[k]!r})"
+                            for k in diff)
             )
-        if cs["total_sparse"] != self.total_sparse or cs["budget"] != self.budget:
+        if entry(cs, "total_sparse") != self.total_sparse or entry(cs, "budget") != self.budget:
             raise ValueError(
                 f"checkpoint does not match: N/B {cs['total_sparse']}/{cs['budget']} vs {self.total_sparse}/{self.budget}"
             )
-        if list(cs["groups"]) != [g.name for g in self.groups]:
+        if list(entry(cs, "groups")) != [g.name for g in self.groups]:
             raise ValueError("checkpoint does not match: channel groups differ")
-        chs = cs["channels"]
-        replay: list = []
-        if self._ch is not None:
-            if list(chs["channels"]) != self._ch.channels:
-                raise ValueError("checkpoint does not match: channel counts of the groups differ")
-            mine, theirs = self._ch.slim_records, list(chs["slim_records"])
-            if theirs[: len(mine)] != mine:
-                raise ValueError("checkpoint's slim records do not extend this model's (cannot un-slim a model)")
-            replay = theirs[len(mine) :]
-            exp = self._expected_shapes([torch.as_tensor(p) for p in chs["present"]])
-        else:
-            exp = list(self._orig_shapes)
-        if [tuple(m.shape) for m in cs["masks"]] != exp:
-            raise ValueError("checkpoint masks have unexpected shapes")
+        if "settings" in cs:  # written since the settings were recorded
+            mine, theirs = self._settings(), cs["settings"]
+            changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            hard = [k for k in changed if k in _DECIDES_CHANNELS]
+            if hard:
+                raise ValueError("checkpoint was written with different " + ", ".join(
+                    f"{k}={changed[k][0]!r} (now {changed[k][1]!r})" for k in hard))
+            if changed:
+                warnings.warn("resuming with changed settings (the run will differ from the uninterrupted one): "
+                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
+        count(entry(cs, "t"), "t")
+        count(entry(cs, "k"), "k", len(self._names))
+        rng = entry(cs, "rng")
+        if not isinstance(rng, torch.Tensor):
+            raise ValueError(f"checkpoint's random-generator state must be a tensor, got {type(rng).__name__}")
         # a checkpoint loaded with map_location="cuda" has its generator state on the GPU
-        rng = torch.as_tensor(cs["rng"]).detach().to("cpu", torch.uint8)
+        rng = rng.detach().to("cpu", torch.uint8)
         try:
             torch.Generator().set_state(rng)
         except (RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"checkpoint's random-generator state is not valid: {e}") from None
-        if not replay:
-            cur = [tuple(p.shape) for p in self._params]
-            if cur != exp:
-                raise ValueError(f"checkpoint shapes {exp} do not match the model's current shapes {cur}")
-        groups = inner.get("param_groups", [])
+
+        chs, replay = entry(cs, "channels"), []
+        if self._ch is None:
+            present = None
+        else:
+            present = self._check_channel_state(chs)
+            mine_recs, theirs_recs = self._ch.slim_records, list(entry(chs, "slim_records", "channels"))
+            if theirs_recs[: len(mine_recs)] != mine_recs:
+                raise ValueError("checkpoint's slim records do not extend this model's (cannot un-slim a model)")
+            replay = theirs_recs[len(mine_recs):]
+            # replay on paper: the records must fit, one after the other, and end at `present`
+            from .slim import _as_keep
+
+            cur = [p.tolist() for p in self._ch.present]
+            for j, rec in enumerate(replay):
+                where = f"checkpoint's slim record {len(mine_recs) + j}"
+                if not isinstance(rec, (list, tuple)) or len(rec) != len(cur):
+                    raise ValueError(f"{where} must hold one entry per channel group ({len(cur)})")
+                for g, k in enumerate(rec):
+                    if k is not None:
+                        try:
+                            idx = _as_keep(k, len(cur[g]), f"{where}, group {g}").tolist()
+                        except (TypeError, RuntimeError) as e:
+                            raise ValueError(f"{where}, group {g}: keep is not a list of ints ({e})") from None
+                        cur[g] = [cur[g][i] for i in idx]
+            if cur != [p.tolist() for p in present]:
+                raise ValueError("checkpoint's slim records and its present channels disagree")
+        masks = entry(cs, "masks")
+        exp = self._expected_shapes(present) if present is not None else list(self._orig_shapes)
+        if not isinstance(masks, (list, tuple)) or len(masks) != len(exp):
+            raise ValueError(f"checkpoint's 'masks' must be a list of {len(exp)} tensors")
+        for n, m, e in zip(self._names, masks, exp):
+            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != e:
+                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(f"checkpoint's mask of {n!r} must be a bool tensor of shape {e}, got {got}")
+        groups = inner["param_groups"]
         if len(groups) != len(self.optimizer.param_groups) or any(
-            len(a["params"]) != len(b["params"]) for a, b in zip(groups, self.optimizer.param_groups)
+            not isinstance(a, dict) or len(a.get("params", ())) != len(b["params"])
+            for a, b in zip(groups, self.optimizer.param_groups)
         ):
             raise ValueError("checkpoint's optimizer param_groups do not match the wrapped optimizer's")
-        # ---- replay structure, then load
+        return cs, inner, rng, chs, replay
+
+    def _check_channel_state(self, chs) -> list[torch.Tensor]:
+        """The checkpoint's channel state fits the groups; returns its present channels."""
+        ch = self._ch
+        if not isinstance(chs, dict):
+            raise ValueError("checkpoint has no channel state, but this run has channel groups")
+        for key in ("channels", "alive", "present", "events", "done", "slim_records"):
+            if key not in chs:
+                raise ValueError(f"checkpoint's channel state has no {key!r}")
+        if list(chs["channels"]) != ch.channels:
+            raise ValueError("checkpoint does not match: channel counts of the groups differ")
+        if isinstance(chs["events"], bool) or not isinstance(chs["events"], numbers.Integral) or chs["events"] < 0:
+            raise ValueError(f"checkpoint's channel 'events' must be an int >= 0, got {chs['events']!r:.80}")
+        if not isinstance(chs["done"], bool):
+            raise ValueError(f"checkpoint's channel 'done' must be a bool, got {chs['done']!r:.80}")
+        alive, present = chs["alive"], chs["present"]
+        G = len(ch.channels)
+        if not isinstance(alive, (list, tuple)) or not isinstance(present, (list, tuple)) or len(alive) != G \
+                or len(present) != G:
+            raise ValueError(f"checkpoint's channel 'alive' and 'present' must hold one tensor per group ({G})")
+        out = []
+        for g, (C, a, p) in enumerate(zip(ch.channels, alive, present)):
+            name = self.groups[g].name
+            if not isinstance(a, torch.Tensor) or a.dtype != torch.bool or tuple(a.shape) != (C,):
+                raise ValueError(f"checkpoint's alive channels of group {name!r} must be a bool tensor of {C}")
+            if not isinstance(p, torch.Tensor) or p.dtype != torch.int64 or p.dim() != 1 or p.numel() == 0:
+                raise ValueError(f"checkpoint's present channels of group {name!r} must be a non-empty int64 vector")
+            p = p.detach().cpu()
+            if int(p.min()) < 0 or int(p.max()) >= C or (p.numel() > 1 and not bool((p[1:] > p[:-1]).all())):
+                raise ValueError(f"checkpoint's present channels of group {name!r} must be increasing in [0, {C})")
+            gone = torch.ones(C, dtype=torch.bool)
+            gone[p] = False
+            if bool(a.detach().cpu()[gone].any()):
+                raise ValueError(f"checkpoint's group {name!r} has channels alive that were slimmed away")
+            out.append(p)
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a ``state_dict()``, replaying the slims this model has not seen.
+
+        Everything is checked first (``ValueError`` naming the entry, nothing changed):
+        model, config, counters, masks, RNG state, channel records (the slim records are
+        replayed on paper and must end at the recorded channels), and the wrapped
+        optimizer's state, which is loaded before the model is touched (restored if its
+        own ``load_state_dict`` fails). Then the model is slimmed to the recorded widths.
+        """
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            out = hook(self, state_dict)
+            if out is not None:
+                state_dict = out
+        cs, inner, rng, chs, replay = self._check_checkpoint(state_dict)
+        saved = dict(self.optimizer.__dict__)
+        try:
+            self.optimizer.load_state_dict(inner)
+        except Exception as e:  # noqa: BLE001 - any failure: put the optimizer back as it was
+            self.optimizer.__dict__.clear()
+            self.optimizer.__dict__.update(saved)
+            raise ValueError(
+                f"checkpoint's optimizer state does not load into the wrapped {type(self.optimizer).__name__}: {e!r}"
+            ) from e
+        if replay and self._wrapped_in_ddp:
+            warnings.warn("load_state_dict shrank parameters under DistributedDataParallel: re-wrap the model "
+                          "before the next forward, e.g. ddp = chase_ext.rewrap_ddp(ddp, chase)", stacklevel=2)
         with torch.no_grad():
-            for rec in replay:
-                keep = [None if k is None else torch.as_tensor(k, dtype=torch.int64) for k in rec]
-                self._apply_slim(keep)
-        self.optimizer.load_state_dict(inner)
+            for rec in replay:  # the loaded optimizer state already has the slim shapes
+                self._apply_slim([None if k is None else torch.as_tensor(k, dtype=torch.int64) for k in rec],
+                                 with_state=False)
         self._t = int(cs["t"])
         for n, p, m in zip(self._names, self._params, cs["masks"]):
-            self._mask_dict[n] = m.detach().clone().to(device=p.device, dtype=torch.bool)
+            self._mask_dict[n] = m.detach().clone().to(device=p.device)
         self._k = [int(x) for x in cs["k"]]
         self._gen.set_state(rng)
         if self._ch is not None:
@@ -799,3 +993,5 @@ class ChaseOptimizer(torch.optim.Optimizer):
         self._rebuild_live()
         with torch.no_grad():
             self._masked_apply()
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)

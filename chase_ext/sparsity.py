@@ -10,7 +10,8 @@ Choices where SPEC is vague:
   ``nn.MultiheadAttention``; ``ConvTranspose`` and lazy modules before materialisation are
   not), in ``model.named_parameters()`` order, a shared weight once. ``exclude`` globs are
   matched (``fnmatch``) against the parameter name *and* its module name, so ``"fc"`` and
-  ``"fc.weight"`` both exclude ``fc``'s weight.
+  ``"fc.weight"`` both exclude ``fc``'s weight. A pattern that excludes no weight (a typo,
+  or a name that is not a Conv/Linear weight) gets a ``UserWarning`` naming it.
 * **Counts when the live slots cannot hold the target** (SPEC §3 last bullet): the grow
   target is capped at the number of live slots, prune counts at the active count.
 * **Phase A counts**: prune = max(nnz - B, 0); grow = min(B + round(δ(t)·N), L) - (nnz - prune)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
 from typing import Sequence
 
 import torch
@@ -53,7 +55,14 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 
 
 def find_sparse(model: nn.Module, exclude: Sequence[str] = ()) -> list[tuple[str, nn.Parameter]]:
-    """(name, parameter) of every sparse tensor in global order (SPEC §1)."""
+    """(name, parameter) of every sparse tensor in global order (SPEC §1).
+
+    Warns once per ``exclude`` pattern that matched none of the candidate weights.
+    """
+    if isinstance(exclude, str):
+        exclude = (exclude,)
+    exclude = tuple(exclude)
+    used: set[str] = set()
     owners: dict[int, str] = {}
     embeddings: set[int] = set()  # never masked (SPEC §1), also when tied to a Linear head
     for mname, mod in model.named_modules():
@@ -69,9 +78,20 @@ def find_sparse(model: nn.Module, exclude: Sequence[str] = ()) -> list[tuple[str
         mname = owners.get(id(p))
         if mname is None or p.dim() < 2 or id(p) in embeddings:
             continue
-        if matches(pname, exclude) or matches(mname, exclude):
+        hit = [pat for pat in exclude if fnmatch.fnmatchcase(pname, pat) or fnmatch.fnmatchcase(mname, pat)]
+        if hit:
+            used.update(hit)
             continue
         out.append((pname, p))
+    for pat in exclude:
+        if pat not in used:
+            warnings.warn(
+                f"chase_ext: exclude pattern {pat!r} matches no Conv/Linear weight (names are "
+                f"matched as in model.named_parameters() / named_modules(), e.g. 'fc' or 'fc.weight'); "
+                "it excludes nothing",
+                UserWarning,
+                stacklevel=3,
+            )
     return out
 
 

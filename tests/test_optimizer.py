@@ -548,6 +548,32 @@ def test_weight_dtypes_the_kernels_cannot_take_fail_at_construction():
     ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, density=0.5, total_steps=10, backend="reference")
 
 
+def test_construction_errors_name_the_problem():
+    m = mlp()
+    with pytest.raises(TypeError, match="config must be a ChaseConfig"):
+        ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, 0.1)
+    other = mlp()
+    with pytest.raises(ValueError, match=r"does not update 3 sparse weight\(s\) of the model \(0.weight, 3.weight, 5.weight\)"):
+        ChaseOptimizer(torch.optim.SGD(other.parameters(), lr=0.1), m, density=0.5, total_steps=10)
+    first = next(mod for mod in m.modules() if isinstance(mod, nn.Linear))
+    with pytest.raises(ValueError, match=r"does not update 2 sparse weight\(s\) of the model \(3.weight, 5.weight\)"):
+        ChaseOptimizer(torch.optim.SGD(first.parameters(), lr=0.1), m, density=0.5, total_steps=10)
+
+
+def test_channel_knobs_without_a_channel_part_warn():
+    m = mlp()
+    with pytest.warns(UserWarning, match="exclude_channels, round_to ignored"):
+        ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, density=0.5, total_steps=100,
+                       exclude_channels=("0",), round_to=8, backend=BACKEND)
+
+
+def test_channel_sparsity_without_groups_warns():
+    m = nn.Sequential(nn.Flatten(), nn.Linear(12, 4))
+    with pytest.warns(UserWarning, match="no prunable channel group"):
+        ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, density=0.5, total_steps=100,
+                       channel_sparsity=0.5, example_inputs=torch.randn(2, 3, 4), backend=BACKEND)
+
+
 def test_channel_part_needs_groups():
     torch.manual_seed(0)
     m = mlp()
@@ -640,6 +666,104 @@ def test_bad_rng_state_rejected_before_anything_changes():
     ok = dict(sd, chase=dict(sd["chase"], rng=sd["chase"]["rng"].to(torch.int64)))
     c2.load_state_dict(ok)
     assert c2.t == 30 and c2.slim_count == c1.slim_count
+
+
+def _corrupt(sd, path, value):
+    """A copy of the state dict with sd[path[0]][path[1]]... set (or deleted for value=KeyError)."""
+    out = dict(sd)
+    node, parent = out, None
+    for key in path[:-1]:
+        parent, node = node, node[key]
+        node = dict(node) if isinstance(node, dict) else list(node)
+        if isinstance(parent, dict):
+            parent[key] = node
+        else:
+            parent[key] = node
+    if value is KeyError:
+        del node[path[-1]]
+    else:
+        node[path[-1]] = value(node[path[-1]]) if callable(value) else value
+    return out
+
+
+_BAD_CHECKPOINTS = {
+    "t text": (("chase", "t"), "abc", "'t'"),
+    "t negative": (("chase", "t"), -1, "'t'"),
+    "t missing": (("chase", "t"), KeyError, "'t'"),
+    "k none": (("chase", "k"), None, "'k'"),
+    "k short": (("chase", "k"), lambda k: k[:-1], "'k'"),
+    "k negative": (("chase", "k"), lambda k: [-5] + list(k[1:]), "'k'"),
+    "mask float": (("chase", "masks", 0), lambda m: m.float(), "mask of"),
+    "mask shape": (("chase", "masks", 1), lambda m: m[:-1], "mask of"),
+    "alive short": (("chase", "channels", "alive"), lambda a: a[:-1], "'alive'"),
+    "present out of range": (("chase", "channels", "present", 0), lambda p: p + 1000, "present channels"),
+    "present unsorted": (("chase", "channels", "present", 0), lambda p: p.flip(0), "present channels"),
+    "events text": (("chase", "channels", "events"), "x", "'events'"),
+    "done text": (("chase", "channels", "done"), "x", "'done'"),
+    "last record out of range": (("chase", "channels", "slim_records", -1), lambda r: [None if k is None else
+                                 [i + 1000 for i in k] for k in r], "slim record"),
+    "records disagree with present": (("chase", "channels", "slim_records"), lambda r: r[:-1], "disagree"),
+    "no optimizer state": (("state",), KeyError, "'state'"),
+    "round_to changed": (("chase", "settings", "round_to"), 8, "round_to"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_CHECKPOINTS))
+def test_corrupt_checkpoint_is_refused_with_nothing_changed(case):
+    kw = dict(total_steps=40, channel_sparsity=0.5, channel_end=0.5, slim_during_training=True)
+    m1, o1, c1 = make("vgg_small", **kw)
+    run("vgg_small", m1, c1, 30, watch=False)
+    assert c1.slim_count >= 2
+    path, value, needle = _BAD_CHECKPOINTS[case]
+    bad = _corrupt(c1.state_dict(), path, value)
+    m2, o2, c2 = make("vgg_small", **kw)
+    run("vgg_small", m2, c2, 3, watch=False)
+    params = {n: p.detach().clone() for n, p in m2.named_parameters()}
+    masks = {n: m.clone() for n, m in c2.masks.items()}
+    ostate, report = str(o2.state_dict()), c2.channel_report()
+    with pytest.raises(ValueError, match=needle):
+        c2.load_state_dict(bad)
+    assert c2.t == 3 and c2.slim_count == 0 and c2.channel_report() == report
+    assert all(torch.equal(p.detach(), params[n]) for n, p in m2.named_parameters())
+    assert all(torch.equal(masks[n], c2.masks[n]) for n in masks)
+    assert str(o2.state_dict()) == ostate
+    c2.load_state_dict(c1.state_dict())  # the intact checkpoint still loads afterwards
+    assert c2.t == 30 and c2.slim_count == c1.slim_count
+
+
+def test_checkpoint_of_another_optimizer_type_is_refused_with_nothing_changed():
+    kw = dict(total_steps=40, channel_sparsity=0.5, channel_end=0.5, slim_during_training=True)
+    m1, _, c1 = make("vgg_small", **kw)
+    run("vgg_small", m1, c1, 30, watch=False)
+    m2, o2, c2 = make("vgg_small", opt="adam", **kw)
+    run("vgg_small", m2, c2, 3, watch=False)
+    shapes, ostate = [tuple(p.shape) for p in m2.parameters()], str(o2.state_dict())
+    with pytest.raises(ValueError, match="does not load into the wrapped Adam"):
+        c2.load_state_dict(c1.state_dict())
+    assert [tuple(p.shape) for p in m2.parameters()] == shapes and str(o2.state_dict()) == ostate
+    run("vgg_small", m2, c2, 2, start=3, watch=False)  # still trains
+
+
+def test_changed_schedule_settings_warn_on_resume():
+    m1, _, c1 = make("mlp", total_steps=40, update_interval=10)
+    run("mlp", m1, c1, 12, watch=False)
+    m2, _, c2 = make("mlp", total_steps=40, update_interval=5)
+    with pytest.warns(UserWarning, match="update_interval 10 -> 5"):
+        c2.load_state_dict(c1.state_dict())
+    assert c2.t == 12
+
+
+def test_state_dict_hooks_run():
+    m, _, c = make("mlp", total_steps=40)
+    seen = []
+    c.register_state_dict_pre_hook(lambda opt: seen.append("pre"))
+    c.register_state_dict_post_hook(lambda opt, sd: dict(sd, extra=1))
+    c.register_load_state_dict_pre_hook(lambda opt, sd: {k: v for k, v in sd.items() if k != "extra"})
+    c.register_load_state_dict_post_hook(lambda opt: seen.append("loaded"))
+    sd = c.state_dict()
+    assert sd["extra"] == 1 and "chase" in sd
+    c.load_state_dict(sd)
+    assert seen == ["pre", "loaded"]
 
 
 # --------------------------------------------------------------------------- backends
