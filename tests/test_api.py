@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import subprocess
+import tempfile
 import sys
 import warnings
 
@@ -18,7 +19,10 @@ from chase_ext.graph import find_channel_groups
 from chase_ext.sparsity import find_sparse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+# the subprocess imports the chase_ext this process tests (the source tree when installed
+# editable, site-packages otherwise), from a neutral folder: not the source tree via cwd
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(chase_ext.__file__)))
+ENV = dict(os.environ, PYTHONPATH=_PKG_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def _net(in_ch=1):
@@ -31,7 +35,7 @@ def _net(in_ch=1):
 
 def _python(code: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV,
-                          cwd=ROOT, timeout=300)
+                          cwd=tempfile.gettempdir(), timeout=300)
 
 
 # --------------------------------------------------------------------------- 1. package
