@@ -125,7 +125,25 @@ def _check_names(name: str, v: Any) -> tuple[str, ...]:
 
 @dataclass
 class ChaseConfig:
-    """Every knob of the method (SPEC §8). See the module docstring for the rules."""
+    """Every knob of the method (SPEC §8); the module docstring has the validation rules.
+
+    * ``density`` (required): d = 1 - sparsity of the full model, in (0, 1].
+    * ``total_steps`` (required): optimizer steps of the run.
+    * ``channel_sparsity`` (0.0): S_c, the share of prunable channels removed; 0 = plain DST.
+    * ``example_inputs`` (None): a batch for tracing the channel groups.
+    * ``init`` ("erk" | "uniform"), ``grow`` ("gradient" | "random"), ``scope`` ("global" | "layer").
+    * ``update_interval`` (total_steps // 80, at least 1), ``t_end`` (total_steps): when masks are updated.
+    * ``soft_bound``, ``soft_bound_end`` (0.05, 0.0), ``t_explore_end`` (0.8): phase A.
+    * ``swap_fraction``, ``swap_fraction_end`` (0.5, 0.005): phase B.
+    * ``channel_interval`` (update_interval), ``channel_end`` (0.8), ``min_channel_ratio`` (0.2),
+      ``channel_score`` ("umm" | "active_mean" | "active_fraction"), ``round_to`` (None),
+      ``slim_during_training`` (False | True | k), ``coupled_channels`` (False),
+      ``channel_groups`` (None = trace), ``exclude_channels`` (()): the channel part.
+    * ``exclude`` (()): weights kept dense; ``dense_first_layer`` (False, uniform init);
+      ``seed`` (0).
+
+    Schedule knobs take a float in (0, 1] (a fraction of ``total_steps``) or an int (steps).
+    """
 
     density: float
     total_steps: int
