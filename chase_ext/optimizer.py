@@ -94,6 +94,15 @@ _DECIDES_CHANNELS = ("round_to", "min_channel_ratio")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _check_count(v, name: str, n: int | None = None) -> None:
+    """A checkpoint entry that is an int >= 0 (or, with n, a list of n of them)."""
+    if n is not None and (not isinstance(v, (list, tuple)) or len(v) != n):
+        raise ValueError(f"checkpoint's {name!r} must be a list of {n} counts, got {v!r:.80}")
+    for x in (v if n is not None else [v]):
+        if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
+            raise ValueError(f"checkpoint's {name!r} must hold ints >= 0, got {x!r:.80}")
+
+
 def _load_backend(backend: str):
     if backend == "reference":
         from . import reference
@@ -818,15 +827,6 @@ class ChaseOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint's {where!r} entry has no {key!r}")
             return d[key]
 
-        def count(v, name, n=None):
-            """A non-negative int, or a list of n of them."""
-            vals = v if n is not None else [v]
-            if n is not None and (not isinstance(v, (list, tuple)) or len(v) != n):
-                raise ValueError(f"checkpoint's {name!r} must be a list of {n} counts, got {v!r:.80}")
-            for x in vals:
-                if isinstance(x, bool) or not isinstance(x, numbers.Integral) or x < 0:
-                    raise ValueError(f"checkpoint's {name!r} must hold ints >= 0, got {x!r:.80}")
-
         if entry(cs, "version") != _STATE_VERSION:
             raise ValueError(f"ChaseOptimizer checkpoint version {cs.get('version')!r}, expected {_STATE_VERSION}")
         if not isinstance(inner.get("state"), dict) or not isinstance(inner.get("param_groups"), list):
@@ -863,8 +863,8 @@ class ChaseOptimizer(torch.optim.Optimizer):
             if changed:
                 warnings.warn("resuming with changed settings (the run will differ from the uninterrupted one): "
                               + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
-        count(entry(cs, "t"), "t")
-        count(entry(cs, "k"), "k", len(self._names))
+        _check_count(entry(cs, "t"), "t")
+        _check_count(entry(cs, "k"), "k", len(self._names))
         rng = entry(cs, "rng")
         if not isinstance(rng, torch.Tensor):
             raise ValueError(f"checkpoint's random-generator state must be a tensor, got {type(rng).__name__}")
@@ -927,8 +927,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"checkpoint's channel state has no {key!r}")
         if list(chs["channels"]) != ch.channels:
             raise ValueError("checkpoint does not match: channel counts of the groups differ")
-        if isinstance(chs["events"], bool) or not isinstance(chs["events"], numbers.Integral) or chs["events"] < 0:
-            raise ValueError(f"checkpoint's channel 'events' must be an int >= 0, got {chs['events']!r:.80}")
+        _check_count(chs["events"], "events")
         if not isinstance(chs["done"], bool):
             raise ValueError(f"checkpoint's channel 'done' must be a bool, got {chs['done']!r:.80}")
         alive, present = chs["alive"], chs["present"]

@@ -4,7 +4,6 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
-#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -47,23 +46,24 @@ namespace {
 // of them raises instead of using the overwritten values. All checks come before the
 // kernel runs: a refused call writes nothing.
 void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  // Inference mode excludes the Autograd keys, so this never runs inside it.
   const auto& schema = op.schema();
   const auto& args = schema.arguments();
   const size_t start = stack->size() - args.size();
   const bool grad_mode = at::GradMode::is_enabled();
-  const bool inference_mode = c10::InferenceMode::is_enabled();
   std::vector<at::Tensor> written;
   for (size_t i = 0; i < args.size(); ++i) {
     const auto* alias = args[i].alias_info();
     const bool writes = alias != nullptr && alias->isWrite();
     auto visit = [&](const at::Tensor& t, int64_t j) {
       if (!t.defined()) return;
-      const std::string where = args[i].name() + (j < 0 ? std::string() : "[" + std::to_string(j) + "]");
-      TORCH_CHECK(!(grad_mode && t.requires_grad()), schema.name(), ": ", where,
+      // the argument's name, built only for a message (TORCH_CHECK formats on failure)
+      auto where = [&] { return j < 0 ? args[i].name() : args[i].name() + "[" + std::to_string(j) + "]"; };
+      TORCH_CHECK(!(grad_mode && t.requires_grad()), schema.name(), ": ", where(),
                   " requires grad; the op is not differentiable (call it under torch.no_grad() or on "
                   "detached tensors)");
       if (!writes) return;
-      TORCH_CHECK(inference_mode || !t.is_inference(), schema.name(), ": ", where,
+      TORCH_CHECK(!t.is_inference(), schema.name(), ": ", where(),
                   " is an inference tensor, which can be written in place only under torch.inference_mode()");
       written.push_back(t);
     };
@@ -79,8 +79,7 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, to
     at::AutoDispatchBelowADInplaceOrView guard;
     op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
   }
-  for (const at::Tensor& t : written)
-    if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+  for (const at::Tensor& t : written) t.unsafeGetTensorImpl()->bump_version();
 }
 
 }  // namespace
