@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import test_bench_slim as B
+from timing import rotated
 
 
 def leaf_timer(model):
@@ -90,8 +91,9 @@ def profile(name, sc, threads, rounds):
     with torch.inference_mode():
         for m in models.values():
             m(x)
-        for _ in range(rounds):
-            for k, m in models.items():
+        for r in range(rounds):
+            for k in rotated(list(models), r):
+                m = models[k]
                 tt = timers[k][0]
                 tt.clear()
                 t0 = time.perf_counter()

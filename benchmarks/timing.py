@@ -1,5 +1,6 @@
-"""Side-by-side timing: variants interleaved (A B C A B C ...) so machine drift hits
-all of them alike; medians and ratios come from one run."""
+"""Side-by-side timing: variants interleaved, each round starting one further along
+(A B C, B C A, C A B, ...), so machine drift hits all of them alike and none always runs
+right after the same other; medians and ratios come from one run."""
 from __future__ import annotations
 
 import json
@@ -15,11 +16,18 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def rotated(names: list, r: int) -> list:
+    """The order of round r: names, started r places further along."""
+    r %= max(len(names), 1)
+    return names[r:] + names[:r]
+
+
 def interleaved(variants: dict, rounds: int, device="cpu") -> dict:
     """variants: name -> (setup() -> args, fn(*args)). Returns name -> list of seconds."""
     times = {k: [] for k in variants}
-    for _ in range(rounds):
-        for name, (setup, fn) in variants.items():
+    for r in range(rounds):
+        for name in rotated(list(variants), r):
+            setup, fn = variants[name]
             args = setup()
             _sync(device)
             t0 = time.perf_counter()

@@ -159,7 +159,7 @@ class ChannelState:
                 rec.append(None)
             else:
                 self.present[g] = self.present[g][k]
-                rec.append([int(i) for i in k])
+                rec.append(k.tolist())
         self.slim_records.append(rec)
 
     def state_dict(self) -> dict:

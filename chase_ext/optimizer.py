@@ -620,9 +620,15 @@ class ChaseOptimizer(torch.optim.Optimizer):
                 t_end=cfg.t_end_steps, swap0=cfg.swap_fraction, swap_end=cfg.swap_fraction_end,
             )
         if cfg.grow == "random":
-            scores = [
-                torch.rand(p.numel(), generator=self._gen).view(p.shape).to(p.device) for p in self._params
-            ]
+            # One draw and, on one device, one copy: a copy per tensor would make the host
+            # wait for the GPU once per tensor. The CPU generator fills in order, so these
+            # are the numbers a draw per tensor gives.
+            numels = [p.numel() for p in self._params]
+            flat = torch.rand(sum(numels), generator=self._gen)
+            devices = {p.device for p in self._params}
+            if len(devices) == 1:
+                flat = flat.to(devices.pop())
+            scores = [s.view(p.shape).to(p.device) for s, p in zip(flat.split(numels), self._params)]
         assert scores is not None
         states, owner = self._state_list()
         lr, lc = self._live_arg
@@ -654,8 +660,8 @@ class ChaseOptimizer(torch.optim.Optimizer):
                 sc = group_scores(kind, c, s, fan)
                 total = sc if total is None else [a + b for a, b in zip(total, sc)]
             present = ch.present[g].tolist()
-            alive = ch.alive[g]
-            out.append([(total[j], o) for j, o in enumerate(present) if bool(alive[o])])
+            alive = ch.alive[g].tolist()  # Python bools: no per-channel tensor indexing
+            out.append([(total[j], o) for j, o in enumerate(present) if alive[o]])
         return out
 
     def _channel_event(self, t: int, scores):

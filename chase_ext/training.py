@@ -10,8 +10,8 @@ around :class:`chase_ext.ChaseOptimizer`, plus the numbers the demo reports:
 * :func:`train` — one training run, dense (plain optimizer) or sparse (the optimizer
   wrapped in ``ChaseOptimizer``), with a tqdm bar, per-epoch test accuracy and hooks;
 * :func:`evaluate`, :func:`count_macs` (conv/linear multiply-accumulates via forward
-  hooks), :func:`count_params`, :func:`measure_throughput` (interleaved A B A B timing,
-  medians, fixed thread count, ``torch.inference_mode``).
+  hooks), :func:`count_params`, :func:`measure_throughput` (interleaved timing, each round
+  starting one model further along, medians, fixed thread count, ``torch.inference_mode``).
 """
 from __future__ import annotations
 
@@ -387,8 +387,9 @@ def measure_throughput(
 ) -> dict[str, Any]:
     """Inference throughput (samples/s) of several models on one batch, interleaved.
 
-    Each round times every model once (A B A B ...), so drift of a shared machine hits
-    all alike; a round runs ``iters`` forwards (chosen from the slowest model so a round
+    Each round times every model once, starting one model further along each round
+    (A B C, B C A, ...), so drift of a shared machine hits all alike and no model always
+    runs first; a round runs ``iters`` forwards (chosen from the slowest model so a round
     lasts about ``min_seconds`` when not given). Eval mode and ``torch.inference_mode``;
     CPU work uses ``threads`` threads (the current count when None). With
     ``channels_last`` (4-D inputs) copies of the models run in that memory format, which
@@ -423,8 +424,10 @@ def measure_throughput(
                     _sync(device)
                     slowest = max(slowest, time.perf_counter() - t0)
                 iters = max(1, min(1000, math.ceil(min_seconds / max(slowest, 1e-6))))
-            for _ in range(rounds):
-                for k, m in models.items():
+            names = list(models)
+            for r in range(rounds):  # each round starts one model further along: A B C, B C A, ...
+                for k in names[r % len(names):] + names[: r % len(names)]:
+                    m = models[k]
                     _sync(device)
                     t0 = time.perf_counter()
                     for _ in range(iters):

@@ -15,11 +15,17 @@ by the lower index.
 from __future__ import annotations
 
 import io
+import os
+import traceback
 
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import chase_ext
 from chase_ext.optimizer import ChaseOptimizer
+from chase_ext.schedules import is_channel_event, is_update_step
 from models import MODELS, example_input
 from test_optimizer import Watcher, check_masked
 
@@ -115,6 +121,65 @@ def test_training_invariants_on_device(device, name, opt):
     assert float(h_masked.abs().max()) > 0
     torch.testing.assert_close(h_slim, h_masked, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y_slim, y_masked, rtol=1e-4, atol=1e-5)
+    check_masked(chase)
+
+
+# aten ops that make the host wait for a CUDA device (reading a value, or an output size
+# that depends on the data)
+SYNCING_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_dim",
+               "unique_consecutive", "equal", "is_nonzero", "repeat_interleave", "allclose"}
+
+
+_PACKAGE = os.path.dirname(chase_ext.__file__)
+# frames between a Python call site and the op: the dispatcher's and Tensor's own
+_PLUMBING = tuple(os.path.join(os.path.dirname(torch.__file__), f)
+                  for f in ("_ops.py", "_tensor.py", "utils/_python_dispatch.py", "_compile.py", "_dynamo"))
+
+
+class _NoSyncingOps(TorchDispatchMode):
+    """Fails on a syncing op called by chase_ext's own code (the wrapped optimizer's may
+    read its CPU step counters; on CUDA, sync debug mode checks it too)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in SYNCING_OPS:
+            caller = next(f for f in reversed(traceback.extract_stack()[:-1])
+                          if not f.filename.startswith(_PLUMBING) and f.filename != __file__)
+            if caller.filename.startswith(_PACKAGE):
+                raise AssertionError(f"{func} on a plain step, at {caller.filename}:{caller.lineno}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adam"])
+def test_plain_steps_do_no_host_sync(device, opt):
+    """A step that is neither a mask update nor a channel event only masks: no op that
+    reads a value back to the host (on CUDA, also no implicit sync of any kind), before
+    and after channels were removed and the model slimmed."""
+    name = "vgg_small"
+    model, o, chase = _build(name, device, opt=opt, slim_during_training=1)
+    cfg = chase.config
+    plain = 0
+    for i in range(cfg.total_steps):
+        x = example_input(name, batch=8, seed=i).to(device)
+        y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(i)).to(device)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        chase.zero_grad()
+        loss.backward()
+        t = chase.t + 1
+        if is_update_step(t, cfg.update_steps, cfg.t_end_steps) or is_channel_event(
+            t, cfg.channel_interval_steps, cfg.update_steps
+        ):
+            chase.step()
+            continue
+        plain += 1
+        with _NoSyncingOps():
+            if torch.device(device).type == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                chase.step()
+            finally:
+                if torch.device(device).type == "cuda":
+                    torch.cuda.set_sync_debug_mode("default")
+    assert chase.slim_count > 0 and plain > cfg.total_steps // 2
     check_masked(chase)
 
 

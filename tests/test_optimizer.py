@@ -849,3 +849,22 @@ def test_channel_options(name, kw):
         assert any("+" in r["group"] for r in rep)
     if "exclude_channels" in kw:
         assert all(r["group"] != "features.0" for r in rep)
+
+
+def test_random_growth_scores_are_one_draw_in_tensor_order(monkeypatch):
+    # one draw for the whole model (one host-to-device copy) gives every tensor the numbers
+    # a draw per tensor, in order, would give: runs and checkpoints stay reproducible
+    from chase_ext import layout
+
+    model, opt, chase = make("vgg_small", total_steps=60, update_interval=5, grow="random")
+    for i in range(4):
+        train_step("vgg_small", model, chase, i)
+    seen = []
+    real = layout.mask_update_
+    monkeypatch.setattr(layout, "mask_update_", lambda ops, w, m, s, *a: (seen.append(s), real(ops, w, m, s, *a))[1])
+    g = torch.Generator()
+    g.set_state(chase._gen.get_state())
+    train_step("vgg_small", model, chase, 4)
+    assert len(seen) == 1 and len(seen[0]) == len(chase._params) > 3
+    for s, p in zip(seen[0], chase._params):
+        assert torch.equal(s, torch.rand(p.numel(), generator=g).view(p.shape))
