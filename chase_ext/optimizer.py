@@ -221,6 +221,8 @@ class ChaseOptimizer(torch.optim.Optimizer):
             )
         self._names = [n for n, _ in sparse]
         self._params = [p for _, p in sparse]
+        self._check_devices()
+        self._unmasked_states: set[tuple[int, Any]] = set()  # (id(param), state key) warned about
         self._index = {n: i for i, n in enumerate(self._names)}
         self._orig_shapes = [tuple(p.shape) for p in self._params]
         self.total_sparse = int(sum(p.numel() for p in self._params))
@@ -370,7 +372,9 @@ class ChaseOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ public API
     @property
     def masks(self) -> dict[str, torch.Tensor]:
-        """Parameter name -> bool mask (True = active), current physical shapes."""
+        """Parameter name -> bool mask (True = active), current physical shapes, on each
+        parameter's device and in its memory layout."""
+        self._align_masks()
         return self._mask_dict
 
     @property
@@ -385,6 +389,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
 
     def active_count(self) -> int:
         """Active (unmasked) weights over all sparse tensors now (one host sync)."""
+        self._align_masks()
         return sum(self._nnz())
 
     def sparse_names(self) -> list[str]:
@@ -404,6 +409,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
 
     def channel_stats(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Param name -> (active count per row, int64; Σ|w| per row over active slots, float32)."""
+        self._align_masks()
         ws = [p.detach() for p in self._params]
         counts, sums = _layout.channel_stats(self.ops, ws, self._mask_list())
         out, off = {}, 0
@@ -445,57 +451,82 @@ class ChaseOptimizer(torch.optim.Optimizer):
     def _mask_list(self) -> list[torch.Tensor]:
         return [self._mask_dict[n] for n in self._names]
 
+    def _states_of(self, p: torch.Tensor, name: str | None) -> list[torch.Tensor]:
+        """The optimizer-state tensors of ``p`` that are masked with it: those shaped like it.
+        Integer state (e.g. 8-bit quantised moments, whose zero byte is not 0.0) and state
+        kept on another device are left alone, with a warning once per entry."""
+        out = []
+        for key, v in (self.optimizer.state.get(p) or {}).items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v is not p:
+                if v.is_floating_point() and v.device == p.device:
+                    out.append(v)
+                elif (id(p), key) not in self._unmasked_states:
+                    self._unmasked_states.add((id(p), key))
+                    of = repr(name) if name else "a bias of a channel group"
+                    warnings.warn(
+                        f"optimizer state {key!r} of {of} ({v.dtype} on {v.device}) is not masked: only "
+                        "floating-point state on the parameter's device is zeroed at masked slots (the "
+                        "weights themselves still are)", stacklevel=6)  # the caller of step()
+        return out
+
     def _state_list(self) -> tuple[list[torch.Tensor], list[int]]:
-        """Every optimizer-state tensor shaped like a sparse param, with its owner index."""
+        """Every masked optimizer-state tensor of the sparse params, with its owner index."""
         states, owner = [], []
-        st = self.optimizer.state
         for i, p in enumerate(self._params):
-            s = st.get(p)
-            if s:
-                for v in s.values():
-                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v is not p:
-                        states.append(v)
-                        owner.append(i)
+            for v in self._states_of(p, self._names[i]):
+                states.append(v)
+                owner.append(i)
         return states, owner
 
     def _masked_apply(self) -> None:
         tensors = [p.detach() for p in self._params]
-        self._align_masks(tensors)
         masks = self._mask_list()
         owner = list(range(len(tensors)))
         states, sowner = self._state_list()
         tensors += states
         owner += sowner
-        if self._bias_masks:
-            st = self.optimizer.state
-            for b, bm in self._bias_masks:
-                j = len(masks)
-                masks.append(bm)
-                tensors.append(b.detach())
+        for b, bm in self._bias_masks:
+            j = len(masks)
+            masks.append(bm)
+            tensors.append(b.detach())
+            owner.append(j)
+            for v in self._states_of(b, None):
+                tensors.append(v)
                 owner.append(j)
-                s = st.get(b)
-                if s:
-                    for v in s.values():
-                        if isinstance(v, torch.Tensor) and v.shape == b.shape and v is not b:
-                            tensors.append(v)
-                            owner.append(j)
         _layout.masked_apply_(self.ops, tensors, masks, owner)
 
-    def _align_masks(self, params: list[torch.Tensor]) -> None:
+    def _align_masks(self) -> None:
         """Keep each mask on its parameter's device and in its memory layout (the user may
         move the model after wrapping it, e.g. ``model.cuda()`` or
         ``model.to(memory_format=torch.channels_last)``), so masked apply needs no copies.
+        Runs first in ``step`` and in every public method that reads masks, so a model
+        moved to a device the kernels cannot take is refused before anything changes.
         Host-side checks only: no sync."""
-        moved = False
-        for n, p in zip(self._names, params):
+        moved = any(self._mask_dict[n].device != p.device for n, p in zip(self._names, self._params))
+        if moved:
+            self._check_devices()
+        for n, p in zip(self._names, self._params):
             m = self._mask_dict[n]
             if m.device != p.device:
                 m = self._mask_dict[n] = m.to(p.device)
-                moved = True
             if not _layout.same_layout(m, p):
                 self._mask_dict[n] = _layout.like(m, p)
         if moved:  # the liveness vectors and bias masks follow (they are built per device)
             self._rebuild_live()
+
+    def _check_devices(self) -> None:
+        """One device for all sparse weights, and one the backend has kernels for."""
+        devices = sorted({str(p.device) for p in self._params})
+        if len(devices) > 1:
+            raise ValueError(
+                f"ChaseOptimizer: the sparse weights are on several devices ({', '.join(devices)}); every "
+                "kernel call covers the whole model on one device: put the model on one device"
+            )
+        if self.backend == "native" and self._params[0].device.type == "cuda" and not self.ops.build_info()["has_cuda"]:
+            raise RuntimeError(
+                "ChaseOptimizer: the model is on CUDA but chase_ext._C was built without CUDA kernels; "
+                "rebuild it with CHASE_EXT_CUDA=1 (pip install --no-build-isolation .) or pass backend='reference'"
+            )
 
     def _nonfinite(self, grads: bool) -> list[str]:
         """Names of the sparse weights (and gradients) holding a non-finite value; one sync."""
@@ -555,6 +586,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         """One optimizer step with masking, and on schedule a channel event and a mask
         update (module docstring, "Step order"). Returns the closure's loss, if any."""
         cfg = self.config
+        self._align_masks()
         t = self._t + 1
         upd = is_update_step(t, cfg.update_steps, cfg.t_end_steps)
         ev = (
@@ -713,6 +745,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ slimming
     def slim_(self) -> "ChaseOptimizer":
         """Physically remove every removed channel (SPEC §5). Returns self."""
+        self._align_masks()
         with torch.no_grad():
             self._slim(None)
         return self
@@ -799,6 +832,7 @@ class ChaseOptimizer(torch.optim.Optimizer):
         this object, as ``torch.optim.Optimizer.state_dict`` does."""
         for hook in self._optimizer_state_dict_pre_hooks.values():
             hook(self)
+        self._align_masks()
         sd = dict(self.optimizer.state_dict())
         sd["chase"] = self._chase_state()
         for hook in self._optimizer_state_dict_post_hooks.values():

@@ -340,3 +340,23 @@ def test_model_moved_to_cuda_after_wrapping():
         assert chase.masks[n].is_cuda and torch.equal(chase.masks[n], ref[1].masks[n]), n
     for (n, pa), pb in zip(model.named_parameters(), ref[0].parameters()):
         assert torch.equal(pa.detach(), pb.detach()), n
+
+
+@needs_cuda
+def test_public_methods_follow_a_move_before_any_step():
+    """Built on the CPU, moved with ``model.cuda()``: masks, channel stats, the state
+    dict and ``slim_()`` work on the GPU tensors before the first step, and moving
+    back to the CPU works the same way."""
+    model, o, chase = _build("vgg_small", "cpu")
+    for device in ("cuda", "cpu"):
+        model.to(device)
+        assert all(m.device.type == device for m in chase.masks.values())
+        stats = chase.channel_stats()
+        assert all(c.device.type == device for c, _ in stats.values())
+        assert chase.active_count() == chase.budget
+        assert all(m.device.type == device for m in chase.state_dict()["chase"]["masks"])
+    chase.slim_()  # nothing removed yet: a no-op, but it must accept the moved model
+    model.cuda()
+    _set_grads(model, torch.Generator().manual_seed(0))
+    chase.step()
+    check_masked(chase)

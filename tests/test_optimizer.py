@@ -868,3 +868,49 @@ def test_random_growth_scores_are_one_draw_in_tensor_order(monkeypatch):
     assert len(seen) == 1 and len(seen[0]) == len(chase._params) > 3
     for s, p in zip(seen[0], chase._params):
         assert torch.equal(s, torch.rand(p.numel(), generator=g).view(p.shape))
+
+
+def test_masks_follow_a_layout_change_before_any_step():
+    model, opt, chase = make("vgg_small")
+    model.to(memory_format=torch.channels_last)
+    for n, p in zip(chase._names, chase._params):
+        if p.dim() == 4:
+            assert chase.masks[n].stride() == p.stride(), n
+
+
+def test_sparse_weights_on_two_devices_are_refused():
+    model = MODELS["mlp"]()
+    with torch.no_grad():
+        model[0].weight = nn.Parameter(torch.empty_like(model[0].weight, device="meta"))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match=r"on several devices \(cpu, meta\)"):
+        ChaseOptimizer(opt, model, density=0.3, total_steps=10, backend=BACKEND)
+
+
+class _Int8StateSGD(torch.optim.SGD):
+    """SGD that also keeps an integer tensor shaped like each parameter (as 8-bit
+    optimizers keep quantised moments) and a float one."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for g in self.param_groups:
+            for p in g["params"]:
+                st = self.state[p]
+                st.setdefault("codes", torch.full_like(p, 7, dtype=torch.uint8))
+                st.setdefault("ema", torch.ones_like(p))
+        return loss
+
+
+def test_integer_optimizer_state_is_left_alone_with_one_warning():
+    model, opt, chase = make("mlp", opt=lambda ps: _Int8StateSGD(ps, lr=0.05), total_steps=40,
+                             update_interval=5)
+    with pytest.warns(UserWarning, match=r"optimizer state 'codes' of '\d\.weight' \(torch\.uint8 on cpu\) "
+                                         r"is not masked") as rec:
+        for i in range(12):
+            train_step("mlp", model, chase, i)
+    assert sum("'codes' of '0.weight'" in str(w.message) for w in rec) == 1  # once, not per step
+    for n, p in zip(chase._names, chase._params):
+        st = chase.state[p]
+        assert bool((st["codes"] == 7).all()), n  # untouched
+        assert bool((st["ema"][~chase.masks[n]] == 0).all()), n  # float state still masked
+        assert bool((p.detach()[~chase.masks[n]] == 0).all()), n
