@@ -47,13 +47,13 @@ def _mask_channels(model, groups, keep):
     for g, k in zip(groups, keep):
         drop = torch.ones(g.channels, dtype=torch.bool)
         drop[k] = False
-        d = drop.nonzero().flatten()
+        d = drop.nonzero().flatten().to(next(model.parameters()).device)
         for p in g.producers:
             mods[p].weight[d] = 0
             if mods[p].bias is not None:
                 mods[p].bias[d] = 0
         for c in g.consumers:
-            cols = (d.view(-1, 1) * c.repeat + torch.arange(c.repeat)).reshape(-1)
+            cols = (d.view(-1, 1) * c.repeat + torch.arange(c.repeat, device=d.device)).reshape(-1)
             mods[c.module].weight[:, cols] = 0
 
 
@@ -72,11 +72,12 @@ def _perturb_bn(model):
 @pytest.mark.parametrize("gather", GATHERS)
 @pytest.mark.parametrize("coupled", [False, True])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_slim_equals_masked(name, coupled, gather):
+def test_slim_equals_masked(device, name, coupled, gather):
     torch.manual_seed(0)
     model = MODELS[name]()
     _perturb_bn(model)
-    x = example_input(name)
+    model.to(device)
+    x = example_input(name).to(device)
     groups = find_channel_groups(model, x, coupled=coupled)
     keep = _random_keep(groups, torch.Generator().manual_seed(3))
     _mask_channels(model, groups, keep)
@@ -86,8 +87,10 @@ def test_slim_equals_masked(name, coupled, gather):
     assert [(n, id(p)) for n, p in slim.named_parameters()] == params_before
     model.eval()
     slim.eval()
-    with torch.no_grad():
+    # full float32 on CUDA too (TF32 convs of two widths would differ by ~1e-3)
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.testing.assert_close(slim(x), model(x), rtol=1e-5, atol=1e-5)
+    assert all(p.device.type == torch.device(device).type for p in slim.parameters())
     mods = dict(slim.named_modules())
     for g, k in zip(groups, keep):
         K = len(k)
@@ -319,14 +322,14 @@ def _no_hooks_forward(model, x):
             m._forward_pre_hooks.update(d)
 
 
-def test_export_dense_conv_model():
-    model = vgg_small().eval()
-    x = example_input("vgg_small")
+def test_export_dense_conv_model(device):
+    model = vgg_small().eval().to(device)
+    x = example_input("vgg_small").to(device)
     groups = find_channel_groups(model, x)
     slim_(model, groups, _random_keep(groups, torch.Generator().manual_seed(2)))
     out = export_dense(model)
     ep = torch.export.export(out, (x,))
-    with torch.no_grad():
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         torch.testing.assert_close(ep.module()(x), model(x))
 
 
