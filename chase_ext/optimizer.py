@@ -652,15 +652,12 @@ class ChaseOptimizer(torch.optim.Optimizer):
                 t_end=cfg.t_end_steps, swap0=cfg.swap_fraction, swap_end=cfg.swap_fraction_end,
             )
         if cfg.grow == "random":
-            # One draw and, on one device, one copy: a copy per tensor would make the host
-            # wait for the GPU once per tensor. The CPU generator fills in order, so these
-            # are the numbers a draw per tensor gives.
+            # One draw and one copy (the sparse weights share a device, _check_devices): a
+            # copy per tensor would make the host wait for the GPU once per tensor. The CPU
+            # generator fills in order, so these are the numbers a draw per tensor gives.
             numels = [p.numel() for p in self._params]
-            flat = torch.rand(sum(numels), generator=self._gen)
-            devices = {p.device for p in self._params}
-            if len(devices) == 1:
-                flat = flat.to(devices.pop())
-            scores = [s.view(p.shape).to(p.device) for s, p in zip(flat.split(numels), self._params)]
+            flat = torch.rand(sum(numels), generator=self._gen).to(self._params[0].device)
+            scores = [s.view(p.shape) for s, p in zip(flat.split(numels), self._params)]
         assert scores is not None
         states, owner = self._state_list()
         lr, lc = self._live_arg
