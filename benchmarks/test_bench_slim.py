@@ -6,7 +6,7 @@
    and re-grows at step 2, two steps on one random sample); the masked model is a deep
    copy taken before ``chase.slim_()``. All three run in eval mode under
    ``torch.inference_mode``, channels_last, the same batch and thread count, interleaved
-   (``chase_ext.training.measure_throughput``). Recorded: median latency, images/s,
+   (``chase_ext.measure.measure_throughput``). Recorded: median latency, images/s,
    speedup slim/dense, MAC ratio dense/slim (``count_macs``), efficiency = speedup / MAC
    ratio. Slim and masked outputs are compared before timing.
 2. Training steps/s, Chase with ``slim_during_training=True`` vs masked only (VGG-16,
@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from chase_ext import ChaseOptimizer
-from chase_ext.training import count_macs, count_params, default_threads, measure_throughput, pick_backend
+from chase_ext.measure import count_macs, count_params, default_threads, measure_throughput
+from chase_ext.training import pick_backend
 
 from conftest import QUICK, RESULTS, machine_name
 from models import resnet50, vgg_cifar

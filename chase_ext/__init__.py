@@ -6,7 +6,7 @@ Public names (all reachable after a plain ``import chase_ext``; everything but
 * ``ChaseOptimizer``, ``ChaseConfig``, ``rewrap_ddp``;
 * submodules ``ops`` (the native kernels), ``reference`` (the same ops
   in plain PyTorch), ``slim`` (``export_dense``, ``slim_``), ``graph`` (channel groups),
-  ``config``, ``distributed``, ``optimizer``, ``training``.
+  ``config``, ``distributed``, ``optimizer``, ``training``, ``measure``.
 
 ``import chase_ext.ops`` and ``from chase_ext import ops`` both work.
 """
@@ -17,9 +17,9 @@ __version__ = "0.1.0"
 from . import reference  # noqa: F401  (pure-PyTorch oracle, always importable)
 
 # Submodules loaded on first attribute access.
-_SUBMODULES = ("ops", "reference", "slim", "graph", "config", "distributed", "optimizer", "training")
+_SUBMODULES = ("ops", "reference", "slim", "graph", "config", "distributed", "optimizer", "training", "measure")
 
-# `optimizer` and `training` stay out of __all__: a star import would shadow common names.
+# `optimizer`, `training` and `measure` stay out of __all__: a star import would shadow common names.
 __all__ = ["ChaseOptimizer", "ChaseConfig", "rewrap_ddp",
            "ops", "reference", "slim", "graph", "config", "distributed"]
 

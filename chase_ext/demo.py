@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import torch
 
+from . import measure as M
 from . import training as T
 
 __all__ = ["load_digits", "build_parser", "main", "run", "write_report", "format_table", "plot_report"]
@@ -194,7 +195,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t_start = time.perf_counter()
     device = torch.device(args.device)
     old_threads = torch.get_num_threads()
-    threads = args.threads or T.default_threads()
+    threads = args.threads or M.default_threads()
     torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()

@@ -34,6 +34,7 @@ try:  # run from a checkout without installing
 except ImportError:  # pragma: no cover
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from chase_ext import measure as M
 from chase_ext import training as T
 from chase_ext.demo import _check_device, _HelpFormatter, format_table, write_report
 
@@ -121,7 +122,7 @@ def run(train_ds: Dataset, test_ds: Dataset, args: argparse.Namespace) -> dict[s
     if why:
         raise ValueError(why)
     old_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or T.default_threads())
+    torch.set_num_threads(args.threads or M.default_threads())
     try:
         return _run(train_ds, test_ds, args)
     finally:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from chase_ext import demo
+from chase_ext import measure as M
 from chase_ext import training as T
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,7 +86,7 @@ def test_quick_report_has_every_key(quick):
     assert tp["dense"]["samples_per_s"] > 0 and tp["chase_slim"]["samples_per_s"] > 0
     assert len(tp["dense"]["seconds"]) == tp["rounds"] == 3
     cd = res["channel_density"]
-    assert set(cd["layers"]) == {n for n, _ in T.sparse_weights(T.vgg())}
+    assert set(cd["layers"]) == {n for n, _ in M.sparse_weights(T.vgg())}
     for name, L in cd["layers"].items():
         for when in ("start", "end"):
             st = L[when]
@@ -176,20 +177,20 @@ def test_tensor_loader_same_seed_same_batches():
 
 def test_count_macs_and_params():
     m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
-    r = T.count_macs(m, torch.randn(2, 3, 4, 4))
+    r = M.count_macs(m, torch.randn(2, 3, 4, 4))
     assert r["layers"]["0"] == 16 * 8 * 3 * 9
     assert r["layers"]["3"] == 128 * 5
     assert r["macs"] == 16 * 8 * 27 + 640
-    assert T.count_params(m) == 8 * 27 + 8 + 128 * 5 + 5
+    assert M.count_params(m) == 8 * 27 + 8 + 128 * 5 + 5
     with torch.no_grad():
         m[3].weight[:, :64] = 0
-    assert T.count_macs(m, torch.randn(2, 3, 4, 4))["nonzero_macs"] == 16 * 8 * 27 + 320
+    assert M.count_macs(m, torch.randn(2, 3, 4, 4))["nonzero_macs"] == 16 * 8 * 27 + 320
 
 
 def test_measure_throughput_interleaves_and_restores():
     a, b = nn.Linear(16, 16).train(), nn.Sequential(nn.Linear(16, 4)).eval()
     threads = torch.get_num_threads()
-    r = T.measure_throughput({"a": a, "b": b}, torch.randn(32, 16), rounds=3, iters=2, threads=1)
+    r = M.measure_throughput({"a": a, "b": b}, torch.randn(32, 16), rounds=3, iters=2, threads=1)
     assert r["threads"] == 1 and torch.get_num_threads() == threads
     assert len(r["a"]["seconds"]) == len(r["b"]["seconds"]) == 3
     assert r["a"]["samples_per_s"] > 0 and r["b"]["samples_per_s"] > 0
