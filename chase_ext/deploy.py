@@ -1,0 +1,198 @@
+"""The inference model as people ship it: norms folded, eval mode, a chosen layout and dtype.
+
+``deploy(model, example_inputs)`` takes a slim or dense model (it is not changed) and
+returns a new ``torch.fx.GraphModule`` that
+
+* has every BatchNorm folded into the conv/linear that feeds it, where that is exact: the
+  norm's only input is the output of a conv (``nn.Conv1d/2d/3d``, any ``groups``) or an
+  ``nn.Linear`` on a 2-D input, that output is used by nothing but the norm, neither module
+  is called more than once nor shares a parameter with another module, and the norm
+  tracks running statistics. Folding uses the running statistics, so the result equals
+  the eval-mode model; the arithmetic is done in float64 and cast back;
+* is in eval mode with ``requires_grad=False`` parameters;
+* optionally runs channels_last (``channels_last=True``, 4-D weights) and in
+  ``dtype`` (``torch.float16`` / ``torch.bfloat16``: every floating parameter and buffer);
+* is plain eager PyTorch, so ``torch.compile``, ``torch.export`` and ``torch.onnx.export``
+  take it, and :func:`cuda_graph_runner` captures it into one CUDA graph replay.
+
+The model must trace with ``torch.fx.symbolic_trace`` (the same requirement as channel
+group tracing, ``chase_ext.graph``); ``fold=False`` skips folding (and tracing) and only
+applies eval mode, layout and dtype to a copy.
+``deploy`` checks, before any dtype change, that the folded model reproduces the original
+eval-mode output on ``example_inputs`` within ``check_rtol`` of the output's scale.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+__all__ = ["deploy", "fold_batchnorm", "cuda_graph_runner"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+_DTYPES = (None, torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _as_tuple(example_inputs: Any) -> tuple:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (tuple, list)) and example_inputs:
+        return tuple(example_inputs)
+    raise TypeError(f"example_inputs must be a tensor or a non-empty tuple/list of inputs, "
+                    f"got {type(example_inputs).__name__}")
+
+
+def _module_uses(gm: fx.GraphModule) -> dict[str, int]:
+    uses: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            uses[n.target] = uses.get(n.target, 0) + 1
+    return uses
+
+
+def _shared_params(gm: fx.GraphModule) -> set[str]:
+    """Names of leaf modules that hold a parameter some other module holds too."""
+    owners: dict[int, list[str]] = {}
+    for name, m in gm.named_modules(remove_duplicate=False):
+        for p in m.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    return {n for names in owners.values() if len(names) > 1 for n in names}
+
+
+@torch.no_grad()
+def _fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """layer(x) -> bn(layer(x)) in eval mode, in place: per-output-channel scale and shift."""
+    w = layer.weight
+    var = bn.running_var.double()
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.double()
+    b = layer.bias.double() if layer.bias is not None else torch.zeros_like(shift)
+    # out channels are dim 0 of conv and linear weights
+    new_w = (w.double() * scale.reshape(-1, *([1] * (w.dim() - 1)))).to(w.dtype)
+    new_b = (b * scale + shift).to(w.dtype)
+    layer.weight = nn.Parameter(new_w, requires_grad=w.requires_grad)
+    layer.bias = nn.Parameter(new_b, requires_grad=w.requires_grad)
+
+
+def fold_batchnorm(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModule, list[tuple[str, str]]]:
+    """A traced copy of ``model`` with every exactly-foldable BatchNorm folded (rules in the
+    module docstring). Returns ``(graph_module, [(layer, norm), ...])`` naming each fold."""
+    args = _as_tuple(example_inputs)
+    src = copy.deepcopy(model).eval()
+    try:
+        gm = fx.symbolic_trace(src)
+    except Exception as e:  # noqa: BLE001 - any tracing failure means the same thing here
+        raise ValueError(f"deploy: the model does not trace with torch.fx ({type(e).__name__}: {e}); "
+                         f"pass fold=False to deploy it without folding norms") from e
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*args)  # Linear+BN1d folds only for a 2-D (N, C) output
+    uses = _module_uses(gm)
+    shared = _shared_params(gm)
+    modules = dict(gm.named_modules())
+    folded = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(modules[node.target], _BNS):
+            continue
+        bn = modules[node.target]
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        prev = node.args[0]
+        if prev.op != "call_module" or len(prev.users) != 1:
+            continue  # the conv/linear output is read elsewhere too: folding would change that read
+        layer = modules[prev.target]
+        if isinstance(layer, _CONVS):
+            ok = layer.out_channels == bn.num_features
+        elif isinstance(layer, nn.Linear):
+            meta = prev.meta.get("tensor_meta")
+            ok = layer.out_features == bn.num_features and meta is not None and len(meta.shape) == 2
+        else:
+            ok = False
+        if not ok or bn.running_mean is None or bn.running_var is None:
+            continue
+        if uses[node.target] != 1 or uses[prev.target] != 1 or node.target in shared or prev.target in shared:
+            continue
+        if not layer.weight.is_floating_point():
+            continue
+        _fold_into(layer, bn)
+        node.replace_all_uses_with(prev)
+        gm.graph.erase_node(node)
+        folded.append((prev.target, node.target))
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm, folded
+
+
+def deploy(model: nn.Module, example_inputs: Any, *, fold: bool = True, channels_last: bool = False,
+           dtype: torch.dtype | None = None, check_rtol: float = 1e-4) -> nn.Module:
+    """The inference copy of ``model`` (see the module docstring). ``example_inputs`` (a
+    tensor or tuple of positional inputs, on the model's device, float32) drive shape
+    propagation and the folding check. ``deployed.folded`` lists ``(layer, norm)`` pairs."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"deploy: dtype must be one of float32, float16, bfloat16, float64 or None, got {dtype}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"deploy: model must be an nn.Module, got {type(model).__name__}")
+    args = _as_tuple(example_inputs)
+    if fold:
+        out, folded = fold_batchnorm(model, args)
+        flags = {m: m.training for m in model.modules()}
+        model.eval()
+        try:
+            with torch.no_grad():
+                ref, got = model(*args), out(*args)
+        finally:
+            for m, f in flags.items():
+                m.train(f)
+        if isinstance(ref, torch.Tensor):
+            tol = check_rtol * float(ref.abs().max()) + 1e-6
+            err = float((ref - got).abs().max())
+            if not err <= tol:  # also catches NaN
+                raise RuntimeError(f"deploy: the folded model differs from the original by {err:.3g} "
+                                   f"(tolerance {tol:.3g}); folds: {folded}")
+    else:
+        out, folded = copy.deepcopy(model).eval(), []
+    out.eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    if dtype is not None:
+        out.to(dtype)
+    if channels_last:
+        out.to(memory_format=torch.channels_last)
+    out.folded = folded
+    return out
+
+
+def cuda_graph_runner(model: Callable, example: torch.Tensor, warmup: int = 3) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``model`` captured into one CUDA graph for inputs shaped like ``example``: the returned
+    function copies its input into the captured buffer, replays, and returns the captured
+    output tensor (overwritten by the next call; clone it to keep it)."""
+    if not example.is_cuda:
+        raise ValueError("cuda_graph_runner needs a CUDA example input")
+    static_in = example.clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(s):
+        for _ in range(warmup):  # cuDNN picks its algorithms outside the capture
+            model(static_in)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        static_out = model(static_in)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if x.shape != static_in.shape or x.dtype != static_in.dtype:
+            raise ValueError(f"cuda_graph_runner: captured for {tuple(static_in.shape)} {static_in.dtype}, "
+                             f"got {tuple(x.shape)} {x.dtype}")
+        static_in.copy_(x)
+        graph.replay()
+        return static_out
+
+    return run

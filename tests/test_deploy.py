@@ -1,0 +1,227 @@
+"""The deploy path (chase_ext.deploy): folded == unfolded, layout/dtype, export, ONNX."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from chase_ext.deploy import cuda_graph_runner, deploy
+from chase_ext.graph import find_channel_groups
+from chase_ext.slim import slim_
+
+from models import MODELS, example_input, resnet_bottleneck
+
+_BENCH_MODELS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "models.py")
+
+
+def _bench_resnet50():
+    spec = importlib.util.spec_from_file_location("_bench_models", _BENCH_MODELS)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.resnet50
+
+
+def _perturb_bn(model, seed=1):
+    """Non-trivial running stats and affine parameters so folding has something to do."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+    return model
+
+
+def _n_bn(model):
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _close(got, ref, rtol=1e-5):
+    scale = float(ref.abs().max())
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=rtol * scale + 1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_folded_equals_unfolded(name):
+    torch.manual_seed(0)
+    model = _perturb_bn(MODELS[name]()).eval()
+    x = example_input(name, batch=4)
+    dep = deploy(model, x)
+    with torch.no_grad():
+        ref, got = model(x), dep(x)
+    _close(got, ref)
+    # every BN of these models follows a conv/linear that feeds only it
+    assert len(dep.folded) == _n_bn(model) > 0
+    assert _n_bn(dep) == 0
+    assert not dep.training and not any(p.requires_grad for p in dep.parameters())
+    assert model.training is False and _n_bn(model) > 0  # the caller's model is untouched
+
+
+def test_deploy_leaves_training_flags_and_weights_alone():
+    model = _perturb_bn(MODELS["resnet_bottleneck"]()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    deploy(model, example_input("resnet_bottleneck"))
+    assert all(m.training for m in model.modules())
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_resnet50_folds_every_norm():
+    model = _perturb_bn(_bench_resnet50()(width_div=4)).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    dep = deploy(model, x)
+    assert len(dep.folded) == 53  # stem + 3 per bottleneck x 16 + 4 downsample
+    assert ("layer1.0.downsample.0", "layer1.0.downsample.1") in dep.folded
+    with torch.no_grad():
+        _close(dep(x), model(x))
+
+
+def test_slim_model_folds_and_matches():
+    torch.manual_seed(0)
+    model = _perturb_bn(resnet_bottleneck()).eval()
+    x = example_input("resnet_bottleneck", batch=4)
+    groups = find_channel_groups(model, x)
+    g = torch.Generator().manual_seed(2)
+    slim_(model, groups, [torch.randperm(gr.channels, generator=g)[: max(1, gr.channels // 3)].sort().values
+                          for gr in groups])
+    dep = deploy(model, x)
+    with torch.no_grad():
+        _close(dep(x), model(x))
+    assert len(dep.folded) == _n_bn(model)
+
+
+class _SharedOutput(nn.Module):
+    """conv1's output feeds its BN and a residual add: folding would change the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.bn_twice = nn.BatchNorm2d(4)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        a = self.conv1(x)
+        b = self.bn1(a) + a
+        c = self.bn2(self.conv2(b))
+        d = self.bn_twice(self.conv3(c))
+        return self.bn_twice(d)  # a norm called twice is left alone
+
+
+class _LinearSeq(nn.Module):
+    """BatchNorm1d after a linear on a 3-D input normalizes dim 1, not the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):  # x: (N, 5, 6) -> (N, 5, 5); BN reads dim 1 (5 positions)
+        return self.bn(self.fc(x))
+
+
+def test_only_exact_folds():
+    model = _perturb_bn(_SharedOutput()).eval()
+    x = torch.randn(2, 4, 8, 8)
+    dep = deploy(model, x)
+    assert dep.folded == [("conv2", "bn2")]
+    with torch.no_grad():
+        _close(dep(x), model(x))
+    seq = _perturb_bn(_LinearSeq()).eval()
+    xs = torch.randn(3, 5, 6)
+    dep = deploy(seq, xs)
+    assert dep.folded == []
+    with torch.no_grad():
+        _close(dep(xs), seq(xs))
+
+
+def test_layout_and_dtype():
+    model = _perturb_bn(MODELS["resnet_basic"]()).eval()
+    x = example_input("resnet_basic", batch=4)
+    dep = deploy(model, x, channels_last=True, dtype=torch.bfloat16)
+    convs = [m for m in dep.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last) for m in convs)
+    with torch.no_grad():
+        ref = model(x)
+        got = dep(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
+    assert got.dtype == torch.bfloat16
+    _close(got, ref, rtol=0.05)
+
+
+def test_bad_input():
+    model = MODELS["mlp"]()
+    x = example_input("mlp")
+    with pytest.raises(ValueError, match="dtype"):
+        deploy(model, x, dtype=torch.int8)
+    with pytest.raises(TypeError, match="example_inputs"):
+        deploy(model, None)
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(20, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)  # data-dependent: fx cannot trace
+
+    with pytest.raises(ValueError, match="fold=False"):
+        deploy(Branchy(), x)
+    dep = deploy(Branchy(), x, fold=False)
+    assert dep.folded == [] and not dep.training
+
+
+def test_torch_export():
+    model = _perturb_bn(MODELS["resnet_bottleneck"]()).eval()
+    x = example_input("resnet_bottleneck", batch=2)
+    dep = deploy(model, x)
+    ep = torch.export.export(dep, (x,))
+    with torch.no_grad():
+        _close(ep.module()(x), model(x))
+    # no batch_norm left in the exported graph
+    assert not any("batch_norm" in str(n.target) for n in ep.graph.nodes)
+
+
+def test_onnx_matches_onnxruntime(tmp_path):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")  # torch.onnx.export (dynamo) needs it
+    model = _perturb_bn(MODELS["resnet_bottleneck"]()).eval()
+    x = example_input("resnet_bottleneck", batch=2)
+    dep = deploy(model, x)
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(dep, (x,), path, input_names=["x"], output_names=["y"], dynamo=True)
+    import onnx
+
+    graph = onnx.load(path).graph
+    assert not any(n.op_type == "BatchNormalization" for n in graph.node)
+    sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (y,) = sess.run(["y"], {"x": x.numpy()})
+    with torch.no_grad():
+        _close(torch.from_numpy(y), model(x), rtol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_runner():
+    model = _perturb_bn(MODELS["resnet_bottleneck"]()).eval().cuda()
+    x = example_input("resnet_bottleneck", batch=4).cuda()
+    dep = deploy(model, x, channels_last=True, dtype=torch.float16)
+    xh = x.half().contiguous(memory_format=torch.channels_last)
+    run = cuda_graph_runner(dep, xh)
+    with torch.no_grad():
+        ref = dep(xh)
+    out = run(xh).clone()
+    _close(out, ref, rtol=1e-3)
+    x2 = torch.randn_like(xh)
+    with torch.no_grad():
+        _close(run(x2).clone(), dep(x2), rtol=1e-3)
+    with pytest.raises(ValueError, match="captured for"):
+        run(xh[:2])
