@@ -1,0 +1,494 @@
+"""Does slimming pay? Dense vs slim ResNet-50 speed in the regimes a user meets, one run.
+
+    python benchmarks/speed_resnet50.py [--device cuda|cpu] [--budget-s 150] [--quick]
+        [--sc 0.3 0.4 0.5] [--recipes spec round8 ...] [--threads N] [--out PATH] [--no-save]
+
+The slim models: ResNet-50 (shapes built in code, ``models.resnet50``) with channels chosen
+by ``ChaseOptimizer`` itself, as ``test_bench_slim.inference_case`` does (density 0.1, an
+event at step 1 that reaches S_c, two steps on one random sample, then ``slim_()``), on
+the device under test. The SPEC default at every S_c; the other recipes at ``--recipe-sc``
+(0.4): ``round_to`` 8/16/32/64, ``coupled_channels=True`` (block outputs shrink too),
+both together, and the latency-table allocation where the installed chase_ext has it.
+
+Regimes (every model gets the same treatment; variants interleaved in one run, each round
+starting one variant further along, medians of rounds):
+
+* CUDA: eager fp32 (TF32 off), eager fp16 / bf16 channels_last, the deploy path
+  (``chase_ext.deploy``: BN folded, fp16, channels_last), the deploy model in a CUDA graph,
+  and ``torch.compile`` of the deploy model while the time budget allows; cuDNN benchmark
+  mode on (what a deployment sets); batch 1 latency and batch 256 throughput.
+* CPU: eager fp32 contiguous and channels_last, the deploy path in fp32 (contiguous and
+  channels_last); batch 1 and 16; ``--threads`` threads (2 by default).
+* The training step (bf16 autocast on CUDA / fp32 on CPU, channels_last, SGD with
+  momentum, batch 128 on CUDA) of each slim model vs the dense one at the same settings.
+* A per-layer time breakdown, dense vs SPEC default at S_c 0.4 (eager): forward hooks time
+  each leaf module (CUDA events / wall clock), and ``torch.profiler`` gives the top kernels.
+
+Beside each speedup: the MAC ratio dense/slim (``count_macs``) and the activation-bytes
+ratio (sum of every leaf module's output elements at batch 1, dense/slim: a proxy for what
+norm, activation and add kernels move). ``--budget-s`` bounds the whole run: parts run in
+order of importance and a part that would overrun is skipped and named in ``"skipped"``.
+Results go to ``benchmarks/results/<machine>-speed.json`` (a GPU names the file after it).
+``--quick`` (the pytest file ``test_bench_speed.py``) shrinks ResNet-50 8x in width at 64x64.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from models import resnet50  # noqa: E402
+from timing import rotated  # noqa: E402
+
+from chase_ext import ChaseConfig, ChaseOptimizer  # noqa: E402
+from chase_ext.deploy import cuda_graph_runner, deploy  # noqa: E402
+
+try:  # the counting helpers are moving to chase_ext.measure
+    from chase_ext.measure import count_macs  # noqa: E402
+except ImportError:
+    from chase_ext.training import count_macs  # noqa: E402
+from chase_ext.training import pick_backend  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DENSITY = 0.1
+RECIPES = {
+    "spec": {},
+    "round8": {"round_to": 8},
+    "round16": {"round_to": 16},
+    "round32": {"round_to": 32},
+    "round64": {"round_to": 64},
+    "coupled": {"coupled_channels": True},
+    "coupled_round8": {"coupled_channels": True, "round_to": 8},
+    "latency": {"channel_allocation": "latency"},
+}
+
+
+class Budget:
+    """Wall-clock budget: parts ask before they start; what does not fit is recorded."""
+
+    def __init__(self, seconds: float):
+        self.t0 = time.perf_counter()
+        self.seconds = seconds
+        self.skipped: list[str] = []
+
+    def left(self) -> float:
+        return self.seconds - (time.perf_counter() - self.t0)
+
+    def allows(self, what: str, need_s: float) -> bool:
+        if self.left() >= need_s:
+            return True
+        self.skipped.append(f"{what} (needed ~{need_s:.0f} s, {max(self.left(), 0):.0f} s left)")
+        print("skip:", self.skipped[-1], flush=True)
+        return False
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def machine_file(device: str) -> str:
+    if device == "cuda":
+        slug = torch.cuda.get_device_name().lower()
+    else:
+        slug = "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                slug = next(line.split(":", 1)[1] for line in f if line.startswith("model name")).lower()
+        except (OSError, StopIteration):
+            pass
+        slug = f"cpu-{torch.get_num_threads()}t-{slug}"
+    slug = "".join(ch if ch.isalnum() else "-" for ch in slug).strip("-")
+    while "--" in slug:
+        slug = slug.replace("--", "-")
+    return os.path.join(RESULTS, ("gpu-" if device == "cuda" else "") + slug + "-speed.json")
+
+
+# --------------------------------------------------------------------------- models
+def select_slim(dense: nn.Module, sc: float, recipe: dict, size: int, device: str) -> tuple[nn.Module, dict]:
+    """A slim copy of ``dense``: channels chosen by ChaseOptimizer (see the module doc)."""
+    model = copy.deepcopy(dense)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, 1000, (1,), generator=g).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    chase = ChaseOptimizer(opt, model, density=DENSITY, total_steps=4, channel_sparsity=sc, example_inputs=x,
+                           update_interval=2, channel_interval=1, channel_end=1, backend=pick_backend(device),
+                           **recipe)
+    model.train()
+    for _ in range(2):
+        loss = F.cross_entropy(model(x), y)
+        chase.zero_grad()
+        loss.backward()
+        chase.step()
+    del loss
+    report = chase.channel_report()
+    chase.slim_()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return model, {"live_per_group": {r["group"]: [r["channels"], r["live"]] for r in report},
+                   "channels_before": sum(r["channels"] for r in report),
+                   "channels_after": sum(r["live"] for r in report)}
+
+
+def activation_elements(model: nn.Module, x: torch.Tensor) -> int:
+    """Sum of every leaf module's output elements for one sample (eval mode)."""
+    total = [0]
+
+    def hook(m, i, o):
+        if isinstance(o, torch.Tensor):
+            total[0] += o.numel()
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model.eval()(x[:1])
+    finally:
+        for h in hs:
+            h.remove()
+    return total[0]
+
+
+# --------------------------------------------------------------------------- timing
+def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: int, min_round_s: float,
+                     warmup: int = 2) -> dict[str, dict]:
+    """fns: name -> zero-argument callable. Warm-up, then ``rounds`` rounds, each running
+    every variant ``iters`` times (iters from the slowest so a round lasts ~min_round_s),
+    the order rotating each round. Returns name -> {median_s (per call), spread_s, iters}."""
+    with torch.inference_mode():
+        for f in fns.values():
+            for _ in range(warmup):
+                f()
+        _sync(device)
+        slowest = 0.0
+        for f in fns.values():
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            slowest = max(slowest, time.perf_counter() - t0)
+        iters = max(1, min(200, round(min_round_s / max(slowest, 1e-6))))
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for r in range(rounds):
+            for k in rotated(list(fns), r):
+                f = fns[k]
+                _sync(device)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    f()
+                _sync(device)
+                times[k].append((time.perf_counter() - t0) / iters)
+    return {k: {"median_s": statistics.median(v), "spread_s": [min(v), max(v)], "iters": iters, "rounds": rounds}
+            for k, v in times.items()}
+
+
+def _prepare(model: nn.Module, regime: dict, x32: torch.Tensor):
+    """The model and input of one regime: (callable, input tensor)."""
+    dtype, cl = regime["dtype"], regime["channels_last"]
+    if regime["deploy"]:
+        m = deploy(model, x32[:2], channels_last=cl, dtype=dtype)
+    else:
+        m = copy.deepcopy(model).eval().to(dtype)
+        if cl:
+            m = m.to(memory_format=torch.channels_last)
+    x = x32.to(dtype)
+    if cl:
+        x = x.contiguous(memory_format=torch.channels_last)
+    if regime.get("compile"):
+        m = torch.compile(m, dynamic=False)
+    if regime.get("cuda_graph"):
+        return cuda_graph_runner(m, x), x
+    return m, x
+
+
+def run_regime(name: str, regime: dict, models: dict[str, nn.Module], batch: int, size: int, device: str,
+               rounds: int, min_round_s: float) -> dict:
+    x32 = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
+    fns = {}
+    for k, m in models.items():
+        f, x = _prepare(m, regime, x32)
+        fns[k] = (lambda f=f, x=x: f(x))
+    res = time_interleaved(fns, device, rounds, min_round_s)
+    base = res["dense"]["median_s"]
+    for k, r in res.items():
+        r["per_s"] = batch / r["median_s"]
+        r["speedup_over_dense"] = base / r["median_s"]
+    print(f"{name} batch {batch}: " + ", ".join(f"{k} {r['speedup_over_dense']:.2f}x" for k, r in res.items()
+                                                 if k != "dense") + f" (dense {base * 1e3:.2f} ms)", flush=True)
+    return {"batch": batch, "variants": res}
+
+
+def train_step_speed(models: dict[str, nn.Module], batch: int, size: int, device: str, rounds: int,
+                     min_round_s: float) -> dict:
+    """One SGD step (momentum 0.9) per call, channels_last, bf16 autocast on CUDA."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), generator=g).to(device)
+    fns = {}
+    for k, m in models.items():
+        m = copy.deepcopy(m).to(memory_format=torch.channels_last).train()
+        for p in m.parameters():
+            p.requires_grad_(True)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+
+        def step(m=m, opt=opt):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = F.cross_entropy(m(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        fns[k] = step
+    for f in fns.values():  # warm-up (cuDNN autotuning, optimizer state)
+        for _ in range(2):
+            f()
+    _sync(device)
+    t0 = time.perf_counter()
+    fns["dense"]()
+    _sync(device)
+    iters = max(1, min(50, round(min_round_s / max(time.perf_counter() - t0, 1e-6))))
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in rotated(list(fns), r):
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fns[k]()
+            _sync(device)
+            times[k].append((time.perf_counter() - t0) / iters)
+    base = statistics.median(times["dense"])
+    out = {k: {"median_s": statistics.median(v), "spread_s": [min(v), max(v)], "iters": iters, "rounds": rounds,
+               "images_per_s": batch / statistics.median(v), "speedup_over_dense": base / statistics.median(v)}
+           for k, v in times.items()}
+    print("train step: " + ", ".join(f"{k} {r['speedup_over_dense']:.2f}x" for k, r in out.items() if k != "dense"),
+          flush=True)
+    return {"batch": batch, "autocast": "bfloat16" if device == "cuda" else None,
+            "memory_format": "channels_last", "optimizer": "SGD(momentum=0.9)", "variants": out}
+
+
+def layer_breakdown(models: dict[str, nn.Module], regime: dict, batch: int, size: int, device: str,
+                    reps: int) -> dict:
+    """Per leaf module time (median of reps; CUDA events on CUDA) and top profiler kernels."""
+    x32 = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(3)).to(device)
+    out = {}
+    for k, model in models.items():
+        m, x = _prepare(model, regime, x32)
+        per: dict[str, list[float]] = {}
+        marks: dict[str, object] = {}
+
+        def pre(mod, inp, name=None):
+            if device == "cuda":
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                marks[name] = ev
+            else:
+                marks[name] = time.perf_counter()
+
+        def post(mod, inp, o, name=None):
+            if device == "cuda":
+                ev = torch.cuda.Event(enable_timing=True)
+                ev.record()
+                per.setdefault(name, []).append((marks[name], ev))
+            else:
+                per.setdefault(name, []).append(time.perf_counter() - marks[name])
+
+        hs = []
+        for name, mod in m.named_modules():
+            if not list(mod.children()):
+                hs.append(mod.register_forward_pre_hook(lambda mo, i, name=name: pre(mo, i, name)))
+                hs.append(mod.register_forward_hook(lambda mo, i, o, name=name: post(mo, i, o, name)))
+        try:
+            with torch.inference_mode():
+                m(x)  # warm-up
+                per.clear()
+                for _ in range(reps):
+                    m(x)
+                _sync(device)
+        finally:
+            for h in hs:
+                h.remove()
+        layers = {}
+        for name, v in per.items():
+            ts = [a.elapsed_time(b) / 1e3 for a, b in v] if device == "cuda" else v
+            # a module called several times per forward (the shared relu) sums its calls
+            calls = len(ts) // reps
+            layers[name] = sum(statistics.median(ts[i::calls]) for i in range(calls))
+        kinds: dict[str, float] = {}
+        mods = dict(m.named_modules())
+        for name, t in layers.items():
+            kind = type(mods[name]).__name__
+            kinds[kind] = kinds.get(kind, 0.0) + t
+        stages: dict[str, float] = {}
+        for name, t in layers.items():
+            st = name.split(".")[0] if name.startswith("layer") else "stem_head"
+            stages[st] = stages.get(st, 0.0) + t
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch.profiler.profile(activities=acts) as prof, torch.inference_mode():
+            m(x)
+            _sync(device)
+        key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        evs = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)[:15]
+        out[k] = {"total_s": sum(layers.values()), "by_kind_s": kinds, "by_stage_s": stages, "by_layer_s": layers,
+                  "profiler_top": [{"name": e.key, "self_s": getattr(e, key, 0) / 1e6, "calls": e.count} for e in evs]}
+    return {"batch": batch, "regime": regime_desc(regime), "reps": reps, "models": out}
+
+
+def regime_desc(r: dict) -> dict:
+    return {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in r.items()}
+
+
+# --------------------------------------------------------------------------- the run
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--budget-s", type=float, default=150.0, help="wall-clock bound for the whole run")
+    ap.add_argument("--quick", action="store_true", help="ResNet-50 8x narrower at 64x64, tiny batches")
+    ap.add_argument("--sc", type=float, nargs="+", default=[0.3, 0.4, 0.5])
+    ap.add_argument("--recipe-sc", type=float, default=0.4, help="S_c at which the non-default recipes run")
+    ap.add_argument("--recipes", nargs="+", default=None, help=f"of {sorted(RECIPES)} (default: all available)")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-save", action="store_true")
+    a = ap.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device here")
+    budget = Budget(a.budget_s)
+    dev = a.device
+    cuda = dev == "cuda"
+    if not cuda:
+        torch.set_num_threads(a.threads)
+    else:
+        torch.backends.cudnn.benchmark = True
+        # eager fp32 means full fp32: no TF32 in convs or matmuls (the fp16/bf16 regimes are unaffected)
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    knobs = {f.name for f in __import__("dataclasses").fields(ChaseConfig)}
+    recipes = a.recipes or [r for r in RECIPES if set(RECIPES[r]) <= knobs]
+    for r in recipes:
+        if r not in RECIPES:
+            ap.error(f"unknown recipe {r!r}; known: {sorted(RECIPES)}")
+        if not set(RECIPES[r]) <= knobs:
+            ap.error(f"recipe {r!r} needs ChaseConfig knobs {sorted(set(RECIPES[r]) - knobs)} this chase_ext lacks")
+    wdiv, size = (8, 64) if a.quick else (1, 224)
+    thr_batch = 2 if a.quick else (256 if cuda else 16)
+    train_batch = 2 if a.quick else (128 if cuda else 16)
+    rounds = a.rounds or (1 if a.quick else (7 if cuda else 5))
+    min_round_s = 0.005 if a.quick else (0.05 if cuda else 0.3)
+
+    torch.manual_seed(0)
+    dense = resnet50(width_div=wdiv).to(dev).eval()
+    x1 = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(4)).to(dev)
+    models: dict[str, nn.Module] = {"dense": dense}
+    info: dict[str, dict] = {}
+    plan = [(sc, "spec") for sc in a.sc] + [(a.recipe_sc, r) for r in recipes if r != "spec"]
+    for sc, r in plan:
+        name = f"{r}@{sc}"
+        if not budget.allows(f"selection {name}", 3 if cuda else 10):
+            continue
+        t0 = time.perf_counter()
+        models[name], info[name] = select_slim(dense, sc, RECIPES[r], size, dev)
+        info[name].update(recipe=r, channel_sparsity=sc, select_s=time.perf_counter() - t0)
+    dm = count_macs(dense, x1)["macs"]
+    da = activation_elements(dense, x1)
+    info["dense"] = {"recipe": None, "channel_sparsity": 0.0}
+    for k, m in models.items():
+        mk, ak = count_macs(m, x1)["macs"], activation_elements(m, x1)
+        info[k].update(macs=mk, mac_ratio=dm / mk, activation_elements=ak, activation_ratio=da / ak,
+                       params=sum(p.numel() for p in m.parameters()))
+    sweep = {k: m for k, m in models.items() if k == "dense" or k.startswith("spec@")}
+    at_rsc = {k: m for k, m in models.items() if k == "dense" or k.endswith(f"@{a.recipe_sc}")}
+
+    F16 = torch.float16
+    if cuda:
+        R = {
+            "eager_fp32": dict(deploy=False, dtype=torch.float32, channels_last=False),
+            "eager_fp16_cl": dict(deploy=False, dtype=F16, channels_last=True),
+            "eager_bf16_cl": dict(deploy=False, dtype=torch.bfloat16, channels_last=True),
+            "deploy_fp16_cl": dict(deploy=True, dtype=F16, channels_last=True),
+            "deploy_fp16_cl_cudagraph": dict(deploy=True, dtype=F16, channels_last=True, cuda_graph=True),
+            "deploy_fp16_cl_compile": dict(deploy=True, dtype=F16, channels_last=True, compile=True),
+        }
+        # (regime, batch, model set, seconds it needs at least) in order of importance
+        parts = [("deploy_fp16_cl", thr_batch, models, 12), ("eager_fp16_cl", thr_batch, sweep, 6),
+                 ("train", train_batch, at_rsc, 15), ("deploy_fp16_cl_cudagraph", thr_batch, models, 12),
+                 ("deploy_fp16_cl_cudagraph", 1, models, 6), ("eager_bf16_cl", thr_batch, sweep, 6),
+                 ("eager_fp32", thr_batch, sweep, 10), ("eager_fp16_cl", 1, sweep, 4),
+                 ("deploy_fp16_cl", 1, models, 5), ("profile", thr_batch, None, 8)]
+        if not a.no_compile:
+            parts.append(("deploy_fp16_cl_compile", thr_batch, None, 60))
+        profile_regime = "eager_fp16_cl"
+    else:
+        R = {
+            "eager_fp32": dict(deploy=False, dtype=torch.float32, channels_last=False),
+            "deploy_fp32": dict(deploy=True, dtype=torch.float32, channels_last=False),
+            "eager_fp32_cl": dict(deploy=False, dtype=torch.float32, channels_last=True),
+            "deploy_fp32_cl": dict(deploy=True, dtype=torch.float32, channels_last=True),
+        }
+        parts = [("eager_fp32", thr_batch, sweep, 20), ("deploy_fp32", thr_batch, sweep, 20),
+                 ("eager_fp32_cl", thr_batch, sweep, 20), ("deploy_fp32_cl", thr_batch, models, 30),
+                 ("eager_fp32", 1, sweep, 5), ("deploy_fp32", 1, sweep, 5), ("profile", thr_batch, None, 15),
+                 ("train", train_batch, at_rsc, 60)]
+        profile_regime = "eager_fp32"
+    if a.quick:
+        parts = [(p, b, s, 0) for p, b, s, _ in parts]
+
+    regimes: dict[str, dict] = {}
+    train = profile = None
+    for part, batch, subset, need in parts:
+        label = f"{part} batch {batch}"
+        if not budget.allows(label, need):
+            continue
+        if part == "train":
+            train = train_step_speed(subset, batch, size, dev, max(3, rounds - 2), min_round_s)
+        elif part == "profile":
+            pm = {k: models[k] for k in ("dense", f"spec@{a.recipe_sc}") if k in models}
+            profile = layer_breakdown(pm, R[profile_regime], batch, size, dev, reps=1 if a.quick else 5)
+        elif part == "deploy_fp16_cl_compile":
+            # the deploy results pick the fastest recipe at recipe_sc; compile dense, SPEC and it
+            base = regimes.get(f"deploy_fp16_cl@{thr_batch}", {}).get("variants", {})
+            cands = [k for k in at_rsc if k != "dense" and k in base]
+            pick = ["dense"] + ([f"spec@{a.recipe_sc}"] if f"spec@{a.recipe_sc}" in models else [])
+            if cands:
+                best = max(cands, key=lambda k: base[k]["speedup_over_dense"])
+                pick += [best] if best not in pick else []
+            regimes[f"{part}@{batch}"] = run_regime(part, R[part], {k: models[k] for k in pick}, batch, size, dev,
+                                                    rounds, min_round_s)
+        else:
+            regimes[f"{part}@{batch}"] = run_regime(part, R[part], subset, batch, size, dev, rounds, min_round_s)
+        regimes.get(f"{part}@{batch}", {}).update(regime=regime_desc(R.get(part, {})))
+
+    meta = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": a.quick, "input": [3, size, size],
+        "threads": torch.get_num_threads() if not cuda else None, "cudnn_benchmark": cuda,
+        "tf32": False, "density": DENSITY, "budget_s": a.budget_s,
+        "load_avg_1m_at_start": os.getloadavg()[0], "rounds": rounds,
+        "selection": "ChaseOptimizer, density 0.1, event at step 1 reaches S_c, 2 steps on one sample, slim_()",
+    }
+    result = {"meta": meta, "models": info, "regimes": regimes, "train_step": train, "layer_breakdown": profile,
+              "skipped": budget.skipped, "wall_s": time.perf_counter() - budget.t0}
+    if not a.no_save:
+        path = a.out or machine_file(dev)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, sort_keys=True)
+            f.write("\n")
+        print("wrote", path)
+    print(f"wall {result['wall_s']:.1f} s; skipped: {budget.skipped or 'nothing'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
