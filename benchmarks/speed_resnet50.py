@@ -212,17 +212,30 @@ def _prepare(model: nn.Module, regime: dict, x32: torch.Tensor):
 
 
 def run_regime(name: str, regime: dict, models: dict[str, nn.Module], batch: int, size: int, device: str,
-               rounds: int, min_round_s: float) -> dict:
+               rounds: int, min_round_s: float, budget: Budget | None = None, need_each_s: float = 0.0) -> dict:
+    """Time ``models`` in one regime, interleaved. With ``budget``, each model is prepared
+    only while ``need_each_s`` is left (torch.compile: the first call compiles, so it is
+    made here and timed as ``first_call_s``); dense must fit or nothing is timed."""
     x32 = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
-    fns = {}
+    fns, first = {}, {}
     for k, m in models.items():
+        if budget is not None and not budget.allows(f"{name} batch {batch} {k}", need_each_s):
+            break
         f, x = _prepare(m, regime, x32)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            f(x)
+        _sync(device)
+        first[k] = time.perf_counter() - t0
         fns[k] = (lambda f=f, x=x: f(x))
+    if len(fns) < 2:
+        return {}
     res = time_interleaved(fns, device, rounds, min_round_s)
     base = res["dense"]["median_s"]
     for k, r in res.items():
         r["per_s"] = batch / r["median_s"]
         r["speedup_over_dense"] = base / r["median_s"]
+        r["first_call_s"] = first[k]
     print(f"{name} batch {batch}: " + ", ".join(f"{k} {r['speedup_over_dense']:.2f}x" for k, r in res.items()
                                                  if k != "dense") + f" (dense {base * 1e3:.2f} ms)", flush=True)
     return {"batch": batch, "variants": res}
@@ -427,7 +440,7 @@ def main(argv=None) -> dict:
                  ("eager_fp32", thr_batch, sweep, 10), ("eager_fp16_cl", 1, sweep, 4),
                  ("deploy_fp16_cl", 1, models, 5), ("profile", thr_batch, None, 8)]
         if not a.no_compile:
-            parts.append(("deploy_fp16_cl_compile", thr_batch, None, 60))
+            parts.append(("deploy_fp16_cl_compile", thr_batch, None, 45))
         profile_regime = "eager_fp16_cl"
     else:
         R = {
@@ -463,11 +476,14 @@ def main(argv=None) -> dict:
             if cands:
                 best = max(cands, key=lambda k: base[k]["speedup_over_dense"])
                 pick += [best] if best not in pick else []
-            regimes[f"{part}@{batch}"] = run_regime(part, R[part], {k: models[k] for k in pick}, batch, size, dev,
-                                                    rounds, min_round_s)
+            reg = run_regime(part, R[part], {k: models[k] for k in pick}, batch, size, dev, rounds, min_round_s,
+                             budget=budget, need_each_s=0 if a.quick else 40)
+            if reg:
+                regimes[f"{part}@{batch}"] = reg
         else:
             regimes[f"{part}@{batch}"] = run_regime(part, R[part], subset, batch, size, dev, rounds, min_round_s)
-        regimes.get(f"{part}@{batch}", {}).update(regime=regime_desc(R.get(part, {})))
+        if f"{part}@{batch}" in regimes:
+            regimes[f"{part}@{batch}"]["regime"] = regime_desc(R[part])
 
     meta = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
