@@ -1,0 +1,207 @@
+"""Mask and optimizer-state bookkeeping of :class:`chase_ext.ChaseOptimizer`.
+
+:class:`MaskingMixin` holds what the step pipeline (SPEC §3.0) does to masks and state
+around the wrapped optimizer's step:
+
+* alignment: each mask stays on its parameter's device and in its memory layout, and all
+  sparse weights on one device the backend has kernels for (``_align_masks``,
+  ``_check_devices``);
+* liveness: the live row/column vectors of channel groups and the bias masks of removed
+  channels, rebuilt after every channel change (``_rebuild_live``);
+* the masked apply: one ``masked_apply_`` zeroes masked weights, the same-shape
+  optimizer state and removed channels' biases (``_masked_apply``, ``_states_of``,
+  ``_state_list``, ``_mask_list``);
+* the finiteness check of weights and gradients on update steps (``_nonfinite``);
+* the counts the update reads: active weights per tensor (``_nnz``), live slots and
+  shapes (``_live_numels``, ``_live_shapes``).
+
+It is a mixin: it works on the attributes ``ChaseOptimizer.__init__`` sets (``_names``,
+``_params``, ``_mask_dict``, ``optimizer``, ``ops``, ``backend``, ``_ch``) and those of
+the channel setup (``_row_group``, ``_col_group``, ``_g_bias``,
+:mod:`chase_ext.events`), and sets ``_live_rows``, ``_live_cols``, ``_live_arg``,
+``_bias_masks`` and ``_any_removed``.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from . import layout as _layout
+from . import sparsity as _sp
+
+__all__ = ["MaskingMixin"]
+
+
+class MaskingMixin:
+    """Masks, liveness and masked state of the sparse tensors (module docstring)."""
+
+    def _align_masks(self) -> None:
+        """Keep each mask on its parameter's device and in its memory layout (the user may
+        move the model after wrapping it, e.g. ``model.cuda()`` or
+        ``model.to(memory_format=torch.channels_last)``), so masked apply needs no copies.
+        Runs first in ``step`` and in every public method that reads masks, so a model
+        moved to a device the kernels cannot take is refused before anything changes.
+        Host-side checks only: no sync."""
+        moved = any(self._mask_dict[n].device != p.device for n, p in zip(self._names, self._params))
+        if moved:
+            self._check_devices()
+        for n, p in zip(self._names, self._params):
+            m = self._mask_dict[n]
+            if m.device != p.device:
+                m = self._mask_dict[n] = m.to(p.device)
+            if not _layout.same_layout(m, p):
+                self._mask_dict[n] = _layout.like(m, p)
+        if moved:  # the liveness vectors and bias masks follow (they are built per device)
+            self._rebuild_live()
+
+    def _check_devices(self) -> None:
+        """One device for all sparse weights, and one the backend has kernels for."""
+        devices = sorted({str(p.device) for p in self._params})
+        if len(devices) > 1:
+            raise ValueError(
+                f"ChaseOptimizer: the sparse weights are on several devices ({', '.join(devices)}); every "
+                "kernel call covers the whole model on one device: put the model on one device"
+            )
+        if self.backend == "native" and self._params[0].device.type == "cuda" and not self.ops.build_info()["has_cuda"]:
+            raise RuntimeError(
+                "ChaseOptimizer: the model is on CUDA but chase_ext._C was built without CUDA kernels; "
+                "rebuild it with CHASE_EXT_CUDA=1 (pip install --no-build-isolation .) or pass backend='reference'"
+            )
+
+    def _rebuild_live(self) -> None:
+        """Live row/col vectors and bias masks from the channel state (after any change)."""
+        n = len(self._params)
+        self._live_rows: list[torch.Tensor | None] = [None] * n
+        self._live_cols: list[torch.Tensor | None] = [None] * n
+        self._bias_masks: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self._any_removed = False
+        ch = self._ch
+        if ch is None:
+            self._live_arg = ([], [])
+            return
+        phys = [ch.physical_live(g) for g in range(len(ch.channels))]
+        partial = [not bool(pl.all()) for pl in phys]
+        for i, p in enumerate(self._params):
+            g = self._row_group[i]
+            if g is not None:
+                self._live_rows[i] = phys[g]
+            gc = self._col_group[i]
+            if gc is not None:
+                self._live_cols[i] = phys[gc[0]].repeat_interleave(gc[1])
+        self._any_removed = any(partial)
+        if self._any_removed:
+            lr, lc = [], []
+            for i, p in enumerate(self._params):
+                r = self._live_rows[i]
+                c = self._live_cols[i]
+                lr.append((r if r is not None else torch.ones(p.shape[0], dtype=torch.bool)).to(p.device))
+                lc.append((c if c is not None else torch.ones(p.shape[1], dtype=torch.bool)).to(p.device))
+            self._live_arg = (lr, lc)
+            for g, part in enumerate(partial):
+                if part:
+                    for b in self._g_bias[g]:
+                        self._bias_masks.append((b, phys[g].to(b.device)))
+        else:
+            self._live_arg = ([], [])
+
+    def _mask_list(self) -> list[torch.Tensor]:
+        return [self._mask_dict[n] for n in self._names]
+
+    def _states_of(self, p: torch.Tensor, name: str | None) -> list[torch.Tensor]:
+        """The optimizer-state tensors of ``p`` that are masked with it: those shaped like it.
+        Integer state (e.g. 8-bit quantised moments, whose zero byte is not 0.0) and state
+        kept on another device are left alone, with a warning once per entry."""
+        out = []
+        for key, v in (self.optimizer.state.get(p) or {}).items():
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v is not p:
+                if v.is_floating_point() and v.device == p.device:
+                    out.append(v)
+                elif (id(p), key) not in self._unmasked_states:
+                    self._unmasked_states.add((id(p), key))
+                    of = repr(name) if name else "a bias of a channel group"
+                    warnings.warn(
+                        f"optimizer state {key!r} of {of} ({v.dtype} on {v.device}) is not masked: only "
+                        "floating-point state on the parameter's device is zeroed at masked slots (the "
+                        "weights themselves still are)", stacklevel=6)  # the caller of step()
+        return out
+
+    def _state_list(self) -> tuple[list[torch.Tensor], list[int]]:
+        """Every masked optimizer-state tensor of the sparse params, with its owner index."""
+        states, owner = [], []
+        for i, p in enumerate(self._params):
+            for v in self._states_of(p, self._names[i]):
+                states.append(v)
+                owner.append(i)
+        return states, owner
+
+    def _masked_apply(self) -> None:
+        tensors = [p.detach() for p in self._params]
+        masks = self._mask_list()
+        owner = list(range(len(tensors)))
+        states, sowner = self._state_list()
+        tensors += states
+        owner += sowner
+        for b, bm in self._bias_masks:
+            j = len(masks)
+            masks.append(bm)
+            tensors.append(b.detach())
+            owner.append(j)
+            for v in self._states_of(b, None):
+                tensors.append(v)
+                owner.append(j)
+        _layout.masked_apply_(self.ops, tensors, masks, owner)
+
+    def _nonfinite(self, grads: bool) -> list[str]:
+        """Names of the sparse weights (and gradients) holding a non-finite value; one sync."""
+        ts, names = [], []
+        for n, p in zip(self._names, self._params):
+            ts.append(p.detach())
+            names.append(f"weight {n!r}")
+            if grads and p.grad is not None:
+                ts.append(p.grad.detach())
+                names.append(f"gradient of {n!r}")
+        # A sum is non-finite whenever one element is (inf + x = inf, inf - inf = NaN, NaN
+        # spreads), and it reads each tensor once with no temporary: 10 ms where
+        # isfinite().all() took 176 ms on ResNet-50 weights + gradients (1 thread). A sum
+        # can also overflow on finite values, so only the tensors it flags get the exact check.
+        dev = ts[0].device
+        sums = torch.stack([x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).to(dev)
+                            for x in ts])
+        flagged = torch.nonzero(~torch.isfinite(sums).cpu()).flatten().tolist()  # one sync
+        return [names[i] for i in flagged if not bool(torch.isfinite(ts[i]).all())]
+
+    def _nnz(self) -> list[int]:
+        ms = self._mask_list()
+        if not ms:
+            return []
+        dev = ms[0].device
+        # count_nonzero on bool: 15 ms where sum() took 96 ms (25.5 M slots, 1 thread)
+        return [int(x) for x in torch.stack([torch.count_nonzero(m).to(dev) for m in ms]).tolist()]
+
+    def _live_numels(self) -> list[int]:
+        out = []
+        for i, p in enumerate(self._params):
+            r = self._live_rows[i]
+            c = self._live_cols[i]
+            out.append(
+                _sp.live_numel(
+                    p.shape,
+                    None if r is None else int(r.sum()),
+                    None if c is None else int(c.sum()),
+                )
+            )
+        return out
+
+    def _live_shapes(self) -> list[tuple[int, ...]]:
+        out = []
+        for i, p in enumerate(self._params):
+            shp = list(p.shape)
+            r, c = self._live_rows[i], self._live_cols[i]
+            if r is not None:
+                shp[0] = int(r.sum())
+            if c is not None:
+                shp[1] = int(c.sum())
+            out.append(tuple(shp))
+        return out
