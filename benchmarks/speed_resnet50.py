@@ -380,6 +380,24 @@ def main(argv=None) -> dict:
     budget = Budget(a.budget_s)
     dev = a.device
     cuda = dev == "cuda"
+    result: dict = {"meta": {
+        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": a.quick,
+        "threads": None if cuda else a.threads, "cudnn_benchmark": cuda, "tf32": False, "density": DENSITY,
+        "budget_s": a.budget_s, "load_avg_1m_at_start": os.getloadavg()[0],
+        "selection": "ChaseOptimizer, density 0.1, event at step 1 reaches S_c, 2 steps on one sample, slim_()",
+    }, "skipped": budget.skipped, "finished": False}
+    path = None if a.no_save else (a.out or machine_file(dev))
+
+    def save():
+        result["wall_s"] = time.perf_counter() - budget.t0
+        if path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1, sort_keys=True)
+            f.write("\n")
+        os.replace(path + ".tmp", path)
     if not cuda:
         torch.set_num_threads(a.threads)
     else:
@@ -420,6 +438,8 @@ def main(argv=None) -> dict:
         mk, ak = count_macs(m, x1)["macs"], activation_elements(m, x1)
         info[k].update(macs=mk, mac_ratio=dm / mk, activation_elements=ak, activation_ratio=da / ak,
                        params=sum(p.numel() for p in m.parameters()))
+    result.update(models=info)
+    result["meta"].update(input=[3, size, size], rounds=rounds)
     sweep = {k: m for k, m in models.items() if k == "dense" or k.startswith("spec@")}
     at_rsc = {k: m for k, m in models.items() if k == "dense" or k.endswith(f"@{a.recipe_sc}")}
 
@@ -458,16 +478,21 @@ def main(argv=None) -> dict:
         parts = [(p, b, s, 0) for p, b, s, _ in parts]
 
     regimes: dict[str, dict] = {}
-    train = profile = None
+    result.update(regimes=regimes, train_step=None, layer_breakdown=None)
     for part, batch, subset, need in parts:
         label = f"{part} batch {batch}"
+        save()  # after every part: a crash or a kill later still leaves what was measured
         if not budget.allows(label, need):
             continue
+        if cuda:  # graphs and compiled models of the last part are gone: give their memory back
+            torch.cuda.empty_cache()
+        mem = f", {torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved" if cuda else ""
+        print(f"[{time.perf_counter() - budget.t0:.0f} s{mem}] {label}", flush=True)
         if part == "train":
-            train = train_step_speed(subset, batch, size, dev, max(3, rounds - 2), min_round_s)
+            result["train_step"] = train_step_speed(subset, batch, size, dev, max(3, rounds - 2), min_round_s)
         elif part == "profile":
             pm = {k: models[k] for k in ("dense", f"spec@{a.recipe_sc}") if k in models}
-            profile = layer_breakdown(pm, R[profile_regime], batch, size, dev, reps=1 if a.quick else 5)
+            result["layer_breakdown"] = layer_breakdown(pm, R[profile_regime], batch, size, dev, reps=1 if a.quick else 5)
         elif part == "deploy_fp16_cl_compile":
             # the deploy results pick the fastest recipe at recipe_sc; compile dense, SPEC and it
             base = regimes.get(f"deploy_fp16_cl@{thr_batch}", {}).get("variants", {})
@@ -485,23 +510,8 @@ def main(argv=None) -> dict:
         if f"{part}@{batch}" in regimes:
             regimes[f"{part}@{batch}"]["regime"] = regime_desc(R[part])
 
-    meta = {
-        "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": a.quick, "input": [3, size, size],
-        "threads": torch.get_num_threads() if not cuda else None, "cudnn_benchmark": cuda,
-        "tf32": False, "density": DENSITY, "budget_s": a.budget_s,
-        "load_avg_1m_at_start": os.getloadavg()[0], "rounds": rounds,
-        "selection": "ChaseOptimizer, density 0.1, event at step 1 reaches S_c, 2 steps on one sample, slim_()",
-    }
-    result = {"meta": meta, "models": info, "regimes": regimes, "train_step": train, "layer_breakdown": profile,
-              "skipped": budget.skipped, "wall_s": time.perf_counter() - budget.t0}
-    if not a.no_save:
-        path = a.out or machine_file(dev)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, sort_keys=True)
-            f.write("\n")
-        print("wrote", path)
+    result["finished"] = True
+    save()
     print(f"wall {result['wall_s']:.1f} s; skipped: {budget.skipped or 'nothing'}")
     return result
 
