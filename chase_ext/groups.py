@@ -1,4 +1,4 @@
-"""Data types for channel groups (shared by graph.py, channels.py, slim.py, optimizer.py)."""
+"""Data types for channel groups (shared by graph.py, tracing.py, slim.py, optimizer.py)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
