@@ -16,7 +16,9 @@ The rules themselves (targets, floors, scores, selection, channel records) live 
 :mod:`chase_ext.channels`; the model surgery in :mod:`chase_ext.slim`. It is a mixin: it
 works on the attributes ``ChaseOptimizer.__init__`` sets (``model``, ``config``,
 ``_params``, ``_names``, ``_index``, ``_orig_shapes``, ``_mask_dict``, ``ops``,
-``optimizer``, ``_k``, ``budget``) and on :class:`chase_ext.masking.MaskingMixin`.
+``optimizer``, ``_k``, ``budget``) and on :class:`chase_ext.masking.MaskingMixin`, and
+sets ``groups``, ``_ch`` (the :class:`chase_ext.channels.ChannelState`), ``_floors`` and
+the index tables ``_row_group``, ``_col_group``, ``_g_prod``, ``_g_fan_in``, ``_g_bias``.
 """
 from __future__ import annotations
 
