@@ -7,9 +7,10 @@ for convolutions on GPUs, gives a conv weight (O, I, kh, kw) the strides
 (I·kh·kw, 1, kw·I, I). ``ChaseOptimizer`` calls the ops through this module:
 
 - ``masked_apply_`` runs every step and is elementwise, so the memory order does not
-  matter: a weight, its mask and its optimizer state that share one dense layout are
-  handed over as a permuted *view* that is contiguous (no copy). Only a group whose
-  tensors disagree in layout (or are not dense) is copied and written back.
+  matter: the op itself takes any dense mask with tensors laid out like it and runs over
+  their flat storage, so a weight, its mask and its optimizer state that share one dense
+  layout (channels_last, say) are handed over as they are. Only a tensor laid out unlike
+  its mask (or a mask that is not dense) goes through a copy, written back.
 - ``mask_update_`` and ``channel_stats`` run at updates and channel events only. Their
   results depend on the row-major order (tie-breaks; the summation order of Σ|w|), so
   each non-contiguous tensor is copied to a contiguous one, and the written ones are
@@ -26,7 +27,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["dense_order", "same_layout", "like", "masked_apply_", "mask_update_", "channel_stats"]
+__all__ = ["dense_order", "same_layout", "same_flat_layout", "like", "masked_apply_", "mask_update_",
+           "channel_stats"]
 
 
 def dense_order(t: Tensor) -> list[int] | None:
@@ -50,6 +52,21 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
         return a.shape == b.shape
     order = dense_order(b)
     return order is not None and _same_order([b, a], order)
+
+
+def same_flat_layout(a: Tensor, b: Tensor) -> bool:
+    """Same strides on every dim of more than one entry: element (i, j, ...) sits at the
+    same offset in both, so the storage of one masks the storage of the other slot by slot
+    (the rule of ``masked_apply_``; shapes are compared apart)."""
+    if a.stride() == b.stride():
+        return True
+    return a.dim() == b.dim() and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def _dense(t: Tensor) -> bool:
+    """Covers its memory densely; the common layouts are checked without ``dense_order``."""
+    return (t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+            or dense_order(t) is not None)
 
 
 def like(src: Tensor, ref: Tensor) -> Tensor:
@@ -79,32 +96,23 @@ def _all_contiguous(*lists: Sequence[Tensor]) -> bool:
 
 
 def masked_apply_(ops, tensors: list[Tensor], masks: list[Tensor], owner: list[int]) -> None:
-    """``ops.masked_apply_`` for any layouts: views where a group shares one, else copies."""
-    if _all_contiguous(tensors, masks):
+    """``ops.masked_apply_`` for any layouts: a plain call when each tensor is laid out like
+    its mask (the usual case: masks follow their parameter's layout, and optimizer state
+    is created like its parameter); otherwise through copies in the mask's layout."""
+    if all(_dense(m) for m in masks) and all(
+            0 <= o < len(masks) and same_flat_layout(t, masks[o]) for t, o in zip(tensors, owner)):
         ops.masked_apply_(tensors, masks, owner)
         return
-    members: list[list[int]] = [[] for _ in masks]
-    for i, j in enumerate(owner):
-        members[j].append(i)
-    ts, ms, staged = list(tensors), list(masks), []
-    for j, m in enumerate(masks):
-        group = [m] + [tensors[i] for i in members[j]]
-        if all(t.is_contiguous() for t in group):
-            continue
-        order = dense_order(m)
-        if order is not None and _same_order(group, order):
-            ms[j] = m.permute(order)
-            for i in members[j]:
-                ts[i] = tensors[i].permute(order)
-        else:
-            ms[j] = m.contiguous()
-            s = _Staged([tensors[i] for i in members[j]])
-            for i, t in zip(members[j], s.ts):
-                ts[i] = t
-            staged.append(s)
+    ms = [m if _dense(m) else m.contiguous() for m in masks]
+    ts, copied = list(tensors), []
+    for i, (t, o) in enumerate(zip(tensors, owner)):
+        # bad arguments (owner out of range, another shape) go to the op as they are: it names them
+        if 0 <= o < len(ms) and t.shape == ms[o].shape and not same_flat_layout(t, ms[o]):
+            ts[i] = like(t, ms[o])
+            copied.append(i)
     ops.masked_apply_(ts, ms, owner)
-    for s in staged:
-        s.write_back()
+    for i in copied:
+        tensors[i].copy_(ts[i])
 
 
 def channel_stats(ops, weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .layout import dense_order, same_flat_layout
+
 __all__ = [
     "sortable_key",
     "select_threshold",
@@ -71,12 +73,17 @@ def _check_float_list(op: str, name: str, ts) -> None:
                        TypeError)
 
 
-def _check_bool_list(op: str, name: str, ts) -> None:
+def _check_bool_list(op: str, name: str, ts, dense: bool = False) -> None:
+    """Bool tensors, contiguous (or, with ``dense``, covering their memory densely in any
+    dim order: masked_apply_ runs over flat storage)."""
     _check_list(op, name, ts)
     for i, t in enumerate(ts):
         if t.dtype != torch.bool:
             raise _err(op, f"{name}[{i}] must be bool, got {t.dtype}", TypeError)
-        if not t.is_contiguous():
+        if dense and dense_order(t) is None:
+            raise _err(op, f"{name}[{i}] must cover its memory densely (contiguous, channels_last or another "
+                           f"permutation; no gaps or overlaps), got strides {t.stride()} for shape {list(t.shape)}")
+        if not dense and not t.is_contiguous():
             raise _err(op, f"{name}[{i}] must be contiguous")
 
 
@@ -129,9 +136,11 @@ def _check_counts(op: str, name: str, counts, n: int) -> None:
             raise _err(op, f"{name}[{i}]={c} is negative")
 
 
-def _check_owned(op: str, name: str, ts, owner_name: str, owner, owned_name: str, owned) -> None:
+def _check_owned(op: str, name: str, ts, owner_name: str, owner, owned_name: str, owned,
+                 like_owner: bool = False) -> None:
     """``ts[j]`` belongs to ``owned[owner[j]]``: owner in range (no -1 wrap), same shape
-    and device, and ``ts[j]`` a contiguous float tensor we can zero bit-wise."""
+    and device, and ``ts[j]`` a contiguous float tensor we can zero bit-wise (with
+    ``like_owner``: laid out in memory like its owner instead of contiguous)."""
     _check_list(op, name, ts)
     if len(owner) != len(ts):
         raise _err(op, f"{owner_name} has {len(owner)} entries but there are {len(ts)} {name}")
@@ -143,7 +152,10 @@ def _check_owned(op: str, name: str, ts, owner_name: str, owner, owned_name: str
                            f"{list(owned[o].shape)}")
         if t.device != owned[o].device:
             raise _err(op, f"{name}[{j}] is on {t.device} but its owner {owned_name}[{o}] is on {owned[o].device}")
-        if not t.is_contiguous():
+        if like_owner and not same_flat_layout(t, owned[o]):
+            raise _err(op, f"{name}[{j}] has strides {t.stride()} but {owned_name}[{o}] has strides "
+                           f"{owned[o].stride()}; a tensor must be laid out in memory like its mask")
+        if not like_owner and not t.is_contiguous():
             raise _err(op, f"{name}[{j}] must be contiguous")
         if not t.is_floating_point() or t.element_size() not in _SAME_WIDTH_INT:
             raise _err(op, f"{name}[{j}] must be floating point of 1, 2, 4 or 8 bytes, got {t.dtype}", TypeError)
@@ -364,10 +376,13 @@ def channel_stats(weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, T
 
 
 def masked_apply_(tensors: list[Tensor], masks: list[Tensor], owner: list[int]) -> None:
-    """``tensors[i] <- where(masks[owner[i]], tensors[i], 0)`` for every i."""
+    """``tensors[i] <- where(masks[owner[i]], tensors[i], 0)`` for every i.
+
+    Elementwise, so any dense layout is taken: each mask covers its memory densely and
+    each tensor is laid out like its mask (same strides where a dim has > 1 entry)."""
     op = "masked_apply_"
-    _check_bool_list(op, "masks", masks)
-    _check_owned(op, "tensors", tensors, "owner", owner, "masks", masks)
+    _check_bool_list(op, "masks", masks, dense=True)
+    _check_owned(op, "tensors", tensors, "owner", owner, "masks", masks, like_owner=True)
     _check_one_device(op, "tensors", tensors)
     _check_no_alias(op, dict(tensors=tensors), dict(masks=masks))
     for t, o in zip(tensors, owner):

@@ -179,6 +179,7 @@ def test_cpu_equals_cuda(seed, ties, live):
         assert torch.equal(x, y.cpu())
 
 
+@pytest.mark.error_path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_capture_is_refused():
     """The CUDA ops stage their tensor lists in host memory, which a graph replay would
@@ -251,6 +252,7 @@ def test_cuda_bracketed_select_sampled_and_fallback(cuda_select, adversarial):
     assert after[took] == before[took] + 1, (before, after)
 
 
+@pytest.mark.error_path
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_selection_mode_errors(cuda_select):
     w, m = [torch.randn(8, device="cuda")], [torch.ones(8, dtype=torch.bool, device="cuda")]
@@ -323,6 +325,7 @@ def _unchanged(before, *lists):
     return all(torch.equal(_bits(x), _bits(y)) for b, ts in zip(before, lists) for x, y in zip(b, ts))
 
 
+@pytest.mark.error_path
 def test_errors_name_the_argument_and_write_nothing(device):
     ws, ms, scores, lr, lc, _ = make_case(7, 2, torch.float32, device, ties=False, live=False,
                                           shapes=[(4, 3), (5, 2)], density=0.5)
@@ -350,6 +353,7 @@ def test_errors_name_the_argument_and_write_nothing(device):
         assert _unchanged(before, ws, ms, states), needle
 
 
+@pytest.mark.error_path
 def test_non_finite_raises_and_writes_nothing(device):
     ws, ms, scores, *_ = make_case(8, 2, torch.float32, device, ties=False, live=False,
                                    shapes=[(4, 3), (5, 2)], density=0.5)
@@ -364,6 +368,7 @@ def test_non_finite_raises_and_writes_nothing(device):
             R.mask_update_(clone(w), clone(ms), s, [], [], [], [], [1], [1])
 
 
+@pytest.mark.error_path
 def test_gather_errors(device):
     t = torch.randn(4, 3, device=device)
     before = t.clone()
@@ -384,6 +389,7 @@ def test_gather_keep_may_be_a_view_of_the_tensor(device):
     assert torch.equal(t.view(-1)[:6], expect.view(-1)[:6])
 
 
+@pytest.mark.error_path
 def test_aliased_written_arguments_are_refused(device):
     ws, ms, scores, *_ = make_case(4, 2, torch.float32, device, ties=False, live=False,
                                    shapes=[(5, 4), (5, 4)], density=0.5)
@@ -431,6 +437,7 @@ def test_a_meta_tensor_among_real_ones_is_refused(device):
     assert torch.equal(ws[0], w0[0])
 
 
+@pytest.mark.error_path
 def test_autograd_sees_the_in_place_ops(device):
     w = torch.randn(4, 3, device=device, requires_grad=True)
     m = torch.rand(4, 3, device=device) < 0.5
@@ -462,6 +469,7 @@ def test_autograd_sees_the_in_place_ops(device):
     assert torch.equal(inf, inf0)
 
 
+@pytest.mark.error_path
 def test_select_threshold_k_out_of_range(device):
     ws, ms, *_ = make_case(9, 1, torch.float32, device, ties=False, live=False, shapes=[(4, 3)], density=0.5)
     with pytest.raises(RuntimeError, match="k=100"):
@@ -554,6 +562,7 @@ def _cpu_isas():
     return out
 
 
+@pytest.mark.error_path
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
 def test_mask_update_every_cpu_isa_matches_reference(monkeypatch, dtype, ties):
@@ -654,6 +663,7 @@ def test_masked_apply_every_cpu_isa_matches_reference(monkeypatch, dtype):
             assert torch.equal(x.view(bits), y.view(bits)), isa
 
 
+@pytest.mark.error_path
 def test_cpu_isa_override_errors(monkeypatch):
     monkeypatch.setenv("CHASE_EXT_CPU_ISA", "sse9")
     with pytest.raises(RuntimeError, match="CHASE_EXT_CPU_ISA must be baseline, avx2 or avx512; got 'sse9'"):

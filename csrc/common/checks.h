@@ -153,33 +153,6 @@ inline void check_mask_update_args(const char* op, TensorList weights, TensorLis
   check_no_alias(op, std::move(spans));
 }
 
-// Every argument check of masked_apply_ (CPU and CUDA).
-inline void check_masked_apply_args(const char* op, TensorList tensors, TensorList masks, c10::IntArrayRef owner) {
-  for (size_t i = 0; i < masks.size(); ++i) {
-    TORCH_CHECK(masks[i].scalar_type() == at::kBool, op, ": masks[", i, "] must be bool, got ",
-                masks[i].scalar_type());
-    TORCH_CHECK(masks[i].is_contiguous(), op, ": masks[", i, "] must be contiguous");
-  }
-  TORCH_CHECK(owner.size() == tensors.size(), op, ": owner has ", owner.size(), " entries but there are ",
-              tensors.size(), " tensors");
-  for (size_t j = 0; j < tensors.size(); ++j) {
-    TORCH_CHECK(owner[j] >= 0 && owner[j] < (int64_t)masks.size(), op, ": owner[", j, "]=", owner[j],
-                " is out of range [0, ", masks.size(), ")");
-    const auto& m = masks[owner[j]];
-    TORCH_CHECK(tensors[j].sizes() == m.sizes(), op, ": tensors[", j, "] has shape ", tensors[j].sizes(),
-                " but masks[", owner[j], "] has shape ", m.sizes());
-    TORCH_CHECK(tensors[j].device() == m.device(), op, ": tensors[", j, "] is on ", tensors[j].device(),
-                " but masks[", owner[j], "] is on ", m.device());
-    TORCH_CHECK(tensors[j].is_contiguous(), op, ": tensors[", j, "] must be contiguous");
-    TORCH_CHECK(tensors[j].is_floating_point(), op, ": tensors[", j, "] must be floating point, got ",
-                tensors[j].scalar_type());
-  }
-  std::vector<Span> spans;
-  add_spans(spans, "tensors", tensors, true);
-  add_spans(spans, "masks", masks, false);
-  check_no_alias(op, std::move(spans));
-}
-
 // The device-independent argument checks of gather_channels_ (CPU and CUDA).
 inline void check_gather_args(const char* op, const at::Tensor& tensor, const at::Tensor& keep, int64_t dim) {
   TORCH_CHECK(dim == 0 || dim == 1, op, ": dim must be 0 or 1, got ", dim);

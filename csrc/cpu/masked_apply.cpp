@@ -1,10 +1,12 @@
 // masked_apply_ on CPU: tensors[j] <- where(masks[owner[j]], tensors[j], 0), one call for
-// the weights and every same-shape optimizer state of the model.
+// the weights and every same-shape optimizer state of the model. Runs over flat storage:
+// each tensor is laid out like its mask (common/masked_apply_checks.h), in any dense layout.
 #include <torch/library.h>
 
 #include <algorithm>
 #include <vector>
 
+#include "common/masked_apply_checks.h"
 #include "cpu/mask_kernels.h"
 #include "cpu/multi_tensor.h"
 

@@ -1,0 +1,57 @@
+// Argument checks of masked_apply_ (CPU and CUDA), before anything is written; every
+// message names the offending argument.
+//
+// masked_apply_ is elementwise, so it runs over flat storage: a mask that covers its
+// memory densely (no gaps, no overlaps: contiguous, channels_last, any permutation) and a
+// tensor laid out like it (same strides wherever a dim has more than one entry) hold
+// element (i, j, ...) at the same offset, so slot s of the mask's storage masks slot s of
+// the tensor's. A channels_last model is thus masked in place, as fast as a contiguous one.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+#include "common/checks.h"
+
+namespace chase_ext {
+
+// Same strides on every dim of more than one entry (the stride of a size-1 dim is never used).
+inline bool same_flat_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+inline void check_masked_apply_args(const char* op, TensorList tensors, TensorList masks, c10::IntArrayRef owner) {
+  for (size_t i = 0; i < masks.size(); ++i) {
+    TORCH_CHECK(masks[i].scalar_type() == at::kBool, op, ": masks[", i, "] must be bool, got ",
+                masks[i].scalar_type());
+    TORCH_CHECK(masks[i].is_non_overlapping_and_dense(), op, ": masks[", i, "] must cover its memory densely "
+                "(contiguous, channels_last or another permutation; no gaps or overlaps), got strides ",
+                masks[i].strides(), " for shape ", masks[i].sizes());
+  }
+  TORCH_CHECK(owner.size() == tensors.size(), op, ": owner has ", owner.size(), " entries but there are ",
+              tensors.size(), " tensors");
+  for (size_t j = 0; j < tensors.size(); ++j) {
+    TORCH_CHECK(owner[j] >= 0 && owner[j] < (int64_t)masks.size(), op, ": owner[", j, "]=", owner[j],
+                " is out of range [0, ", masks.size(), ")");
+    const auto& m = masks[owner[j]];
+    TORCH_CHECK(tensors[j].sizes() == m.sizes(), op, ": tensors[", j, "] has shape ", tensors[j].sizes(),
+                " but masks[", owner[j], "] has shape ", m.sizes());
+    TORCH_CHECK(tensors[j].device() == m.device(), op, ": tensors[", j, "] is on ", tensors[j].device(),
+                " but masks[", owner[j], "] is on ", m.device());
+    TORCH_CHECK(same_flat_layout(tensors[j], m), op, ": tensors[", j, "] has strides ", tensors[j].strides(),
+                " but masks[", owner[j], "] has strides ", m.strides(),
+                "; a tensor must be laid out in memory like its mask");
+    TORCH_CHECK(tensors[j].is_floating_point(), op, ": tensors[", j, "] must be floating point, got ",
+                tensors[j].scalar_type());
+  }
+  // Dense tensors: each one's bytes are one range starting at data_ptr (strides are >= 0).
+  std::vector<Span> spans;
+  add_spans(spans, "tensors", tensors, true);
+  add_spans(spans, "masks", masks, false);
+  check_no_alias(op, std::move(spans));
+}
+
+}  // namespace chase_ext
