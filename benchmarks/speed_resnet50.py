@@ -361,6 +361,17 @@ def regime_desc(r: dict) -> dict:
 
 
 # --------------------------------------------------------------------------- the run
+def _fastest(regimes: dict, key: str, candidates: dict, sc: float) -> list[str]:
+    """dense, the SPEC default at ``sc`` and the fastest other model of ``candidates`` in
+    the regime ``key`` (when it was measured)."""
+    pick = [k for k in ("dense", f"spec@{sc}") if k in candidates]
+    timed = regimes.get(key, {}).get("variants", {})
+    rest = [k for k in candidates if k not in pick and k in timed]
+    if rest:
+        pick.append(max(rest, key=lambda k: timed[k]["speedup_over_dense"]))
+    return pick
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -461,7 +472,7 @@ def main(argv=None) -> dict:
                  ("deploy_fp16_cl", 1, models, 5), ("profile", thr_batch, None, 8)]
         if not a.no_compile:
             parts.append(("deploy_fp16_cl_compile", thr_batch, None, 45))
-        profile_regime = "eager_fp16_cl"
+        profile_regime, deploy_key = "eager_fp16_cl", "deploy_fp16_cl"
     else:
         R = {
             "eager_fp32": dict(deploy=False, dtype=torch.float32, channels_last=False),
@@ -473,7 +484,7 @@ def main(argv=None) -> dict:
                  ("eager_fp32_cl", thr_batch, sweep, 20), ("deploy_fp32_cl", thr_batch, models, 30),
                  ("eager_fp32", 1, sweep, 5), ("deploy_fp32", 1, sweep, 5), ("profile", thr_batch, None, 15),
                  ("train", train_batch, at_rsc, 60)]
-        profile_regime = "eager_fp32"
+        profile_regime, deploy_key = "eager_fp32", "deploy_fp32_cl"
     if a.quick:
         parts = [(p, b, s, 0) for p, b, s, _ in parts]
 
@@ -489,18 +500,15 @@ def main(argv=None) -> dict:
         mem = f", {torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved" if cuda else ""
         print(f"[{time.perf_counter() - budget.t0:.0f} s{mem}] {label}", flush=True)
         if part == "train":
+            # dense, SPEC and the fastest recipe at recipe_sc in the deploy regime (each
+            # model's first backward autotunes cuDNN for its shapes: all of them would not fit)
+            subset = {k: models[k] for k in _fastest(regimes, f"{deploy_key}@{thr_batch}", at_rsc, a.recipe_sc)}
             result["train_step"] = train_step_speed(subset, batch, size, dev, max(3, rounds - 2), min_round_s)
         elif part == "profile":
             pm = {k: models[k] for k in ("dense", f"spec@{a.recipe_sc}") if k in models}
             result["layer_breakdown"] = layer_breakdown(pm, R[profile_regime], batch, size, dev, reps=1 if a.quick else 5)
         elif part == "deploy_fp16_cl_compile":
-            # the deploy results pick the fastest recipe at recipe_sc; compile dense, SPEC and it
-            base = regimes.get(f"deploy_fp16_cl@{thr_batch}", {}).get("variants", {})
-            cands = [k for k in at_rsc if k != "dense" and k in base]
-            pick = ["dense"] + ([f"spec@{a.recipe_sc}"] if f"spec@{a.recipe_sc}" in models else [])
-            if cands:
-                best = max(cands, key=lambda k: base[k]["speedup_over_dense"])
-                pick += [best] if best not in pick else []
+            pick = _fastest(regimes, f"{deploy_key}@{thr_batch}", at_rsc, a.recipe_sc)
             reg = run_regime(part, R[part], {k: models[k] for k in pick}, batch, size, dev, rounds, min_round_s,
                              budget=budget, need_each_s=0 if a.quick else 40)
             if reg:

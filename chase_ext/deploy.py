@@ -195,4 +195,6 @@ def cuda_graph_runner(model: Callable, example: torch.Tensor, warmup: int = 3) -
         graph.replay()
         return static_out
 
+    # the graph reads the model's weights by address: they must live as long as the runner
+    run.model = model
     return run

@@ -1,6 +1,7 @@
 """The deploy path (chase_ext.deploy): folded == unfolded, layout/dtype, export, ONNX."""
 from __future__ import annotations
 
+import gc
 import importlib.util
 import io
 import os
@@ -222,6 +223,11 @@ def test_cuda_graph_runner():
     _close(out, ref, rtol=1e-3)
     x2 = torch.randn_like(xh)
     with torch.no_grad():
-        _close(run(x2).clone(), dep(x2), rtol=1e-3)
+        ref2 = dep(x2)
+    del dep  # the runner keeps the weights alive; new allocations must not take their memory
+    gc.collect()
+    junk = [torch.full((4096,), float("nan"), device="cuda") for _ in range(64)]
+    _close(run(x2).clone(), ref2, rtol=1e-3)
+    del junk
     with pytest.raises(ValueError, match="captured for"):
         run(xh[:2])
