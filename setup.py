@@ -1,88 +1,75 @@
-"""Build chase_ext._C against the installed torch.
+"""Build chase_ext._C against the torch the package will run with.
 
-CPU kernels are always built. CUDA kernels are built when torch has CUDA and nvcc is
-found (a GPU is not needed). Overrides: CHASE_EXT_CUDA=0 forces a CPU-only build,
-CHASE_EXT_CUDA=1 makes a missing toolkit an error.
+The recipe (sources, flags, when CUDA kernels are built) is ``chase_ext/_build.py``,
+shared with the on-import build of ``chase_ext/_loader.py``. CPU kernels are always built;
+CUDA kernels when torch has CUDA and nvcc is found (a GPU is not needed). Overrides:
+CHASE_EXT_CUDA=0 forces a CPU-only build, CHASE_EXT_CUDA=1 makes a missing toolkit an error.
+
+Which torch: the backend in ``build_backend/`` makes the target environment's torch the one
+compiled against, also in pip's isolated builds. Next to the library goes a record of that
+torch (``_C.build.json``), and the C++ sources go into the wheel (``chase_ext/_csrc``) so
+the library can be recompiled when the running torch differs. Metadata and sdists need no
+torch.
 """
-import glob
+import importlib.util
 import os
 import shutil
+import sys
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
-import torch
-from torch.utils.cpp_extension import BuildExtension, CppExtension
-
-VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("_chase_ext_build", os.path.join(ROOT, "chase_ext", "_build.py"))
+_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_build)
+
+_COMPILING = {"bdist_wheel", "build_ext", "editable_wheel", "build", "install", "develop"}
 
 
-def _find_cuda_home():
-    # The nvcc first on PATH may be a wrapper script; resolve to the real toolkit root.
-    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
-            return cand
-    roots = sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
-    for cand in roots:
-        if os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.exists(
-            os.path.join(cand, "include", "cuda_runtime.h")
-        ):
-            return os.path.realpath(cand)
-    nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+class BuildPyWithSources(build_py):
+    """Ships csrc/ inside the package (chase_ext/_csrc), for the on-import build."""
+
+    def run(self):
+        super().run()
+        dst = os.path.join(self.build_lib, "chase_ext", "_csrc")
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(os.path.join(ROOT, "csrc"), dst,
+                        ignore=shutil.ignore_patterns("*.o", "*.so", "__pycache__"))
 
 
-def _want_cuda():
-    flag = os.environ.get("CHASE_EXT_CUDA", "auto").lower()
-    if flag in ("0", "off", "false", "no"):
-        return False, None
-    cuda_home = _find_cuda_home()
-    ok = torch.version.cuda is not None and cuda_home is not None
-    if flag in ("1", "on", "true", "yes") and not ok:
-        raise RuntimeError(
-            "CHASE_EXT_CUDA=1 but CUDA kernels cannot be built: "
-            f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit={cuda_home!r}"
-        )
-    return ok, cuda_home
+def _extension_setup():
+    """(ext_modules, cmdclass) for a build that compiles, with the record writer."""
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda, _ = _build.want_cuda()
+    fl = _build.flags(with_cuda)
+    csrc = os.path.join(ROOT, "csrc")
+    sources = [os.path.relpath(p, ROOT) for p in _build.sources(csrc, with_cuda)]
+    ext_cls = CUDAExtension if with_cuda else CppExtension
+    compile_args = {"cxx": fl["cxx"], "nvcc": fl["nvcc"]} if with_cuda else {"cxx": fl["cxx"]}
+    ext = ext_cls(name="chase_ext._C", sources=sources, include_dirs=[csrc],
+                  extra_compile_args=compile_args, extra_link_args=fl["ldflags"])
+
+    class BuildExtWithRecord(BuildExtension.with_options(use_ninja=True)):
+        def run(self):
+            super().run()
+            for e in self.extensions:
+                _build.write_record(self.get_ext_fullpath(e.name), with_cuda, fl["archs"])
+
+    print(f"chase_ext: building {'CPU+CUDA' if with_cuda else 'CPU-only'} kernels", file=sys.stderr)
+    return [ext], {"build_ext": BuildExtWithRecord}
 
 
-def extensions():
-    with_cuda, cuda_home = _want_cuda()
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", f'-DCHASE_EXT_VERSION="{VERSION}"']
-    macros = []
-    ext_cls = CppExtension
-    extra_link = ["-fopenmp"]
-    nvcc_flags = []
-    if with_cuda:
-        os.environ["CUDA_HOME"] = cuda_home
-        import torch.utils.cpp_extension as cpp_ext
-
-        cpp_ext.CUDA_HOME = cuda_home  # torch resolved it at import time, maybe wrongly
-        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
-            # sm_80 and sm_90 machine code, plus PTX that newer GPUs (sm_100, sm_120) JIT-compile
-            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
-        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        macros += [("WITH_CUDA", None)]
-        cxx += [f'-DCUDA_VERSION_STR="{torch.version.cuda}"', f'-DCHASE_EXT_CUDA_ARCHS="{archs}"']
-        nvcc_flags = ["-O3", "--expt-relaxed-constexpr", "--expt-extended-lambda",
-                      f'-DCHASE_EXT_VERSION="{VERSION}"']
-        ext_cls = cpp_ext.CUDAExtension
-    kwargs = dict(
-        name="chase_ext._C",
-        sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=macros,
-        extra_compile_args={"cxx": cxx, "nvcc": nvcc_flags} if with_cuda else {"cxx": cxx},
-        extra_link_args=extra_link,
+cmdclass = {"build_py": BuildPyWithSources}
+ext_modules = []
+if importlib.util.find_spec("torch") is not None:
+    ext_modules, ext_cmd = _extension_setup()
+    cmdclass.update(ext_cmd)
+elif _COMPILING & set(sys.argv[1:]):
+    raise SystemExit(
+        "chase_ext: compiling the kernels needs torch importable at build time; install torch first "
+        "(e.g. `pip install torch`), then `pip install .` (or `pip install --no-build-isolation .`)"
     )
-    print(f"chase_ext: building {'CPU+CUDA' if with_cuda else 'CPU-only'} kernels")
-    return [ext_cls(**kwargs)]
 
-
-setup(
-    version=VERSION,
-    ext_modules=extensions(),
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-)
+setup(version=_build.VERSION, ext_modules=ext_modules, cmdclass=cmdclass)

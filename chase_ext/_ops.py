@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _C  # noqa: F401  (registers the schemas and the CPU/CUDA kernels)
+from ._loader import load_extension
+
+# registers the schemas and the CPU/CUDA kernels; refuses a library built for another torch
+_C = load_extension()
 
 __all__ = [
     "build_info",

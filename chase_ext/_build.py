@@ -1,0 +1,139 @@
+"""How ``chase_ext._C`` is compiled: one recipe for ``setup.py`` and the on-import build.
+
+Both compile the same sources with the same flags against the torch that is importable
+at that moment, and both write a record of that torch next to the library
+(``_C.build.json``), which ``chase_ext._loader`` compares with the running torch before it
+loads anything: a library built for another torch fails in the dynamic loader
+(``libc10_cuda.so: cannot open shared object file``) or, worse, loads and misbehaves.
+
+This file imports nothing from the package (``setup.py`` loads it by path, before the
+package is importable) and imports torch only inside functions.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import sys
+
+VERSION = "0.1.0"
+RECORD_NAME = "_C.build.json"
+# CUDA archs when no GPU is visible: sm_80 and sm_90 machine code, plus PTX that newer
+# GPUs (sm_100, sm_120) JIT-compile.
+DEFAULT_ARCHS = "8.0;9.0+PTX"
+
+
+def _env_flag(name: str) -> str:
+    return os.environ.get(name, "auto").strip().lower()
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root. The ``nvcc`` first on PATH may be a wrapper script (it is on
+    the project's CPU machines), so the toolkit is looked up by its real layout first."""
+    for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
+            return cand
+    roots = sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
+    for cand in roots:
+        if os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.exists(
+            os.path.join(cand, "include", "cuda_runtime.h")
+        ):
+            return os.path.realpath(cand)
+    nvcc = shutil.which("nvcc")
+    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+
+
+def want_cuda() -> tuple[bool, str | None]:
+    """(build CUDA kernels?, toolkit root). Yes when the torch compiled against has CUDA and
+    a toolkit is found -- a GPU is not needed. ``CHASE_EXT_CUDA=0`` forces a CPU-only build,
+    ``CHASE_EXT_CUDA=1`` makes a missing toolkit (or a CPU torch) an error."""
+    import torch
+
+    flag = _env_flag("CHASE_EXT_CUDA")
+    if flag in ("0", "off", "false", "no"):
+        return False, None
+    cuda_home = find_cuda_home()
+    ok = torch.version.cuda is not None and cuda_home is not None
+    if flag in ("1", "on", "true", "yes") and not ok:
+        raise RuntimeError(
+            "CHASE_EXT_CUDA=1 but CUDA kernels cannot be built: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit={cuda_home!r}"
+        )
+    return ok, cuda_home
+
+
+def source_root(package_dir: str) -> str | None:
+    """Where the C++/CUDA sources are: ``csrc/`` beside the package in a source tree or an
+    editable install, ``chase_ext/_csrc`` inside an installed wheel."""
+    for cand in (os.path.join(package_dir, "_csrc"), os.path.join(os.path.dirname(package_dir), "csrc")):
+        if os.path.exists(os.path.join(cand, "ops.cpp")):
+            return cand
+    return None
+
+
+def sources(csrc: str, with_cuda: bool) -> list[str]:
+    out = [os.path.join(csrc, "ops.cpp")] + sorted(glob.glob(os.path.join(csrc, "cpu", "*.cpp")))
+    if with_cuda:
+        out += sorted(glob.glob(os.path.join(csrc, "cuda", "*.cu")))
+    return out
+
+
+def flags(with_cuda: bool) -> dict:
+    """Compiler flags and macros. With CUDA, also sets ``CUDA_HOME`` (for torch's build
+    helpers, which resolved it at import, maybe wrongly) and a ``TORCH_CUDA_ARCH_LIST``
+    default when no GPU is visible (torch's default then breaks the build)."""
+    import torch
+
+    cxx = ["-O3", "-fopenmp", f'-DCHASE_EXT_VERSION="{VERSION}"']
+    nvcc: list[str] = []
+    archs = None
+    if with_cuda:
+        _, cuda_home = want_cuda()
+        os.environ["CUDA_HOME"] = cuda_home
+        import torch.utils.cpp_extension as cpp_ext
+
+        cpp_ext.CUDA_HOME = cuda_home
+        if not torch.cuda.is_available() and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+            os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+        archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native")
+        cxx += ["-DWITH_CUDA", f'-DCUDA_VERSION_STR="{torch.version.cuda}"', f'-DCHASE_EXT_CUDA_ARCHS="{archs}"']
+        nvcc = ["-O3", "--expt-relaxed-constexpr", "--expt-extended-lambda", "-DWITH_CUDA",
+                f'-DCHASE_EXT_VERSION="{VERSION}"']
+    return {"cxx": cxx, "nvcc": nvcc, "ldflags": ["-fopenmp"], "archs": archs}
+
+
+def torch_identity() -> dict:
+    """What a compiled ``_C`` depends on: the exact torch build and the Python ABI."""
+    import torch
+
+    return {
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "torch_git": getattr(torch.version, "git_version", None),
+        "python": f"{sys.implementation.cache_tag}",
+    }
+
+
+def write_record(ext_path: str, with_cuda: bool, archs: str | None) -> str:
+    """Writes ``_C.build.json`` beside the compiled library at ``ext_path``."""
+    rec = dict(torch_identity(), chase_ext=VERSION, with_cuda=with_cuda, cuda_archs=archs,
+               library=os.path.basename(ext_path))
+    path = os.path.join(os.path.dirname(ext_path), RECORD_NAME)
+    with open(path, "w") as f:
+        json.dump(rec, f, indent=1, sort_keys=True)
+    return path
+
+
+def sources_digest(paths: list[str], extra: str) -> str:
+    """A short hash of the sources (headers included) and flags: the on-import build's
+    cache key, so edited sources or flags never reuse an old library."""
+    h = hashlib.sha256(extra.encode())
+    root = os.path.commonpath(paths)
+    for p in sorted(glob.glob(os.path.join(root, "**", "*"), recursive=True)):
+        if os.path.isfile(p) and p.endswith((".cpp", ".cu", ".h", ".cuh")):
+            h.update(os.path.relpath(p, root).encode())
+            with open(p, "rb") as f:
+                h.update(f.read())
+    return h.hexdigest()[:12]
