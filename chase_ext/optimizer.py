@@ -92,10 +92,10 @@ def _load_backend(backend: str):
     if backend == "native":
         try:
             from . import _ops
-        except Exception as e:  # no silent fallback: say how to get the reference path
+        except Exception as e:  # no silent fallback: the loader's cause and fix, and the reference path
             raise ImportError(
-                "chase_ext native ops (chase_ext._C) could not be loaded; build the extension "
-                "or pass backend='reference'"
+                f"ChaseOptimizer(backend='native'): chase_ext native ops could not be loaded: {e} "
+                "(or pass backend='reference')"
             ) from e
         return _ops
     raise ValueError(f"backend must be 'native' or 'reference', got {backend!r}")
