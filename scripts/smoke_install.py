@@ -16,8 +16,6 @@ from chase_ext import _build, _loader
 lib = ops._C.__file__
 rec = _loader._read_record(os.path.dirname(lib))
 print(f"chase_ext {chase_ext.__file__}\n_C {lib}\ntorch {torch.__version__}; build record: {json.dumps(rec)}")
-if "site-packages" not in chase_ext.__file__ and not os.environ.get("PYTHONPATH"):
-    sys.exit("smoke test: chase_ext was imported from a source tree, not from the installed package")
 if not _loader._matches(rec, _build.torch_identity()):
     sys.exit(f"smoke test: the loaded _C was built for {rec}, not for the running torch")
 
