@@ -196,7 +196,7 @@ def _prepare(model: nn.Module, regime: dict, x32: torch.Tensor):
     """The model and input of one regime: (callable, input tensor)."""
     dtype, cl = regime["dtype"], regime["channels_last"]
     if regime["deploy"]:
-        m = deploy(model, x32[:2], channels_last=cl, dtype=dtype)
+        m = deploy(model, x32[:2], channels_last=cl, dtype=dtype, fuse_relu=regime.get("fuse_relu", False))
     else:
         m = copy.deepcopy(model).eval().to(dtype)
         if cl:
@@ -360,6 +360,47 @@ def regime_desc(r: dict) -> dict:
     return {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in r.items()}
 
 
+_FUSED_PROBE = """
+import torch
+from torch import nn
+from chase_ext.deploy import deploy
+class B(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1, self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+    def forward(self, x):
+        return torch.relu(self.b2(self.c2(torch.relu(self.b1(self.c1(x))))) + x)
+m = B().cuda().eval()
+x = torch.randn(2, 8, 16, 16, device="cuda")
+d = deploy(m, x, channels_last=True, dtype=torch.float16, fuse_relu=True)
+assert len(d.fused) == 2, d.fused
+y = d(x.half().contiguous(memory_format=torch.channels_last)).float()
+r = m(x)
+assert (y - r).abs().max() <= 1e-2 * r.abs().max() + 1e-3
+print("fused ok")
+"""
+
+
+def fused_ok(budget: Budget) -> bool:
+    """The cuDNN conv+bias+add+relu ops, tried in a child process first: on some images a
+    failing CUDA op takes the whole process down, which would lose every later part."""
+    import subprocess
+
+    if not budget.allows("deploy_fp16_cl_fused probe", 20):
+        return False
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+    try:
+        r = subprocess.run([sys.executable, "-c", _FUSED_PROBE], capture_output=True, text=True, timeout=60, env=env)
+    except subprocess.TimeoutExpired:
+        budget.skipped.append("deploy_fp16_cl_fused (probe timed out)")
+        return False
+    if r.returncode != 0:
+        budget.skipped.append(f"deploy_fp16_cl_fused (probe rc {r.returncode}: {(r.stderr or r.stdout)[-300:]})")
+        print("skip:", budget.skipped[-1], flush=True)
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- the run
 def _fastest(regimes: dict, key: str, candidates: dict, sc: float) -> list[str]:
     """dense, the SPEC default at ``sc`` and the fastest other model of ``candidates`` in
@@ -462,11 +503,18 @@ def main(argv=None) -> dict:
             "eager_bf16_cl": dict(deploy=False, dtype=torch.bfloat16, channels_last=True),
             "deploy_fp16_cl": dict(deploy=True, dtype=F16, channels_last=True),
             "deploy_fp16_cl_cudagraph": dict(deploy=True, dtype=F16, channels_last=True, cuda_graph=True),
+            "deploy_fp16_cl_fused": dict(deploy=True, dtype=F16, channels_last=True, fuse_relu=True),
+            "deploy_fp16_cl_fused_cudagraph": dict(deploy=True, dtype=F16, channels_last=True, fuse_relu=True,
+                                                   cuda_graph=True),
             "deploy_fp16_cl_compile": dict(deploy=True, dtype=F16, channels_last=True, compile=True),
         }
         # (regime, batch, model set, seconds it needs at least) in order of importance
-        parts = [("deploy_fp16_cl", thr_batch, models, 12), ("eager_fp16_cl", thr_batch, sweep, 6),
-                 ("train", train_batch, at_rsc, 15), ("deploy_fp16_cl_cudagraph", thr_batch, models, 12),
+        parts = [("deploy_fp16_cl", thr_batch, models, 12), ("eager_fp16_cl", thr_batch, sweep, 6)]
+        if fused_ok(budget):
+            parts += [("deploy_fp16_cl_fused", thr_batch, models, 12),
+                      ("deploy_fp16_cl_fused_cudagraph", thr_batch, models, 12),
+                      ("deploy_fp16_cl_fused_cudagraph", 1, models, 6)]
+        parts += [("train", train_batch, at_rsc, 15), ("deploy_fp16_cl_cudagraph", thr_batch, models, 12),
                  ("deploy_fp16_cl_cudagraph", 1, models, 6), ("eager_bf16_cl", thr_batch, sweep, 6),
                  ("eager_fp32", thr_batch, sweep, 10), ("eager_fp16_cl", 1, sweep, 4),
                  ("deploy_fp16_cl", 1, models, 5), ("profile", thr_batch, None, 8)]

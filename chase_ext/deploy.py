@@ -12,6 +12,8 @@ returns a new ``torch.fx.GraphModule`` that
 * is in eval mode with ``requires_grad=False`` parameters;
 * optionally runs channels_last (``channels_last=True``, 4-D weights) and in
   ``dtype`` (``torch.float16`` / ``torch.bfloat16``: every floating parameter and buffer);
+* with ``fuse_relu=True``, runs conv -> [+ residual] -> relu as one cuDNN call on CUDA
+  (:func:`fuse_conv_relu`);
 * is plain eager PyTorch, so ``torch.compile``, ``torch.export`` and ``torch.onnx.export``
   take it, and :func:`cuda_graph_runner` captures it into one CUDA graph replay.
 
@@ -24,13 +26,14 @@ eval-mode output on ``example_inputs`` within ``check_rtol`` of the output's sca
 from __future__ import annotations
 
 import copy
+import operator
 from typing import Any, Callable
 
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-__all__ = ["deploy", "fold_batchnorm", "cuda_graph_runner"]
+__all__ = ["deploy", "fold_batchnorm", "fuse_conv_relu", "conv_add_relu", "cuda_graph_runner"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BNS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -131,11 +134,81 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModul
     return gm, folded
 
 
+def conv_add_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
+                  stride: tuple, padding: tuple, dilation: tuple, groups: int) -> torch.Tensor:
+    """relu(conv2d(x, weight, bias) + z) (z may be None): on CUDA one cuDNN call with the
+    bias, add and relu in the conv's epilogue (``torch.cudnn_convolution_[add_]relu``, the
+    ops TorchScript freezing uses), elsewhere the plain ops. Saves the separate passes over
+    the conv output that eager bias, add and relu kernels make."""
+    if x.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
+        if z is None:
+            return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
+        return torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, stride, padding, dilation, groups)
+    out = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    if z is not None:
+        out = out + z
+    return torch.relu(out)
+
+
+def _is_relu(node: fx.Node, modules: dict) -> bool:
+    if node.op == "call_module":
+        return type(modules[node.target]) is nn.ReLU
+    if node.op == "call_function":
+        return node.target in (torch.relu, torch.nn.functional.relu, torch.relu_) and not node.kwargs.get("inplace")
+    return node.op == "call_method" and node.target in ("relu", "relu_")
+
+
+def fuse_conv_relu(gm: fx.GraphModule) -> list[str]:
+    """In place: every ``relu(conv(x))`` and ``relu(conv(x) + z)`` (``nn.Conv2d``, zero
+    padding, the conv and the sum used by nothing else, the conv called once) becomes one
+    :func:`conv_add_relu` call. Returns the fused convs' names."""
+    modules = dict(gm.named_modules())
+    uses = _module_uses(gm)
+    fused = []
+    for relu in list(gm.graph.nodes):
+        if not _is_relu(relu, modules) or len(relu.args) != 1 or not isinstance(relu.args[0], fx.Node):
+            continue
+        src, z = relu.args[0], None
+        if (src.op == "call_function" and src.target in (operator.add, operator.iadd, torch.add) and len(src.args) == 2
+                and not src.kwargs and len(src.users) == 1):
+            a, b = src.args
+            conv_first = isinstance(a, fx.Node) and a.op == "call_module" and isinstance(modules.get(a.target), nn.Conv2d)
+            conv, z = (a, b) if conv_first else (b, a)
+            if not isinstance(z, fx.Node):
+                continue
+        else:
+            conv = src
+        if not (isinstance(conv, fx.Node) and conv.op == "call_module" and len(conv.users) == 1):
+            continue
+        m = modules[conv.target]
+        if type(m) is not nn.Conv2d or m.padding_mode != "zeros" or isinstance(m.padding, str) or uses[conv.target] != 1:
+            continue
+        with gm.graph.inserting_before(relu):
+            w = gm.graph.get_attr(f"{conv.target}.weight")
+            b = gm.graph.get_attr(f"{conv.target}.bias") if m.bias is not None else None
+            new = gm.graph.call_function(conv_add_relu, (conv.args[0], w, b, z, tuple(m.stride), tuple(m.padding),
+                                                         tuple(m.dilation), m.groups))
+        relu.replace_all_uses_with(new)
+        gm.graph.erase_node(relu)
+        if src is not conv:
+            gm.graph.erase_node(src)
+        gm.graph.erase_node(conv)
+        fused.append(conv.target)
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return fused
+
+
 def deploy(model: nn.Module, example_inputs: Any, *, fold: bool = True, channels_last: bool = False,
-           dtype: torch.dtype | None = None, check_rtol: float = 1e-4) -> nn.Module:
+           dtype: torch.dtype | None = None, fuse_relu: bool = False, check_rtol: float = 1e-4) -> nn.Module:
     """The inference copy of ``model`` (see the module docstring). ``example_inputs`` (a
     tensor or tuple of positional inputs, on the model's device, float32) drive shape
-    propagation and the folding check. ``deployed.folded`` lists ``(layer, norm)`` pairs."""
+    propagation and the folding check. ``deployed.folded`` lists ``(layer, norm)`` pairs.
+    ``fuse_relu=True`` (needs ``fold``) also turns conv -> [+ z] -> relu into one
+    :func:`conv_add_relu` call (``deployed.fused`` names the convs)."""
+    if fuse_relu and not fold:
+        raise ValueError("deploy: fuse_relu=True needs fold=True (the fused conv takes the folded bias)")
     if dtype not in _DTYPES:
         raise ValueError(f"deploy: dtype must be one of float32, float16, bfloat16, float64 or None, got {dtype}")
     if not isinstance(model, nn.Module):
@@ -143,12 +216,17 @@ def deploy(model: nn.Module, example_inputs: Any, *, fold: bool = True, channels
     args = _as_tuple(example_inputs)
     if fold:
         out, folded = fold_batchnorm(model, args)
+        fused = fuse_conv_relu(out) if fuse_relu else []
         flags = {m: m.training for m in model.modules()}
         model.eval()
-        try:
-            with torch.no_grad():
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:  # compared in full fp32: TF32 rounding would differ between the two weight sets
+            torch.backends.cuda.matmul.allow_tf32 = False
+            with torch.no_grad(), torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled,
+                                                             allow_tf32=False):
                 ref, got = model(*args), out(*args)
         finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
             for m, f in flags.items():
                 m.train(f)
         if isinstance(ref, torch.Tensor):
@@ -156,9 +234,9 @@ def deploy(model: nn.Module, example_inputs: Any, *, fold: bool = True, channels
             err = float((ref - got).abs().max())
             if not err <= tol:  # also catches NaN
                 raise RuntimeError(f"deploy: the folded model differs from the original by {err:.3g} "
-                                   f"(tolerance {tol:.3g}); folds: {folded}")
+                                   f"(tolerance {tol:.3g}); folds: {folded}, fused: {fused}")
     else:
-        out, folded = copy.deepcopy(model).eval(), []
+        out, folded, fused = copy.deepcopy(model).eval(), [], []
     out.eval()
     for p in out.parameters():
         p.requires_grad_(False)
@@ -167,6 +245,7 @@ def deploy(model: nn.Module, example_inputs: Any, *, fold: bool = True, channels
     if channels_last:
         out.to(memory_format=torch.channels_last)
     out.folded = folded
+    out.fused = fused
     return out
 
 

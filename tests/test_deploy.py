@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from chase_ext.deploy import cuda_graph_runner, deploy
+from chase_ext.deploy import conv_add_relu, cuda_graph_runner, deploy
 from chase_ext.graph import find_channel_groups
 from chase_ext.slim import slim_
 
@@ -81,6 +81,27 @@ def test_resnet50_folds_every_norm():
     assert ("layer1.0.downsample.0", "layer1.0.downsample.1") in dep.folded
     with torch.no_grad():
         _close(dep(x), model(x))
+
+
+def test_fuse_relu():
+    model = _perturb_bn(_bench_resnet50()(width_div=8)).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    dep = deploy(model, x, fuse_relu=True)
+    # stem + conv1, conv2 and conv3 (+ the residual) of 16 bottlenecks; downsample convs feed the add
+    assert len(dep.fused) == 49 and "layer1.0.conv3" in dep.fused and "layer1.0.downsample.0" not in dep.fused
+    calls = [n for n in dep.graph.nodes if n.target is conv_add_relu]
+    assert len(calls) == 49 and sum(n.args[3] is not None for n in calls) == 16
+    assert not any(isinstance(m, nn.ReLU) for m in dep.modules())
+    with torch.no_grad():
+        _close(dep(x), model(x))
+    ep = torch.export.export(dep, (x,))
+    with torch.no_grad():
+        _close(ep.module()(x), model(x))
+    # a relu whose conv output is read elsewhere stays unfused
+    shared = _perturb_bn(_SharedOutput()).eval()
+    assert deploy(shared, torch.randn(2, 4, 8, 8), fuse_relu=True).fused == []
+    with pytest.raises(ValueError, match="fuse_relu"):
+        deploy(model, x, fold=False, fuse_relu=True)
 
 
 def test_slim_model_folds_and_matches():
@@ -221,6 +242,11 @@ def test_cuda_graph_runner():
         ref = dep(xh)
     out = run(xh).clone()
     _close(out, ref, rtol=1e-3)
+    fused = deploy(model, x, channels_last=True, dtype=torch.float16, fuse_relu=True)
+    assert len(fused.fused) > 0
+    with torch.no_grad():
+        _close(fused(xh), ref, rtol=1e-2)
+        _close(cuda_graph_runner(fused, xh)(xh).clone(), ref, rtol=1e-2)
     x2 = torch.randn_like(xh)
     with torch.no_grad():
         ref2 = dep(x2)
