@@ -5,7 +5,15 @@
 # of the suite; results go to benchmarks/results/, logs to $OUT (or benchmarks/results/
 # gpu_logs), packed as gpu_check.tgz so that they come back as one file.
 #
-#   bash scripts/gpu_check.sh [all|build|test|bench|demo|rest]    (default: all)
+#   bash scripts/gpu_check.sh [all|build|probe|test|step|bench|errors|demo|rest]  (default: all)
+#
+# Some images crash (SIGSEGV) on any C++ exception raised by an extension, ours or not.
+# `probe` builds a one-op control extension that fails a TORCH_CHECK and calls it in a
+# child process; the tests that expect a kernel's C++ error (pytest marker `error_path`)
+# run apart in their own pytest process (`errors`), and the summary counts a crashed test
+# as "environment crash" when the control crashed too, as a real failure otherwise.
+# `step` is the step-cost benchmark (benchmarks/test_bench_step.py: plain SGD vs Chase
+# plain step vs Chase update step on ResNet-50, on the GPU).
 #
 # GPU_CHECK_BUDGET_S (default 540) bounds the whole run: each stage gets a time cap and
 # never more than what is left, so the logs come back even when a stage hangs. Stages
@@ -33,6 +41,11 @@ stage() { echo "== [$((SECONDS - T0))s] $*" | tee -a "$LOG/summary.txt"; }
 note() { echo "$*" | tee -a "$LOG/summary.txt"; }
 pytest_timeout=()
 "$PY" -c "import pytest_timeout" 2>/dev/null && pytest_timeout=(--timeout=180)
+# 8 workers when pytest-xdist is there: faster, and a test that kills its worker is
+# reported as crashed while the others go on
+xdist=()
+"$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+IMAGE_CRASHES=unknown  # set by the probe: yes / no
 
 if compgen -G ".whl/*.whl" >/dev/null; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -55,21 +68,52 @@ if want build; then
   fi
 fi
 
+if want probe || want errors; then
+  stage "probe: does this image survive a C++ exception from an extension?"
+  timeout "$(cap 120)" "$PY" scripts/cpp_exception_probe.py > "$LOG/probe.log" 2>&1
+  r=$?; tail -5 "$LOG/probe.log"
+  case $r in
+    0) IMAGE_CRASHES=no; note "probe: the control extension raises cleanly (a crash below is a real failure)" ;;
+    3) IMAGE_CRASHES=yes; note "probe: the control extension CRASHES on a TORCH_CHECK (the image's, not the project's)" ;;
+    *) note "probe: inconclusive (rc=$r, see probe.log)" ;;
+  esac
+fi
+
 if want test; then
-  stage "GPU tests (-k cuda: ops on CUDA, CPU == CUDA, ChaseOptimizer on CUDA)"
-  timeout "$(cap 240)" "$PY" -m pytest -q -p no:cacheprovider tests -k cuda -rs --durations=10 \
-    "${pytest_timeout[@]}" > "$LOG/tests_cuda.log" 2>&1
+  stage "GPU tests (-k cuda, not error_path: ops on CUDA, CPU == CUDA, ChaseOptimizer on CUDA)"
+  timeout "$(cap 240)" "$PY" -m pytest -q -p no:cacheprovider tests -k cuda -m "not error_path" -rs --durations=10 \
+    "${xdist[@]}" "${pytest_timeout[@]}" > "$LOG/tests_cuda.log" 2>&1
   r=$?; tail -30 "$LOG/tests_cuda.log"; note "GPU tests rc=$r"; ((r == 0)) || rc=1
+fi
+
+if want step; then
+  stage "step-cost benchmark on the GPU (plain SGD / Chase plain step / Chase update step, ResNet-50)"
+  (cd benchmarks && timeout "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider test_bench_step.py -s -k cuda \
+     --benchmark-disable > "$ROOT/$LOG/bench_step.log" 2>&1)
+  r=$?; grep -E "over|ratio|median|passed|failed|Error" "$LOG/bench_step.log" | tail -20; note "step benchmark rc=$r"
+  ((r == 0)) || rc=1
+  for f in benchmarks/results/gpu-*.json; do [[ -e $f ]] && cp "$f" "$LOG"/; done
 fi
 
 if want bench; then
   # GPU cases only: the CPU figures come from the CPU machine (its results file).
   stage "GPU benchmarks"
-  (cd benchmarks && timeout "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider . -s -k cuda \
+  (cd benchmarks && timeout "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider . -s -k cuda --ignore=test_bench_step.py \
      --benchmark-json="$ROOT/$LOG/benchmark_raw.json" > "$ROOT/$LOG/bench.log" 2>&1)
   r=$?; grep -E "ratio|floor|median|passed|failed|Error" "$LOG/bench.log" | tail -40; note "GPU benchmarks rc=$r"
   ((r == 0)) || rc=1
   for f in benchmarks/results/gpu-*.json; do [[ -e $f ]] && cp "$f" "$LOG"/; done
+fi
+
+if want errors; then
+  # Every test that expects a kernel's C++ error, CPU and CUDA, in its own pytest process:
+  # on a crashing image they take down only their worker (or, without xdist, this process)
+  stage "error-path tests (-m error_path, apart)"
+  timeout "$(cap 180)" "$PY" -m pytest -p no:cacheprovider tests -m error_path -rfE -v \
+    "${xdist[@]}" "${pytest_timeout[@]}" > "$LOG/tests_error_path.log" 2>&1
+  r=$?
+  "$PY" scripts/error_path_summary.py "$LOG/tests_error_path.log" "$r" "$IMAGE_CRASHES" | tee -a "$LOG/summary.txt"
+  ((${PIPESTATUS[0]} == 0)) || rc=1
 fi
 
 if want demo; then
@@ -84,8 +128,8 @@ fi
 
 if want rest; then
   stage "the rest of the suite on this machine's CPU and torch"
-  timeout "$(cap 240)" "$PY" -m pytest -q -p no:cacheprovider tests -k "not cuda" -rs \
-    "${pytest_timeout[@]}" > "$LOG/tests_rest.log" 2>&1
+  timeout "$(cap 240)" "$PY" -m pytest -q -p no:cacheprovider tests -k "not cuda" -m "not error_path" -rs \
+    "${xdist[@]}" "${pytest_timeout[@]}" > "$LOG/tests_rest.log" 2>&1
   r=$?; tail -15 "$LOG/tests_rest.log"; note "rest of the suite rc=$r"; ((r == 0)) || rc=1
 fi
 

@@ -1,0 +1,120 @@
+"""What a ChaseOptimizer step costs on top of the optimizer it wraps (issue 15).
+
+ResNet-50 (built in code, 25.5 M sparse weights, density 0.1), SGD with momentum 0.9 and
+weight decay, the same gradients in every model (one real backward, copied), parameters
+contiguous or channels_last. Variants, interleaved in rotating rounds:
+
+* ``sgd_step``: the plain ``torch.optim.SGD`` step;
+* ``chase_plain_step``: ``ChaseOptimizer.step`` when no update or channel event is due
+  (the step a training loop takes almost always);
+* ``chase_update_step``: a step that is a parameter update (``update_interval=1``:
+  finiteness check, the wrapped step, the fused mask update), channel part off;
+* ``reference_update_step``: the same update step with ``backend="reference"``, i.e. the
+  whole step with the vectorized PyTorch ops (issue 15's yardstick: >= 20x).
+
+Recorded per device and layout: medians, ``chase_plain_over_sgd`` (target <= 1.2 on the
+CPU), the plain-step overhead in ms (target <= 0.3 ms on an H200), ``chase_update_step``
+(target <= 5 ms there) and ``reference_over_chase_update`` (target >= 20). After the
+timing, masked weights and momentum must still be exactly 0 in both Chase models.
+
+``CHASE_BENCH_QUICK=1``: width / 8, 64x64 inputs, one round, nothing saved.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import statistics
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chase_ext import ChaseOptimizer
+from chase_ext.measure import default_threads
+from chase_ext.training import pick_backend
+
+from conftest import QUICK, RESULTS, machine_name
+from models import resnet50
+from timing import interleaved, save_results
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+LAYOUTS = ["contiguous", "channels_last"]
+DENSITY = 0.1
+THREADS = int(os.environ.get("CHASE_BENCH_THREADS", 0)) or default_threads()
+RESULTS_FILE = os.path.join(RESULTS, machine_name() + ".json")
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=5e-4)
+
+
+def build(device: str, memory_format: str) -> dict:
+    """Four copies of one ResNet-50 with the same gradients, and their optimizers."""
+    torch.manual_seed(0)
+    size = 64 if QUICK else 224
+    base = resnet50(width_div=8 if QUICK else 1).to(device)
+    if memory_format == "channels_last":
+        base = base.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, size, size, device=device)
+    F.cross_entropy(base(x), torch.randint(0, 1000, (2,), device=device)).backward()
+    models = {k: copy.deepcopy(base) for k in ("sgd", "plain", "update", "reference")}
+    for m in models.values():  # the same gradients everywhere, in the parameters' layout
+        for p, q in zip(base.parameters(), m.parameters()):
+            q.grad = p.grad.clone()
+    backend = pick_backend(device)
+    opt = {"sgd_step": _sgd(models["sgd"])}
+    # updates every 100k steps: every timed step is a plain step
+    opt["chase_plain_step"] = ChaseOptimizer(_sgd(models["plain"]), models["plain"], density=DENSITY,
+                                             total_steps=10**6, update_interval=100_000, backend=backend)
+    for name, key, be in (("chase_update_step", "update", backend), ("reference_update_step", "reference", "reference")):
+        opt[name] = ChaseOptimizer(_sgd(models[key]), models[key], density=DENSITY, total_steps=10**6,
+                                   update_interval=1, backend=be)
+    for o in opt.values():
+        o.step()  # momentum buffers exist from here on
+    return {"opt": opt, "backend": backend, "n_sparse": opt["chase_plain_step"].total_sparse}
+
+
+def _masked_slots_zero(chase: ChaseOptimizer) -> bool:
+    for n, p in zip(chase.sparse_names(), chase._params):
+        off = ~chase.masks[n]
+        buf = chase.optimizer.state[p].get("momentum_buffer")
+        if bool(p.detach()[off].any()) or (buf is not None and bool(buf[off].any())):
+            return False
+    return True
+
+
+@pytest.mark.parametrize("memory_format", LAYOUTS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_step_cost_side_by_side(device, memory_format):
+    case = build(device, memory_format)
+    opt = case["opt"]
+    rounds = 1 if QUICK else (25 if device == "cuda" else 7)
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        if device == "cuda":  # warm-up: first launches and the caching allocator
+            for o in opt.values():
+                o.step()
+        times = interleaved({k: (lambda: (), o.step) for k, o in opt.items()}, rounds, device)
+    finally:
+        torch.set_num_threads(old)
+    for k in ("chase_plain_step", "chase_update_step", "reference_update_step"):
+        assert _masked_slots_zero(opt[k]), k
+    med = {k: statistics.median(v) for k, v in times.items()}
+    payload = {
+        "model": "resnet50", "optimizer": "SGD(momentum=0.9, weight_decay=5e-4)", "density": DENSITY,
+        "memory_format": memory_format, "sparse_values": case["n_sparse"], "rounds": rounds,
+        "median_s": med,
+        "chase_plain_over_sgd": med["chase_plain_step"] / med["sgd_step"],
+        "chase_plain_overhead_ms": 1e3 * (med["chase_plain_step"] - med["sgd_step"]),
+        "chase_update_over_sgd": med["chase_update_step"] / med["sgd_step"],
+        "reference_over_chase_update": med["reference_update_step"] / med["chase_update_step"],
+        "backend": case["backend"], "threads": THREADS if device == "cpu" else None,
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "quick": QUICK,
+        "load_avg_1m_at_start": os.getloadavg()[0],
+    }
+    print(f"step_cost_{device}_{memory_format}", payload)
+    if not QUICK:
+        save_results(RESULTS_FILE, f"step_cost_{device}_{memory_format}", payload)
