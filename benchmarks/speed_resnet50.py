@@ -69,7 +69,9 @@ RECIPES = {
     "round64": {"round_to": 64},
     "coupled": {"coupled_channels": True},
     "coupled_round8": {"coupled_channels": True, "round_to": 8},
+    # the latency table is measured at the throughput batch of the run (latency_batch set there)
     "latency": {"channel_allocation": "latency"},
+    "latency_coupled": {"channel_allocation": "latency", "coupled_channels": True},
 }
 
 
@@ -115,9 +117,12 @@ def machine_file(device: str) -> str:
 
 
 # --------------------------------------------------------------------------- models
-def select_slim(dense: nn.Module, sc: float, recipe: dict, size: int, device: str) -> tuple[nn.Module, dict]:
+def select_slim(dense: nn.Module, sc: float, recipe: dict, size: int, device: str,
+                latency_batch: int = 64) -> tuple[nn.Module, dict]:
     """A slim copy of ``dense``: channels chosen by ChaseOptimizer (see the module doc)."""
     model = copy.deepcopy(dense)
+    if recipe.get("channel_allocation") == "latency":
+        recipe = {**recipe, "latency_batch": latency_batch}
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, size, size, generator=g).to(device)
     y = torch.randint(0, 1000, (1,), generator=g).to(device)
@@ -478,10 +483,11 @@ def main(argv=None) -> dict:
     plan = [(sc, "spec") for sc in a.sc] + [(a.recipe_sc, r) for r in recipes if r != "spec"]
     for sc, r in plan:
         name = f"{r}@{sc}"
-        if not budget.allows(f"selection {name}", 3 if cuda else 10):
+        latency = RECIPES[r].get("channel_allocation") == "latency"
+        if not budget.allows(f"selection {name}", (30 if latency else 3) if cuda else (40 if latency else 10)):
             continue
         t0 = time.perf_counter()
-        models[name], info[name] = select_slim(dense, sc, RECIPES[r], size, dev)
+        models[name], info[name] = select_slim(dense, sc, RECIPES[r], size, dev, latency_batch=thr_batch)
         info[name].update(recipe=r, channel_sparsity=sc, select_s=time.perf_counter() - t0)
     dm = count_macs(dense, x1)["macs"]
     da = activation_elements(dense, x1)

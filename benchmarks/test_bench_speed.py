@@ -17,12 +17,12 @@ def _check_regime(reg, variants):
 
 def test_speed_harness_quick(benchmark, tmp_path):
     out = tmp_path / "speed.json"
-    argv = ["--device", "cpu", "--quick", "--threads", "1", "--budget-s", "1200", "--recipes", "round8", "coupled",
+    argv = ["--device", "cpu", "--quick", "--threads", "1", "--budget-s", "1200", "--recipes", "round8", "coupled", "latency",
             "--sc", "0.4", "0.5", "--out", str(out)]
     res = benchmark.pedantic(speed.main, args=(argv,), rounds=1, iterations=1)
     assert res["skipped"] == []
     assert json.loads(out.read_text())["models"].keys() == res["models"].keys()
-    slim = ["spec@0.4", "spec@0.5", "round8@0.4", "coupled@0.4"]
+    slim = ["spec@0.4", "spec@0.5", "round8@0.4", "coupled@0.4", "latency@0.4"]
     assert set(res["models"]) == {"dense", *slim}
     for k in slim:
         m = res["models"][k]
@@ -38,7 +38,7 @@ def test_speed_harness_quick(benchmark, tmp_path):
     assert res["regimes"]["deploy_fp32@2"]["regime"]["deploy"] is True
     # training: dense, SPEC and the recipe that ran fastest through the deploy path
     dep = res["regimes"]["deploy_fp32_cl@2"]["variants"]
-    best = max(["round8@0.4", "coupled@0.4"], key=lambda k: dep[k]["speedup_over_dense"])
+    best = max(["round8@0.4", "coupled@0.4", "latency@0.4"], key=lambda k: dep[k]["speedup_over_dense"])
     assert set(res["train_step"]["variants"]) == {"dense", "spec@0.4", best}
     prof = res["layer_breakdown"]["models"]
     assert set(prof) == {"dense", "spec@0.4"}

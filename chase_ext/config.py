@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -139,6 +140,9 @@ class ChaseConfig:
       ``channel_score`` ("umm" | "active_mean" | "active_fraction"), ``round_to`` (None),
       ``slim_during_training`` (False | True | k), ``coupled_channels`` (False),
       ``channel_groups`` (None = trace), ``exclude_channels`` (()): the channel part.
+    * ``channel_allocation`` ("umm" = SPEC | "latency"), ``latency_table`` (None | cache path |
+      ``LatencyTable``), ``latency_batch`` (64): how an event's removal is split between
+      groups (``chase_ext.allocation``; "latency" is not in SPEC).
     * ``exclude`` (()): weights kept dense; ``dense_first_layer`` (False, uniform init);
       ``seed`` (0).
 
@@ -171,6 +175,9 @@ class ChaseConfig:
     channel_groups: Any = field(default=None, repr=False)
     dense_first_layer: bool = False
     seed: int = 0
+    channel_allocation: str = "umm"
+    latency_table: Any = field(default=None, repr=False, compare=False)
+    latency_batch: int = 64
 
     def __post_init__(self) -> None:
         # numpy & co. scalars -> Python int/float (bools stay bools and are rejected below)
@@ -207,6 +214,26 @@ class ChaseConfig:
                 raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
         if self.dense_first_layer and self.init != "uniform":
             raise ValueError('dense_first_layer=True needs init="uniform" (ERK sets every layer\'s density itself)')
+        _check_choice("channel_allocation", self.channel_allocation, ("umm", "latency"))
+        self.latency_batch = _plain(self.latency_batch)
+        if isinstance(self.latency_batch, bool) or not isinstance(self.latency_batch, int):
+            raise TypeError(f"latency_batch must be an int >= 1, got {self.latency_batch!r}")
+        if self.latency_batch < 1:
+            raise ValueError(f"latency_batch must be an int >= 1, got {self.latency_batch}")
+        if self.latency_table is not None:
+            from .allocation import LatencyTable
+
+            if not isinstance(self.latency_table, (str, os.PathLike, LatencyTable)):
+                raise TypeError(f"latency_table must be None, a path or a LatencyTable, "
+                                f"got {type(self.latency_table).__name__}")
+            if self.channel_allocation != "latency":
+                raise ValueError('latency_table is only used with channel_allocation="latency"')
+        if self.channel_allocation == "latency" and self.channel_sparsity > 0 and self.example_inputs is None:
+            from .allocation import LatencyTable
+
+            if not isinstance(self.latency_table, LatencyTable):
+                raise ValueError('channel_allocation="latency" measures its table (or checks a cached one) on '
+                                 "example_inputs: give example_inputs or a LatencyTable")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         if not 0 <= self.seed < SEED_LIMIT:

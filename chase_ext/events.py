@@ -120,6 +120,12 @@ class ChannelEventsMixin:
         self._floors = [
             channel_floor(C, cfg.channel_sparsity, cfg.min_channel_ratio, cfg.round_to) for C in channels
         ]
+        self._latency = None
+        if cfg.channel_allocation == "latency" and groups:
+            from .allocation import resolve_latency_table
+
+            self._latency = resolve_latency_table(cfg.latency_table, self.model, groups, cfg.example_inputs,
+                                                  self._floors, batch=cfg.latency_batch, step=cfg.round_to or 8)
 
     def _channel_scores(self) -> list[list[tuple[float, int]]]:
         """(score, original channel) of every alive channel, per group."""
@@ -166,7 +172,14 @@ class ChannelEventsMixin:
         if t >= cfg.channel_end_steps:
             ch.done = True
         if sc is not None:
-            removed = select_channels(sc, live, self._floors, ch.channels, need, cfg.round_to)
+            if getattr(self, "_latency", None) is not None:  # channel_allocation="latency" (not SPEC)
+                from .allocation import allocate, pick_in_groups
+
+                counts = allocate([g.name for g in self.groups], live, self._floors, need, self._latency,
+                                  cfg.round_to)
+                removed = pick_in_groups(sc, counts)
+            else:
+                removed = select_channels(sc, live, self._floors, ch.channels, need, cfg.round_to)
             if any(removed):
                 for g, r in enumerate(removed):
                     ch.remove(g, r)
