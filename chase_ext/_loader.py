@@ -27,6 +27,7 @@ import glob
 import importlib.util
 import json
 import os
+import shlex
 import sys
 import sysconfig
 import time
@@ -105,12 +106,15 @@ def build_for_running_torch(package_dir: str = PKG_DIR, verbose: bool = False) -
         return lib
     os.makedirs(folder, exist_ok=True)
     fl = _build.flags(with_cuda)
+    # load() writes flags into build.ninja as they are, for a shell to split: quote them
+    # (setup.py's BuildExtension quotes by itself), or -DX="0.1.0" loses its quotes
+    q = lambda xs: [shlex.quote(x) for x in xs]  # noqa: E731
     cpp_extension.load(
         name="_C",
         sources=_build.sources(csrc, with_cuda),
-        extra_cflags=fl["cxx"],
-        extra_cuda_cflags=fl["nvcc"] or None,
-        extra_ldflags=fl["ldflags"],
+        extra_cflags=q(fl["cxx"]),
+        extra_cuda_cflags=q(fl["nvcc"]) or None,
+        extra_ldflags=q(fl["ldflags"]),
         extra_include_paths=[csrc],
         build_directory=folder,
         with_cuda=with_cuda,
@@ -166,8 +170,9 @@ def locate(package_dir: str = PKG_DIR, policy: str | None = None, build=None) ->
     t0 = time.perf_counter()
     try:
         lib = (build or build_for_running_torch)(package_dir)
-    except Exception as e:
-        raise ImportError(_mismatch_message(rec, ident, f"{why}, and compiling it failed: {e}")) from e
+    except Exception as e:  # a compiler log can run to pages: its end says what failed
+        log = str(e) if len(str(e)) <= 2000 else "..." + str(e)[-2000:]
+        raise ImportError(_mismatch_message(rec, ident, f"{why}, and compiling it failed: {log}")) from e
     print(f"chase_ext: compiled in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return lib
 
