@@ -429,6 +429,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2, help="CPU threads")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--only", nargs="+", default=None, metavar="PART@BATCH",
+                    help="run only these parts, e.g. eager_fp32@16 deploy_fp32@16 train@16 profile@16")
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-save", action="store_true")
     a = ap.parse_args(argv)
@@ -539,6 +541,11 @@ def main(argv=None) -> dict:
                  ("eager_fp32", 1, sweep, 5), ("deploy_fp32", 1, sweep, 5), ("profile", thr_batch, None, 15),
                  ("train", train_batch, at_rsc, 60)]
         profile_regime, deploy_key = "eager_fp32", "deploy_fp32_cl"
+    if a.only:
+        known = {f"{p}@{b}" for p, b, _, _ in parts}
+        if set(a.only) - known:
+            ap.error(f"--only: unknown part(s) {sorted(set(a.only) - known)}; this device runs {sorted(known)}")
+        parts = [q for q in parts if f"{q[0]}@{q[1]}" in a.only]
     if a.quick:
         parts = [(p, b, s, 0) for p, b, s, _ in parts]
 
