@@ -10,16 +10,20 @@ around the wrapped optimizer's step:
   channels, rebuilt after every channel change (``_rebuild_live``);
 * the masked apply: one ``masked_apply_`` zeroes masked weights, the same-shape
   optimizer state and removed channels' biases (``_masked_apply``, ``_states_of``,
-  ``_state_list``, ``_mask_list``);
+  ``_state_list``, ``_mask_list``), or, on a plain step with a wrapped optimizer that
+  keeps zero slots at zero (:mod:`chase_ext.grad_masking`), their gradients before the
+  wrapped step (``_mask_gradients``);
 * the finiteness check of weights and gradients on update steps (``_nonfinite``);
-* the counts the update reads: active weights per tensor (``_nnz``), live slots and
-  shapes (``_live_numels``, ``_live_shapes``).
+* the counts the update reads: active weights (``_nnz``, ``_nnz_total``; counted once
+  and then carried on the host from each update's prune/grow counts, recounted after
+  anything else that may change a mask), live slots and shapes (``_live_numels``,
+  ``_live_shapes``).
 
 It is a mixin: it works on the attributes ``ChaseOptimizer.__init__`` sets (``_names``,
 ``_params``, ``_mask_dict``, ``optimizer``, ``ops``, ``backend``, ``_ch``) and those of
 the channel setup (``_row_group``, ``_col_group``, ``_g_bias``,
 :mod:`chase_ext.events`), and sets ``_live_rows``, ``_live_cols``, ``_live_arg``,
-``_bias_masks`` and ``_any_removed``.
+``_bias_masks``, ``_any_removed`` and the carried counts ``_nnz_per`` / ``_nnz_sum``.
 """
 from __future__ import annotations
 
@@ -71,7 +75,10 @@ class MaskingMixin:
             )
 
     def _rebuild_live(self) -> None:
-        """Live row/col vectors and bias masks from the channel state (after any change)."""
+        """Live row/col vectors and bias masks from the channel state (after any change).
+        Every change of channels, slims and checkpoint loads come through here, so the
+        carried active counts are dropped here too (recounted at the next update)."""
+        self._forget_counts()
         n = len(self._params)
         self._live_rows: list[torch.Tensor | None] = [None] * n
         self._live_cols: list[torch.Tensor | None] = [None] * n
@@ -153,6 +160,33 @@ class MaskingMixin:
                 owner.append(j)
         _layout.masked_apply_(self.ops, tensors, masks, owner)
 
+    def _mask_gradients(self) -> bool:
+        """Zero, in place, the gradients of masked slots and of removed channels' bias
+        entries: a plain step's masking when the wrapped optimizer keeps zero slots at zero
+        (:mod:`chase_ext.grad_masking`), as masked weights and state are 0 already. Returns
+        False, with nothing changed, when a gradient cannot be masked in place (sparse,
+        part of a graph, laid out unlike its mask); the step then masks weights and state
+        after the wrapped step instead."""
+        masks = self._mask_list()
+        tensors, owner = [], []
+        for i, p in enumerate(self._params):
+            if p.grad is not None:
+                tensors.append(p.grad)
+                owner.append(i)
+        for b, bm in self._bias_masks:
+            if b.grad is not None:
+                masks.append(bm)
+                tensors.append(b.grad)
+                owner.append(len(masks) - 1)
+        for g, j in zip(tensors, owner):
+            m = masks[j]
+            if g.is_sparse or g.requires_grad or not g.is_floating_point() or g.shape != m.shape \
+                    or g.device != m.device or not _layout.same_flat_layout(g, m):
+                return False
+        if tensors:
+            _layout.masked_apply_(self.ops, tensors, masks, owner)
+        return True
+
     def _nonfinite(self, grads: bool) -> list[str]:
         """Names of the sparse weights (and gradients) holding a non-finite value; one sync."""
         ts, names = [], []
@@ -173,12 +207,37 @@ class MaskingMixin:
         return [names[i] for i in flagged if not bool(torch.isfinite(ts[i]).all())]
 
     def _nnz(self) -> list[int]:
-        ms = self._mask_list()
-        if not ms:
-            return []
-        dev = ms[0].device
-        # count_nonzero on bool: 15 ms where sum() took 96 ms (25.5 M slots, 1 thread)
-        return [int(x) for x in torch.stack([torch.count_nonzero(m).to(dev) for m in ms]).tolist()]
+        """Active weights per tensor: carried from the last update in layer scope, else
+        counted (one pass over the masks and a host sync)."""
+        if self._nnz_per is None:
+            ms = self._mask_list()
+            dev = ms[0].device
+            # count_nonzero on bool: 15 ms where sum() took 96 ms (25.5 M slots, 1 thread)
+            self._nnz_per = [int(x) for x in torch.stack([torch.count_nonzero(m).to(dev) for m in ms]).tolist()]
+            self._nnz_sum = sum(self._nnz_per)
+        return list(self._nnz_per)
+
+    def _nnz_total(self) -> int:
+        """Active weights over all sparse tensors; carried from the last update (global
+        scope too), else counted."""
+        if self._nnz_sum is None:
+            self._nnz()
+        return self._nnz_sum
+
+    def _carry_counts(self, prune: list[int], grow: list[int], per_tensor: bool) -> None:
+        """The counts after a mask update that pruned and grew exactly these: per tensor in
+        layer scope; in global scope only the total is known without counting."""
+        if per_tensor:
+            self._nnz_per = [n - p + g for n, p, g in zip(self._nnz(), prune, grow)]
+            self._nnz_sum = sum(self._nnz_per)
+        else:
+            total = self._nnz_total() - sum(prune) + sum(grow)
+            self._forget_counts()
+            self._nnz_sum = total
+
+    def _forget_counts(self) -> None:
+        self._nnz_per: list[int] | None = None
+        self._nnz_sum: int | None = None
 
     def _live_numels(self) -> list[int]:
         out = []

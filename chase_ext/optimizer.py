@@ -19,11 +19,16 @@ does not count). On step ``t``:
 
 1. if ``t`` is an update step (``t % update_interval == 0 and t < t_end``): the sparse
    weights (and, for gradient growth, their gradients) are checked finite with a single
-   host sync, raising ``FloatingPointError`` with nothing changed; then ``|grad|`` of every
-   sparse tensor is copied (the growth scores, read before the wrapped step);
+   host sync, raising ``FloatingPointError`` with nothing changed; the gradients are the
+   growth scores, read as they are before the wrapped step: handed over uncopied when the
+   wrapped optimizer leaves them alone (:mod:`chase_ext.grad_masking`; checked by their
+   version counters), else copied;
 2. the wrapped optimizer steps;
 3. one ``masked_apply_`` zeroes masked weights and every same-shape optimizer-state tensor
-   (and the bias entries of removed channels);
+   (and the bias entries of removed channels). On a plain step (no update, no event, no
+   closure) whose wrapped optimizer keeps a zero slot at zero, it zeroes the masked
+   *gradients* before step 2 instead: masked weights and state are 0 already and stay 0,
+   the active slots step as they would anyway, and fewer bytes move;
 4. on an update step, the weights are checked again (the wrapped step can overflow, and
    random growth does not check gradients): non-finite ones raise ``FloatingPointError``
    with the step taken but no event or update run (masks, channels and the generator
@@ -33,14 +38,19 @@ does not count). On step ``t``:
 6. the parameter update: one ``mask_update_`` call for the whole model.
 
 Non-update, non-event steps do no host sync: they only build the ``masked_apply_`` call.
+The active count the update needs is counted once and then carried on the host from each
+update's prune/grow counts (recounted after a channel event, slim, load or a read of
+``masks``), so an update step without an event syncs for its finiteness checks only.
 
 Choices where SPEC is vague:
 
 * **Closures**: with ``step(closure)`` the gradient growth scores are the gradients present
   when ``step`` is called (compute them before, or they count as 0), because the closure
   runs inside the wrapped step.
-* **Gradients are never masked**; masked slots of weights and states are zeroed after every
-  step instead (an elementwise optimizer's active slots are unaffected by this).
+* **Gradients are masked in place on plain steps** of the optimizers listed in
+  :mod:`chase_ext.grad_masking` (``.grad`` reads 0 at masked slots after such a step);
+  otherwise, and on update and event steps, masked slots of weights and states are zeroed
+  after the step (an elementwise optimizer's active slots are unaffected either way).
 * **DDP / DataParallel** models are unwrapped (``.module``) so parameter names have no
   ``module.`` prefix. Decisions depend only on weights, DDP-averaged gradients and the
   seeded CPU generator, so every rank takes the same ones without communication.
@@ -67,6 +77,7 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
+import torch.optim.optimizer as _optim_module  # the global step hooks
 from torch import nn
 
 from . import layout as _layout
@@ -75,6 +86,7 @@ from .channels import ChannelState
 from .checkpoint import CheckpointMixin
 from .config import ChaseConfig
 from .events import ChannelEventsMixin
+from .grad_masking import keeps_zero_slots, leaves_gradients_alone
 from .groups import ChannelGroup
 from .masking import MaskingMixin
 from .schedules import is_channel_event, is_update_step
@@ -244,7 +256,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
             and not self._ch.done
             and is_channel_event(t, cfg.channel_interval_steps, cfg.update_steps)
         )
-        scores = None
+        scores, watched = None, []
         if upd:  # 1. finite weights (and gradients), growth scores read before the step
             gradient = cfg.grow == "gradient"
             bad = self._nonfinite(grads=gradient)
@@ -254,15 +266,27 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
                     "nothing was changed (step not taken)"
                 )
             if gradient:
-                scores = [
-                    p.grad.detach().abs() if p.grad is not None else torch.zeros_like(p)
-                    for p in self._params
-                ]
+                # a closure or a slim in this step's event would write the gradients
+                scores, watched = self._growth_scores(closure is None and not ev)
+        # 3. (before 2.) a plain step masks the gradients when that keeps masked weights and
+        # state at 0 (grad_masking.py, masking.py); else weights and state after the step
+        with torch.no_grad():
+            premasked = (not upd and not ev and closure is None and keeps_zero_slots(self.optimizer)
+                         and self._mask_gradients())
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)  # 2.
         self._t = t
         with torch.no_grad():
-            self._masked_apply()  # 3. (masking.py)
+            if not premasked:
+                self._masked_apply()  # 3. (masking.py)
             if upd:  # 4.
+                changed = [self._names[i] for i, g, v in watched if g._version != v]
+                if changed:
+                    raise RuntimeError(
+                        f"ChaseOptimizer: the wrapped {type(self.optimizer).__name__} changed the gradients of "
+                        f"{', '.join(changed[:3])} in place during step {t}, which chase_ext.grad_masking lists "
+                        "as leaving them alone; the step was taken, no mask update ran. Please report this "
+                        "with your torch version and optimizer settings"
+                    )
                 # the wrapped step itself can overflow (or, with random growth, apply a
                 # non-finite gradient, which SPEC §3.0 does not check): refuse the update
                 bad = self._nonfinite(grads=False)
@@ -278,14 +302,35 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
                 self._update(t, scores)
         return loss
 
+    def _growth_scores(self, may_share: bool) -> tuple[list[torch.Tensor], list]:
+        """The gradients as growth scores (the op ranks by |score|), read before the wrapped
+        step: the tensors themselves when ``may_share`` (the caller found nothing of its own
+        that writes them before the mask update), the wrapped optimizer leaves them alone
+        and no step hook runs, else copies. Returns (scores, [(index, gradient, version) of
+        the shared ones])."""
+        inner, glob = self.optimizer, _optim_module
+        hooks = [getattr(inner, "_optimizer_step_pre_hooks", None), getattr(inner, "_optimizer_step_post_hooks", None),
+                 getattr(glob, "_global_optimizer_pre_hooks", None), getattr(glob, "_global_optimizer_post_hooks", None)]
+        as_they_are = may_share and leaves_gradients_alone(inner) and not any(hooks)
+        scores, watched = [], []
+        for i, p in enumerate(self._params):
+            g = p.grad
+            if g is None:
+                scores.append(torch.zeros_like(p))
+            elif as_they_are:
+                scores.append(g.detach())
+                watched.append((i, g, g._version))
+            else:
+                scores.append(g.detach().clone())
+        return scores, watched
+
     def _update(self, t: int, scores: list[torch.Tensor] | None) -> None:
         """The parameter update (SPEC §3): prune/grow counts, then one ``mask_update_``."""
         cfg = self.config
-        nnz = self._nnz()
         if cfg.scope == "global":
             prune, grow, _ = _sp.global_counts(
                 t,
-                sum(nnz),
+                self._nnz_total(),
                 self.budget,
                 self.total_sparse,
                 sum(self._live_numels()),
@@ -299,7 +344,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
             pc, gc = [prune], [grow]
         else:
             pc, gc = _sp.layer_counts(
-                t, nnz, self._k, self._live_numels(),
+                t, self._nnz(), self._k, self._live_numels(),
                 t_end=cfg.t_end_steps, swap0=cfg.swap_fraction, swap_end=cfg.swap_fraction_end,
             )
         if cfg.grow == "random":
@@ -315,13 +360,16 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
         _layout.mask_update_(
             self.ops, [p.detach() for p in self._params], self._mask_list(), scores, lr, lc, states, owner, pc, gc
         )
+        self._carry_counts(pc, gc, per_tensor=cfg.scope != "global")
 
     # ------------------------------------------------------------------ public API
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """Parameter name -> bool mask (True = active), current physical shapes, on each
-        parameter's device and in its memory layout."""
+        parameter's device and in its memory layout. The masks may be written through this
+        (the next update then counts the active weights again)."""
         self._align_masks()
+        self._forget_counts()
         return self._mask_dict
 
     @property
@@ -335,9 +383,10 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
         return 0 if self._ch is None else len(self._ch.slim_records)
 
     def active_count(self) -> int:
-        """Active (unmasked) weights over all sparse tensors now (one host sync)."""
+        """Active (unmasked) weights over all sparse tensors now (one host sync, unless
+        carried from the last update)."""
         self._align_masks()
-        return sum(self._nnz())
+        return self._nnz_total()
 
     def sparse_names(self) -> list[str]:
         """Names of the sparse (masked) weights, in global order (SPEC §1)."""

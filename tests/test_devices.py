@@ -51,6 +51,8 @@ def _build(name, device, seed=0, opt="sgd-exact", **kw):
         o = torch.optim.SGD(model.parameters(), lr=2.0**-4)
     elif opt == "sgd-momentum":
         o = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    elif opt == "rprop":  # a zero slot's step size starts at lr: plain steps mask after the step
+        o = torch.optim.Rprop(model.parameters(), lr=1e-3)
     else:
         o = torch.optim.Adam(model.parameters(), lr=1e-2)
     kw.setdefault("density", 0.3)
@@ -94,7 +96,7 @@ def _backward_step(name, model, chase, i, device):
 
 
 @pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck", "mobilenet_v2_small"])
-@pytest.mark.parametrize("opt", ["sgd-momentum", "adam"])
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adam", "rprop"])  # gradients masked / weights and state
 def test_training_invariants_on_device(device, name, opt):
     """Real forward/backward on the device; after every step: masked weights and state
     are 0, the active count is the target at updates, the channel schedule is followed,
@@ -149,7 +151,7 @@ class _NoSyncingOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("opt", ["sgd-momentum", "adam"])
+@pytest.mark.parametrize("opt", ["sgd-momentum", "adam", "rprop"])
 def test_plain_steps_do_no_host_sync(device, opt):
     """A step that is neither a mask update nor a channel event only masks: no op that
     reads a value back to the host (on CUDA, also no implicit sync of any kind), before
