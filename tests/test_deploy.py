@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gc
 import importlib.util
-import io
 import os
 
 import pytest
