@@ -201,8 +201,14 @@ class MaskingMixin:
         # isfinite().all() took 176 ms on ResNet-50 weights + gradients (1 thread). A sum
         # can also overflow on finite values, so only the tensors it flags get the exact check.
         dev = ts[0].device
-        sums = torch.stack([x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).to(dev)
-                            for x in ts])
+        if dev.type == "cuda":
+            # one multi-tensor launch instead of one sum per tensor (the host time of ~100
+            # launches is what an update step waits for): an L1 norm is non-finite exactly
+            # when such a sum is (NaN spreads, inf stays); on the CPU it is 5x slower than sum
+            sums = torch.stack([r.float() for r in torch._foreach_norm(ts, 1)])
+        else:
+            sums = torch.stack([x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32).to(dev)
+                                for x in ts])
         flagged = torch.nonzero(~torch.isfinite(sums).cpu()).flatten().tolist()  # one sync
         return [names[i] for i in flagged if not bool(torch.isfinite(ts[i]).all())]
 

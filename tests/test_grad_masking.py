@@ -301,3 +301,22 @@ def test_carried_active_counts_equal_counting(scope):
 
     _train(model, chase, 40, check=check)
     assert len(counted) > 10 and chase.slim_count > 0
+
+
+# ------------------------------------------------------------------ finiteness check
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_finiteness_check_names_every_kind_on_device(device, value):
+    """The update steps' check (one reduction per tensor on the CPU, one multi-tensor
+    launch on CUDA): a non-finite weight or gradient is named, a reduction that only
+    overflows on finite values is not."""
+    model, chase = _chase(SAFE[1][1], channel_sparsity=0.0)
+    model.to(device)
+    for p in chase._params:
+        p.grad = torch.full_like(p, 3e38)  # finite; any float32 sum of two of them overflows
+    assert chase._nonfinite(grads=True) == []
+    n0, n1 = chase.sparse_names()[0], chase.sparse_names()[2]
+    with torch.no_grad():
+        chase._params[0].view(-1)[3] = value
+        chase._params[2].grad.view(-1)[5] = value
+    assert chase._nonfinite(grads=True) == [f"weight {n0!r}", f"gradient of {n1!r}"]
+    assert chase._nonfinite(grads=False) == [f"weight {n0!r}"]
