@@ -23,6 +23,9 @@ groups by *time* instead, and still picks the channels inside each group by scor
    to the lower group index. Deterministic for a given table.
 3. Within a group the channels with the lowest scores go (:func:`pick_in_groups`).
 
+The table is not part of the optimizer's ``state_dict``: a run resumed inside its channel
+phase should pass the same cache path (or table), so that later events split the same way.
+
 The separable table (one group varied at a time) ignores that a conv's time depends on
 both its input and output widths; it ranks where removal buys time, which is what the
 allocation needs.
