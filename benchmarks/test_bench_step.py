@@ -130,6 +130,7 @@ def test_step_cost_side_by_side(device, memory_format):
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "quick": QUICK,
         "load_avg_1m_at_start": os.getloadavg()[0],
     }
-    print(f"step_cost_{device}_{memory_format}", payload)
+    key = f"step_cost_{device}_{memory_format}" + (f"_{THREADS}t" if device == "cpu" else "")
+    print(key, payload)
     if not QUICK:
-        save_results(RESULTS_FILE, f"step_cost_{device}_{memory_format}", payload)
+        save_results(RESULTS_FILE, key, payload)
