@@ -44,7 +44,9 @@ def rewrap_ddp(ddp: nn.Module, chase=None) -> nn.Module:
 
         if not isinstance(chase, ChaseOptimizer):
             raise TypeError(f"chase must be a chase_ext.ChaseOptimizer, got {type(chase).__name__}")
-        if chase.model is not ddp.module:
+        from .wrappers import unwrap_model
+
+        if chase.model is not unwrap_model(ddp.module):  # DDP(torch.compile(model)) holds the model too
             raise ValueError("chase does not drive ddp.module (it was built for another model)")
         chase._rewraps_ddp = True  # the loop re-wraps: slims need not warn
         slims = chase.slim_count

@@ -32,6 +32,7 @@ from . import layout as _layout
 from . import sparsity as _sp
 from .channels import ChannelState, channel_floor, group_scores, select_channels, target_live
 from .density import erk_counts
+from .wrappers import forget_compiled
 
 __all__ = ["ChannelEventsMixin"]
 
@@ -252,3 +253,4 @@ class ChannelEventsMixin:
         _slim_model(self.model, self.groups, list(keep), optimizer=opt, masks=self._mask_dict, gather=gather)
         self._ch.commit_slim(keep)
         self._rebuild_live()
+        forget_compiled(self.model)  # torch.compile's graphs of the old shapes never run again

@@ -44,15 +44,19 @@ update's prune/grow counts (recounted after a channel event, slim, load or a rea
 
 Choices where SPEC is vague:
 
-* **Closures**: with ``step(closure)`` the gradient growth scores are the gradients present
-  when ``step`` is called (compute them before, or they count as 0), because the closure
-  runs inside the wrapped step.
+* **Closures**: ``step(closure)`` runs the closure first (under ``torch.enable_grad``), so
+  the finiteness check and the gradient growth scores see this step's gradients, as with a
+  closure-free step (Lightning's automatic optimization puts forward and backward in the
+  closure). The wrapped optimizer gets a closure that returns that loss on its first call
+  and evaluates the closure again on later calls (LBFGS-style optimizers).
 * **Gradients are masked in place on plain steps** of the optimizers listed in
   :mod:`chase_ext.grad_masking` (``.grad`` reads 0 at masked slots after such a step);
   otherwise, and on update and event steps, masked slots of weights and states are zeroed
   after the step (an elementwise optimizer's active slots are unaffected either way).
-* **DDP / DataParallel** models are unwrapped (``.module``) so parameter names have no
-  ``module.`` prefix. Decisions depend only on weights, DDP-averaged gradients and the
+* **DDP / DataParallel / torch.compile** models are unwrapped (``.module``, ``._orig_mod``;
+  :mod:`chase_ext.wrappers`) so parameter names have no ``module.`` prefix; after a slim the
+  graphs ``torch.compile`` built for the old shapes are dropped. DTensor parameters (FSDP2)
+  are refused at construction. Decisions depend only on weights, DDP-averaged gradients and the
   seeded CPU generator, so every rank takes the same ones without communication.
   Slimming changes parameter shapes, which a built DDP wrapper cannot follow: re-wrap with
   ``ddp = chase_ext.rewrap_ddp(ddp, chase)`` after ``chase.step()`` (a no-op on steps that
@@ -90,6 +94,7 @@ from .grad_masking import keeps_zero_slots, leaves_gradients_alone
 from .groups import ChannelGroup
 from .masking import MaskingMixin
 from .schedules import is_channel_event, is_update_step
+from .wrappers import check_not_sharded, is_ddp, unwrap_model
 
 __all__ = ["ChaseOptimizer"]
 
@@ -113,18 +118,18 @@ def _load_backend(backend: str):
     raise ValueError(f"backend must be 'native' or 'reference', got {backend!r}")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
+def _ran_first(closure: Callable) -> Callable:
+    """Run ``closure`` now; the returned one gives its loss back once, then runs it again."""
+    with torch.enable_grad():
+        first = [closure()]
 
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
-        model = model.module
-    return model
+    def again():
+        if first:
+            return first.pop()
+        with torch.enable_grad():
+            return closure()
 
-
-def _is_ddp(model: nn.Module) -> bool:
-    from torch.nn.parallel import DistributedDataParallel
-
-    return isinstance(model, DistributedDataParallel)
+    return again
 
 
 class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.optim.Optimizer):
@@ -175,8 +180,9 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
         self.backend = backend
         self.optimizer = optimizer
         self.config = config
-        self.model = _unwrap(model)
-        self._wrapped_in_ddp = _is_ddp(model)
+        self.model = unwrap_model(model)
+        check_not_sharded(self.model)
+        self._wrapped_in_ddp = is_ddp(model)
         self._rewraps_ddp = False  # set by chase_ext.rewrap_ddp(ddp, self): the loop re-wraps after slims
 
         # --- torch.optim.Optimizer plumbing, shared with the wrapped optimizer
@@ -247,6 +253,8 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
     def step(self, closure: Callable | None = None):  # type: ignore[override]
         """One optimizer step with masking, and on schedule a channel event and a mask
         update (module docstring, "Step order"). Returns the closure's loss, if any."""
+        if closure is not None:
+            closure = _ran_first(closure)
         cfg = self.config
         self._align_masks()
         t = self._t + 1
