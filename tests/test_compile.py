@@ -131,3 +131,39 @@ def test_unwrap_model_peels_every_wrapper():
     compiled = torch.compile(nn.DataParallel(torch.compile(model, backend="aot_eager")), backend="aot_eager")
     assert unwrap_model(compiled) is model
     assert unwrap_model(model) is model
+
+
+def test_compiled_inside_ddp_rewraps(tmp_path):
+    # DDP(torch.compile(model)): the compiled module is what rewrap_ddp wraps again after a slim
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from chase_ext import rewrap_ddp
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        model = Net()
+        ddp = nn.parallel.DistributedDataParallel(torch.compile(model, backend="aot_eager"))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        chase = ChaseOptimizer(opt, ddp, density=0.3, total_steps=12, update_interval=2, channel_sparsity=0.5,
+                               channel_end=0.6, example_inputs=torch.randn(2, 12), slim_during_training=True,
+                               backend=BACKEND)
+        assert chase.model is model and [g.producers for g in chase.groups] == [["fc1"], ["fc2"]]
+        assert rewrap_ddp(ddp, chase) is ddp  # nothing slimmed yet; tells chase the loop re-wraps
+        g = torch.Generator().manual_seed(1)
+        wraps = 0
+        for _ in range(12):
+            x, y = torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
+            out = ddp(x)
+            torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+            chase.zero_grad()
+            nn.functional.cross_entropy(out, y).backward()
+            chase.step()
+            new = rewrap_ddp(ddp, chase)
+            wraps += new is not ddp
+            ddp = new
+        assert chase.slim_count == wraps >= 2
+        assert model.fc1.weight.shape[0] < 24
+    finally:
+        dist.destroy_process_group()
