@@ -14,6 +14,11 @@ and :class:`ChaseCallback` does both::
   callback replaces ``trainer.strategy.model`` by a new wrapper (``chase_ext.rewrap_ddp``;
   every rank slims at the same step, so every rank re-wraps together). DDP communication
   hooks registered through the strategy are not carried over.
+* **Weight averaging** (Lightning's ``WeightAveraging`` / ``EMAWeightAveraging`` callbacks,
+  or any callback keeping a ``torch.optim.swa_utils.AveragedModel`` in ``_average_model``):
+  the averaged copy is slimmed like the model right after every step that slimmed
+  (``chase_ext.ema.follow_slims``), before the averaging callback updates it. Resuming such
+  a run from a checkpoint is not supported.
 * **Resuming a slimmed checkpoint** (``trainer.fit(model, ckpt_path=...)``): Lightning loads
   the model's weights before it calls ``configure_optimizers``, into the freshly built
   full-width model, which fails on the narrower tensors. The callback sets such weights
@@ -37,6 +42,7 @@ except ImportError:  # the standalone package of the same framework
         raise ImportError("chase_ext.lightning needs PyTorch Lightning: pip install lightning") from e
 
 from .distributed import rewrap_ddp
+from .ema import follow_slims
 from .optimizer import ChaseOptimizer
 
 __all__ = ["ChaseCallback"]
@@ -82,6 +88,8 @@ class ChaseCallback(pl.Callback):
             self._hook.remove()
             self._hook = None
         chase = _chase_of(trainer, pl_module)
+        if chase is not None:
+            chase.register_step_post_hook(lambda *_: self._follow_averages(trainer, chase))
         if self._pending is not None:
             if chase is None:
                 raise ValueError("ChaseCallback: the checkpoint holds slimmed weights but configure_optimizers "
@@ -98,6 +106,15 @@ class ChaseCallback(pl.Callback):
             raise RuntimeError("ChaseCallback: the checkpoint's weights do not fit the model even after the "
                                f"ChaseOptimizer replayed its slims: {e}") from e
         self._rewrap(trainer, pl_module)
+
+    @staticmethod
+    def _follow_averages(trainer, chase) -> None:
+        from torch.optim.swa_utils import AveragedModel
+
+        for cb in trainer.callbacks:
+            avg = getattr(cb, "_average_model", None)
+            if isinstance(avg, AveragedModel):
+                follow_slims(avg, chase)  # a no-op unless this step slimmed
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._pending is not None:  # the optimizer state was never loaded (weights-only checkpoint?)

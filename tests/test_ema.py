@@ -65,7 +65,7 @@ def test_averaged_model_breaks_without_follow_slims():
     model, chase = _run(slim_during_training=True)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
     g = torch.Generator().manual_seed(1)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="must match the size"):
         for _ in range(STEPS):
             _step(model, chase, g)
             ema.update_parameters(model)

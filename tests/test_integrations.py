@@ -187,6 +187,24 @@ def test_lightning_resumes_slimmed_checkpoint(tmp_path):
 
 
 @needs_lightning
+def test_lightning_weight_averaging_follows_slims(tmp_path):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    steps = 2 * BATCHES
+    # without ChaseCallback the averaged copy no longer fits the model after the first slim
+    with pytest.raises(RuntimeError, match="must match the size"):
+        _fit(tmp_path / "plain", epochs=2, total_steps=steps, callbacks=[EMAWeightAveraging(decay=0.9)])
+    ema = EMAWeightAveraging(decay=0.9)
+    lit, trainer = _fit(tmp_path, epochs=2, total_steps=steps, callbacks=[ema, ChaseCallback()])
+    assert trainer.optimizers[0].slim_count >= 2 and trainer.optimizers[0].t == steps
+    # at the end of fit the callback copied the averaged weights into the (slimmed) model
+    avg = ema._average_model.module
+    assert [p.shape for p in avg.parameters()] == [p.shape for p in lit.parameters()]
+    for a, b in zip(avg.parameters(), lit.parameters()):
+        assert torch.equal(a, b)
+
+
+@needs_lightning
 def test_lightning_callback_refuses_a_second_chase(tmp_path):
     class Two(LitNet):
         def __init__(self, total_steps):
