@@ -4,7 +4,8 @@
 (built on the bare model before ``prepare``); ``accelerator.backward``, gradient
 accumulation (``Accelerator(gradient_accumulation_steps=n)`` with ``accelerator.accumulate``:
 the optimizer steps once per ``n`` batches, so ``chase.t`` counts real steps) and mixed
-precision (``mixed_precision="bf16"`` / ``"fp16"``) need nothing more. A run that slims
+precision (``mixed_precision="bf16"``, tested on the CPU; ``"fp16"`` goes through
+``GradScaler``, which ``ChaseOptimizer`` supports, not tested with accelerate) need nothing more. A run that slims
 during training needs two things from this module::
 
     chase_ext.accelerate.enable_slimmed_resume(accelerator, chase)   # once, after prepare

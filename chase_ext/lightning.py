@@ -2,9 +2,9 @@
 
 Training, gradient accumulation (``accumulate_grad_batches``: Lightning steps the optimizer
 once per accumulated batch, so ``chase.t`` counts real steps) and mixed precision
-(``precision="bf16-mixed"`` / ``"16-mixed"``) need nothing: ``ChaseOptimizer`` is a
-``torch.optim.Optimizer`` and evaluates Lightning's step closure before reading the
-gradients. Two things need the Trainer's cooperation once a run slims during training,
+(``precision="bf16-mixed"``, ``"16-mixed"``; on CUDA the latter adds a GradScaler,
+which ``ChaseOptimizer`` supports) need nothing: ``ChaseOptimizer`` is a ``torch.optim.Optimizer`` and evaluates
+Lightning's step closure before reading the gradients. Two things need the Trainer's cooperation once a run slims during training,
 and :class:`ChaseCallback` does both::
 
     trainer = lightning.Trainer(..., callbacks=[chase_ext.lightning.ChaseCallback()])
@@ -69,7 +69,11 @@ class ChaseCallback(pl.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         # only while Lightning restores the model: a user's own load_state_dict later must fail as usual
         if stage == "fit" and self._hook is None:
-            self._hook = pl_module.register_load_state_dict_pre_hook(self._set_aside)
+            register = getattr(pl_module, "register_load_state_dict_pre_hook", None)
+            if register is None:  # torch < 2.5 has only the private spelling
+                self._hook = pl_module._register_load_state_dict_pre_hook(self._set_aside, with_module=True)
+            else:
+                self._hook = register(self._set_aside)
 
     def _set_aside(self, module, state_dict, prefix, *args) -> None:
         if prefix:

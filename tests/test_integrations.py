@@ -168,6 +168,15 @@ def test_lightning_accumulation_bf16(tmp_path):
 
 
 @needs_lightning
+def test_lightning_fp16_mixed(tmp_path):
+    # float16 autocast; Lightning adds its GradScaler on CUDA only (none on the CPU)
+    lit, trainer = _fit(tmp_path, epochs=2, total_steps=BATCHES, accumulate_grad_batches=2, precision="16-mixed")
+    chase = trainer.optimizers[0]
+    assert chase.t == BATCHES and chase.slim_count >= 1
+    assert all(torch.isfinite(p).all() for p in lit.parameters())
+
+
+@needs_lightning
 def test_lightning_resumes_slimmed_checkpoint(tmp_path):
     steps = 2 * BATCHES
     full, full_trainer = _fit(tmp_path / "full", epochs=2, total_steps=steps)
