@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
@@ -459,7 +460,7 @@ def main(argv=None) -> dict:
         "budget_s": a.budget_s, "load_avg_1m_at_start": os.getloadavg()[0],
         "selection": "ChaseOptimizer, density 0.1, event at step 1 reaches S_c, 2 steps on one sample, slim_()",
     }, "skipped": budget.skipped, "finished": False}
-    path = None if a.no_save else (a.out or machine_file(dev))
+    path = None  # set below, once the thread count is (the CPU file is named after it)
 
     def save():
         result["wall_s"] = time.perf_counter() - budget.t0
@@ -477,7 +478,8 @@ def main(argv=None) -> dict:
         # eager fp32 means full fp32: no TF32 in convs or matmuls (the fp16/bf16 regimes are unaffected)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    knobs = {f.name for f in __import__("dataclasses").fields(ChaseConfig)}
+    path = None if a.no_save else (a.out or machine_file(dev))
+    knobs = {f.name for f in dataclasses.fields(ChaseConfig)}
     recipes = a.recipes or [r for r in DEFAULT_RECIPES if set(RECIPES[r]) <= knobs]
     for r in recipes:
         if r not in RECIPES:
