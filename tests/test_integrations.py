@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -376,7 +377,13 @@ def _accelerate_ddp_worker(rank: int, world: int, port: int, out_dir: str) -> No
 
 @needs_accelerate
 def test_accelerate_ddp_rewraps_after_slims(tmp_path):
-    mp.spawn(_accelerate_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ctx = mp.spawn(_accelerate_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
+    deadline = time.monotonic() + 300  # a rank stuck in a collective must fail the test, not hang it
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the 2 accelerate processes did not finish within 300 s")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["t"] == r1["t"] == 16
     assert r0["slims"] == r1["slims"] == r0["wraps"] == r1["wraps"] >= 2
