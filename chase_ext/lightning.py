@@ -93,7 +93,14 @@ class ChaseCallback(pl.Callback):
             self._hook = None
         chase = _chase_of(trainer, pl_module)
         if chase is not None:
-            chase.register_step_post_hook(lambda *_: self._follow_averages(trainer, chase))
+            seen = [chase.slim_count]
+
+            def after_step(*_):
+                if chase.slim_count != seen[0]:  # this step slimmed: averaged copies follow
+                    seen[0] = chase.slim_count
+                    self._follow_averages(trainer, chase)
+
+            chase.register_step_post_hook(after_step)
         if self._pending is not None:
             if chase is None:
                 raise ValueError("ChaseCallback: the checkpoint holds slimmed weights but configure_optimizers "
@@ -118,7 +125,7 @@ class ChaseCallback(pl.Callback):
         for cb in trainer.callbacks:
             avg = getattr(cb, "_average_model", None)
             if isinstance(avg, AveragedModel):
-                follow_slims(avg, chase)  # a no-op unless this step slimmed
+                follow_slims(avg, chase)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self._pending is not None:  # the optimizer state was never loaded (weights-only checkpoint?)
