@@ -4,8 +4,9 @@
   ``torch.compile``'s ``OptimizedModule`` (``._orig_mod``), in any nesting, so channel groups,
   masks and slims act on the real parameters whichever order the user wrapped in.
 * :func:`check_not_sharded` refuses parameters that are ``DTensor`` (FSDP2's ``fully_shard``,
-  tensor parallelism): the kernels, the global top-k of the mask update and the slimming
-  gather all need each rank to hold whole tensors. FSDP2 has no supported path yet.
+  tensor parallelism) and ``FullyShardedDataParallel`` (FSDP1) modules: the kernels, the
+  global top-k of the mask update and the slimming gather all need each rank to hold whole
+  tensors. Sharded training has no supported path yet.
 * :func:`forget_compiled` drops the graphs ``torch.compile`` built for the model's forward
   once a slim changed parameter shapes. Dynamo guards on every parameter's shape, so a
   compiled forward never runs a stale graph (it recompiles on the next call), but each
@@ -63,21 +64,31 @@ def is_ddp(model: nn.Module) -> bool:
 
 
 def check_not_sharded(model: nn.Module) -> None:
-    """``TypeError`` naming FSDP2 / DTensor when a parameter of ``model`` is a ``DTensor``."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed: no DTensor can exist
-        return
-    sharded = [n for n, p in model.named_parameters() if isinstance(p, DTensor)]
+    """``TypeError`` naming FSDP / DTensor when ``model`` holds DTensor parameters (FSDP2's
+    ``fully_shard``, tensor parallelism) or ``FullyShardedDataParallel`` (FSDP1) modules."""
+    # neither can exist unless its module was imported: no import (and no cost) otherwise
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    fsdp1 = getattr(fsdp, "FullyShardedDataParallel", None)
+    if fsdp1 is not None:
+        wrapped = [n or "the model itself" for n, m in model.named_modules() if isinstance(m, fsdp1)]
+        if wrapped:
+            raise TypeError(
+                f"ChaseOptimizer: {', '.join(wrapped[:3])} {'is' if len(wrapped) == 1 else 'are'} wrapped in "
+                "FullyShardedDataParallel (FSDP1), which flattens and shards the parameters; " + _WHOLE)
+    tensor = sys.modules.get("torch.distributed.tensor")
+    dtensor = getattr(tensor, "DTensor", None)
+    sharded = [] if dtensor is None else [n for n, p in model.named_parameters() if isinstance(p, dtensor)]
     if sharded:
         raise TypeError(
             f"ChaseOptimizer: {len(sharded)} parameter(s) are DTensors ({', '.join(sharded[:3])}"
             f"{', ...' if len(sharded) > 3 else ''}), as FSDP2 (torch.distributed.fsdp.fully_shard) or tensor "
-            "parallelism make them; chase_ext needs whole tensors on every rank (the mask update takes a "
-            "global top-k, slimming gathers whole rows). Train with DistributedDataParallel instead "
-            "(chase_ext.rewrap_ddp after slims); sharding is not supported, neither before nor after "
-            "wrapping (fully_shard replaces the parameters the ChaseOptimizer holds)"
-        )
+            "parallelism make them; " + _WHOLE)
+
+
+_WHOLE = ("chase_ext needs whole tensors on every rank (the mask update takes a global top-k, slimming "
+          "gathers whole rows). Train with DistributedDataParallel instead (chase_ext.rewrap_ddp after slims); "
+          "sharding is not supported, neither before nor after wrapping (sharding replaces the parameters the "
+          "ChaseOptimizer holds)")
 
 
 def _codes_of(model: nn.Module):

@@ -409,3 +409,17 @@ def test_fsdp2_sharded_model_is_refused_clearly():
             _chase(net, BATCHES)
     finally:
         dist.destroy_process_group()
+
+
+def test_fsdp1_wrapped_model_is_refused_clearly():
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        wrapped = fsdp.FullyShardedDataParallel(Net(), device_id=torch.device("cpu"), use_orig_params=True)
+        with pytest.raises(TypeError, match=r"the model itself is wrapped in FullyShardedDataParallel.*"
+                                            r"DistributedDataParallel instead"):
+            _chase(wrapped, BATCHES)
+    finally:
+        dist.destroy_process_group()
