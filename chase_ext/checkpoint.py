@@ -35,6 +35,8 @@ __all__ = ["CheckpointMixin"]
 _STATE_VERSION = 1
 # settings whose change would make the recorded channel state inconsistent: refused on load
 _DECIDES_CHANNELS = ("round_to", "min_channel_ratio")
+# settings recorded since a later version: a checkpoint without them ran with these values
+_SETTINGS_ADDED_LATER = {"channel_allocation": "umm"}
 
 
 def _check_count(v, name: str, n: int | None = None) -> None:
@@ -91,6 +93,7 @@ class CheckpointMixin:
             "channel_interval": c.channel_interval_steps, "channel_end": c.channel_end_steps,
             "min_channel_ratio": c.min_channel_ratio, "channel_score": c.channel_score, "round_to": c.round_to,
             "slim_during_training": c.slim_every, "coupled_channels": c.coupled_channels,
+            "channel_allocation": c.channel_allocation,
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -177,6 +180,7 @@ class CheckpointMixin:
             raise ValueError("checkpoint does not match: channel groups differ")
         if "settings" in cs:  # written since the settings were recorded
             mine, theirs = self._settings(), cs["settings"]
+            theirs = {**_SETTINGS_ADDED_LATER, **theirs}  # older checkpoints ran with these defaults
             changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
             hard = [k for k in changed if k in _DECIDES_CHANNELS]
             if hard:
