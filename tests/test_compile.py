@@ -61,12 +61,13 @@ def _entries() -> int:
     return len(dynamo.eval_frame._debug_get_cache_entry_list(Net.forward.__code__))
 
 
-def _train(order: str, backend: str, steps: int, update_interval: int = 2):
+def _train(order: str, backend: str, steps: int, update_interval: int = 2, device: str = "cpu"):
     torch.manual_seed(0)
-    model = Net()
+    model = Net().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     kw = dict(density=0.3, total_steps=steps, update_interval=update_interval, channel_sparsity=0.5,
-              channel_end=0.6, example_inputs=torch.randn(2, 12), slim_during_training=True, backend=BACKEND)
+              channel_end=0.6, example_inputs=torch.randn(2, 12, device=device), slim_during_training=True,
+              backend=BACKEND)
     if order == "before":
         compiled = torch.compile(model, backend=backend)
         chase = ChaseOptimizer(opt, compiled, **kw)
@@ -78,7 +79,7 @@ def _train(order: str, backend: str, steps: int, update_interval: int = 2):
     g = torch.Generator().manual_seed(1)
     slims, max_entries = [], 0
     for _ in range(steps):
-        x, y = torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g)
+        x, y = torch.randn(8, 12, generator=g).to(device), torch.randint(0, 4, (8,), generator=g).to(device)
         out = compiled(x)
         # the compiled forward computes what the (slimmed, masked) eager model computes
         torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
@@ -105,10 +106,10 @@ def test_compiled_before_wrapping_inductor():
 
 
 @pytest.mark.parametrize("order", ["before", "after"])
-def test_compiled_many_slims_stay_compiled(order):
+def test_compiled_many_slims_stay_compiled(order, device):
     # more slims than Dynamo's recompile limit (8): without dropping the stale graphs the
     # 9th recompile would fail here (fail_on_recompile_limit_hit)
-    model, chase, slims, entries = _train(order, "aot_eager", steps=40, update_interval=1)
+    model, chase, slims, entries = _train(order, "aot_eager", steps=40, update_interval=1, device=device)
     assert slims[-1] > dynamo.config.recompile_limit, slims
     assert entries == 1
     assert sum(r["live"] for r in chase.channel_report()) < 48
