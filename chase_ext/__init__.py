@@ -6,7 +6,10 @@ Public names (all reachable after a plain ``import chase_ext``; everything but
 * ``ChaseOptimizer``, ``ChaseConfig``, ``rewrap_ddp``;
 * submodules ``ops`` (the native kernels), ``reference`` (the same ops
   in plain PyTorch), ``slim`` (``export_dense``, ``slim_``), ``graph`` (channel groups),
-  ``config``, ``distributed``, ``optimizer``, ``training``, ``measure``.
+  ``config``, ``distributed``, ``optimizer``, ``training``, ``measure``, ``deploy`` (the
+  inference model as shipped), ``allocation`` (latency-table channel allocation), ``wrappers``,
+  ``ema``, and the training-tool glue ``lightning`` and ``accelerate`` (each imports its
+  framework when first used).
 
 ``import chase_ext.ops`` and ``from chase_ext import ops`` both work.
 """
@@ -17,7 +20,8 @@ __version__ = "0.1.0"
 from . import reference  # noqa: F401  (pure-PyTorch oracle, always importable)
 
 # Submodules loaded on first attribute access.
-_SUBMODULES = ("ops", "reference", "slim", "graph", "config", "distributed", "optimizer", "training", "measure")
+_SUBMODULES = ("ops", "reference", "slim", "graph", "config", "distributed", "optimizer", "training", "measure",
+               "deploy", "allocation", "wrappers", "ema", "lightning", "accelerate")
 
 # `optimizer`, `training` and `measure` stay out of __all__: a star import would shadow common names.
 __all__ = ["ChaseOptimizer", "ChaseConfig", "rewrap_ddp",
