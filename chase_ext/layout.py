@@ -70,9 +70,20 @@ def _dense(t: Tensor) -> bool:
 
 
 def like(src: Tensor, ref: Tensor) -> Tensor:
-    """``src`` (same shape) laid out in memory like ``ref``; ``src`` itself if it already is."""
+    """``src`` laid out in memory like ``ref``; ``src`` itself if it already is, or if
+    ``ref`` is not dense. Of the same shape, ``src`` gets the very strides of ``ref``, not
+    just its dim order: a 1x1 conv weight is contiguous in either order, and equal strides
+    let the per-step layout checks stop at one comparison. Of another shape (a slimmed
+    tensor), it gets the dim order of ``ref``."""
+    if src.stride() == ref.stride():
+        return src
     order = dense_order(ref)
-    if order is None or _same_order([src], order):
+    if order is None:
+        return src
+    if src.shape == ref.shape:
+        out = torch.empty_strided(ref.shape, ref.stride(), dtype=src.dtype, device=src.device)
+        return out.copy_(src)
+    if _same_order([src], order):
         return src
     inv = sorted(range(len(order)), key=order.__getitem__)
     return src.permute(order).contiguous().permute(inv)

@@ -55,7 +55,8 @@ class MaskingMixin:
             m = self._mask_dict[n]
             if m.device != p.device:
                 m = self._mask_dict[n] = m.to(p.device)
-            if not _layout.same_layout(m, p):
+            # the cheap test first: a flat layout match (size-1 dims aside) is all that counts
+            if not _layout.same_flat_layout(m, p) and not _layout.same_layout(m, p):
                 self._mask_dict[n] = _layout.like(m, p)
         if moved:  # the liveness vectors and bias masks follow (they are built per device)
             self._rebuild_live()
@@ -183,8 +184,8 @@ class MaskingMixin:
             if g.is_sparse or g.requires_grad or not g.is_floating_point() or g.shape != m.shape \
                     or g.device != m.device or not _layout.same_flat_layout(g, m):
                 return False
-        if tensors:
-            _layout.masked_apply_(self.ops, tensors, masks, owner)
+        if tensors:  # every mask is dense (laid out like its parameter): the op takes them as they are
+            self.ops.masked_apply_(tensors, masks, owner)
         return True
 
     def _nonfinite(self, grads: bool) -> list[str]:

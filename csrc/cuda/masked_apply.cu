@@ -4,6 +4,7 @@
 // (common/masked_apply_checks.h), so channels_last costs what contiguous does.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <numeric>
 #include <vector>
 
