@@ -144,13 +144,17 @@ class MaskingMixin:
                 owner.append(i)
         return states, owner
 
-    def _masked_apply(self) -> None:
-        tensors = [p.detach() for p in self._params]
-        masks = self._mask_list()
+    def _masked_apply(self, sparse: bool = True) -> None:
+        """Zero masked weights and their same-shape state, and removed channels' bias entries
+        and their state; with ``sparse=False`` the biases only (an update step leaves the
+        sparse weights to the mask update, which zeroes the same slots)."""
+        tensors = [p.detach() for p in self._params] if sparse else []
+        masks = self._mask_list() if sparse else []
         owner = list(range(len(tensors)))
-        states, sowner = self._state_list()
-        tensors += states
-        owner += sowner
+        if sparse:
+            states, sowner = self._state_list()
+            tensors += states
+            owner += sowner
         for b, bm in self._bias_masks:
             j = len(masks)
             masks.append(bm)

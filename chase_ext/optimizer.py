@@ -25,7 +25,9 @@ does not count). On step ``t``:
    version counters), else copied;
 2. the wrapped optimizer steps;
 3. one ``masked_apply_`` zeroes masked weights and every same-shape optimizer-state tensor
-   (and the bias entries of removed channels). On a plain step (no update, no event, no
+   (and the bias entries of removed channels); on an update step without an event only the
+   biases, as the mask update of step 6 zeroes the same slots of weights and state (if
+   the step ends before it, they are masked then). On a plain step (no update, no event, no
    closure) whose wrapped optimizer keeps a zero slot at zero, it zeroes the masked
    *gradients* before step 2 instead: masked weights and state are 0 already and stay 0,
    the active slots step as they would anyway, and fewer bytes move;
@@ -283,31 +285,45 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
                          and self._mask_gradients())
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)  # 2.
         self._t = t
+        # On an update step without an event the mask update zeroes every masked slot of the
+        # weights and their state itself (slot 0 -> anything is zeroed), so only removed
+        # channels' biases are masked now; whatever ends the step early masks the rest.
+        deferred = upd and not ev and not premasked
         with torch.no_grad():
-            if not premasked:
-                self._masked_apply()  # 3. (masking.py)
-            if upd:  # 4.
-                changed = [self._names[i] for i, g, v in watched if g._version != v]
-                if changed:
-                    raise RuntimeError(
-                        f"ChaseOptimizer: the wrapped {type(self.optimizer).__name__} changed the gradients of "
-                        f"{', '.join(changed[:3])} in place during step {t}, which chase_ext.grad_masking lists "
-                        "as leaving them alone; the step was taken, no mask update ran. Please report this "
-                        "with your torch version and optimizer settings"
-                    )
-                # the wrapped step itself can overflow (or, with random growth, apply a
-                # non-finite gradient, which SPEC §3.0 does not check): refuse the update
-                bad = self._nonfinite(grads=False)
-                if bad:
-                    raise FloatingPointError(
-                        f"ChaseOptimizer: the wrapped optimizer's step {t} made {', '.join(bad)} "
-                        "non-finite; that step was taken, but no channel event or mask update ran "
-                        "(masks, channels and the random generator are unchanged)"
-                    )
-            if ev:  # 5. (events.py)
-                scores = self._channel_event(t, scores)
-            if upd:  # 6.
-                self._update(t, scores)
+            try:
+                if not premasked:
+                    self._masked_apply(sparse=not deferred)  # 3. (masking.py)
+                if upd:  # 4.
+                    changed = [self._names[i] for i, g, v in watched if g._version != v]
+                    if changed:
+                        raise RuntimeError(
+                            f"ChaseOptimizer: the wrapped {type(self.optimizer).__name__} changed the gradients "
+                            f"of {', '.join(changed[:3])} in place during step {t}, which chase_ext.grad_masking "
+                            "lists as leaving them alone; the step was taken, no mask update ran. Please report "
+                            "this with your torch version and optimizer settings"
+                        )
+                    # the wrapped step itself can overflow (or, with random growth, apply a
+                    # non-finite gradient, which SPEC §3.0 does not check): refuse the update.
+                    # Only active slots count: a masked slot the step overflowed is zeroed.
+                    bad = self._nonfinite(grads=False)
+                    if bad and deferred:
+                        self._masked_apply()
+                        deferred = False
+                        bad = self._nonfinite(grads=False)
+                    if bad:
+                        raise FloatingPointError(
+                            f"ChaseOptimizer: the wrapped optimizer's step {t} made {', '.join(bad)} "
+                            "non-finite; that step was taken, but no channel event or mask update ran "
+                            "(masks, channels and the random generator are unchanged)"
+                        )
+                if ev:  # 5. (events.py)
+                    scores = self._channel_event(t, scores)
+                if upd:  # 6.
+                    self._update(t, scores)
+                    deferred = False
+            finally:
+                if deferred:
+                    self._masked_apply()
         return loss
 
     def _growth_scores(self, may_share: bool) -> tuple[list[torch.Tensor], list]:

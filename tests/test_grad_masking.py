@@ -320,3 +320,39 @@ def test_finiteness_check_names_every_kind_on_device(device, value):
         chase._params[2].grad.view(-1)[5] = value
     assert chase._nonfinite(grads=True) == [f"weight {n0!r}", f"gradient of {n1!r}"]
     assert chase._nonfinite(grads=False) == [f"weight {n0!r}"]
+
+
+# ------------------------------------------------------------------ update steps leave masking to the op
+def _one_update_step(chase, model, grad_fill=None):
+    x, y = example_input("vgg_small", batch=8), torch.randint(0, 10, (8,))
+    chase.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    if grad_fill:
+        grad_fill()
+    chase.step()
+
+
+def test_update_step_masks_through_the_op_and_an_overflowed_masked_slot_is_no_error():
+    """On an update step the weights are masked by the mask update itself; a masked slot
+    that the wrapped step overflows is zeroed, not refused (as when masking came first)."""
+    model, chase = _chase(lambda ps: O.SGD(ps, lr=10.0), update_interval=1, channel_sparsity=0.0)
+    masks = chase.masks
+    i = next(i for i, n in enumerate(chase.sparse_names()) if not bool(masks[n].all()))  # one with masked slots
+    p = chase._params[i]
+    slot = int(torch.nonzero(~masks[chase.sparse_names()[i]].flatten())[0])
+
+    def huge():  # finite, but w - lr * g overflows there
+        p.grad.view(-1)[slot] = 3e38
+
+    _one_update_step(chase, model, huge)
+    assert chase.t == 1
+    _masked_slots_zero(chase)
+
+
+def test_an_update_step_that_fails_still_leaves_masked_slots_zero():
+    model, chase = _chase(SAFE[1][1], update_interval=1, channel_sparsity=0.0)
+    with mock.patch.object(ChaseOptimizer, "_update", side_effect=RuntimeError("planted")):
+        with pytest.raises(RuntimeError, match="planted"):
+            _one_update_step(chase, model)
+    assert chase.t == 1
+    _masked_slots_zero(chase)
