@@ -134,3 +134,68 @@ def test_step_cost_side_by_side(device, memory_format):
     print(key, payload)
     if not QUICK:
         save_results(RESULTS_FILE, key, payload)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_masked_apply_side_by_side(device):
+    """The pass a step adds, alone, on ResNet-50 shapes (float32, density 0.1), through
+    ``chase_ext.layout`` as ChaseOptimizer calls it, contiguous and channels_last:
+    weights + momentum with masked slots holding values (the fallback path after a dense
+    step: every masked slot is written), the same already masked (nothing to write), and
+    the gradients alone (the gradient-masking path). Inputs are fresh copies each round
+    (copying is not timed); the floor is one pass at the copy bandwidth measured in the
+    same rounds (read + write of each tensor, the mask read once)."""
+    ops = pytest.importorskip("chase_ext._ops", reason="chase_ext._C is not built")
+    from chase_ext import layout
+    from shapes import resnet50_weight_shapes
+    from timing import copy_variant
+
+    g = torch.Generator().manual_seed(0)
+    shapes = resnet50_weight_shapes(width_div=8 if QUICK else 1)
+    fmt = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last}
+    base = {}
+    for name, mf in fmt.items():
+        def lay(t, mf=mf):
+            return t.to(device).contiguous(memory_format=mf) if t.dim() == 4 else t.to(device)
+        ms = [lay(torch.rand(s, generator=g) < DENSITY) for s in shapes]
+        ws = [lay(torch.randn(s, generator=g)) for s in shapes]
+        bs = [lay(torch.randn(s, generator=g)) for s in shapes]
+        base[name] = (ms, ws, bs)
+    n = sum(m.numel() for m in base["contiguous"][0])
+    owner2 = list(range(len(shapes))) * 2
+
+    def apply(ts, ms, owner):
+        layout.masked_apply_(ops, ts, ms, owner)
+
+    variants = {}
+    for name in fmt:
+        ms, ws, bs = base[name]
+        clean = [w * m for w, m in zip(ws, ms)] + [b * m for b, m in zip(bs, ms)]
+        variants[f"w_momentum_dirty_{name}"] = (
+            lambda ms=ms, ws=ws, bs=bs: ([t.clone(memory_format=torch.preserve_format) for t in ws + bs], ms, owner2),
+            apply)
+        variants[f"w_momentum_clean_{name}"] = (lambda ms=ms, clean=clean: (clean, ms, owner2), apply)
+        variants[f"gradients_{name}"] = (
+            lambda ms=ms, ws=ws: ([t.clone(memory_format=torch.preserve_format) for t in ws], ms,
+                                  list(range(len(shapes)))), apply)
+    variants["copy"], moved = copy_variant(device)
+    rounds = 1 if QUICK else (25 if device == "cuda" else 7)
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        med = {k: statistics.median(v) for k, v in interleaved(variants, rounds, device).items()}
+    finally:
+        torch.set_num_threads(old)
+    bw = moved / med.pop("copy")
+    floor = {"w_momentum": n * (2 * 4 * 2 + 1) / bw, "gradients": n * (2 * 4 + 1) / bw}
+    over = {k: v / floor["gradients" if k.startswith("gradients") else "w_momentum"] for k, v in med.items()}
+    payload = {"n": n, "rounds": rounds, "median_s": med, "over_floor": over, "copy_bandwidth_GBps": bw / 1e9,
+               "channels_last_over_contiguous": {
+                   k: med[f"{k}_channels_last"] / med[f"{k}_contiguous"]
+                   for k in ("w_momentum_dirty", "w_momentum_clean", "gradients")},
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "threads": THREADS if device == "cpu" else None,
+               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "quick": QUICK}
+    print(f"masked_apply_{device}", payload)
+    if not QUICK:
+        save_results(RESULTS_FILE, f"step_masked_apply_{device}", payload)
