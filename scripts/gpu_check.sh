@@ -32,6 +32,7 @@ export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v 
 LOG=${OUT:+$OUT/logs}
 LOG=${LOG:-benchmarks/results/gpu_logs}
 mkdir -p "$LOG" benchmarks/results
+LOG=$(cd "$LOG" && pwd)  # absolute: the benchmark stages run from benchmarks/
 T0=$SECONDS
 rc=0
 want() { [[ $STAGE == all || $STAGE == "$1" ]]; }
@@ -89,7 +90,7 @@ fi
 if want step; then
   stage "step-cost benchmark on the GPU (plain SGD / Chase plain step / Chase update step, ResNet-50)"
   (cd benchmarks && timeout "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider test_bench_step.py -s -k cuda \
-     --benchmark-disable > "$ROOT/$LOG/bench_step.log" 2>&1)
+     --benchmark-disable > "$LOG/bench_step.log" 2>&1)
   r=$?; grep -E "over|ratio|median|passed|failed|Error" "$LOG/bench_step.log" | tail -20; note "step benchmark rc=$r"
   ((r == 0)) || rc=1
   for f in benchmarks/results/gpu-*.json; do [[ -e $f ]] && cp "$f" "$LOG"/; done
@@ -99,7 +100,7 @@ if want bench; then
   # GPU cases only: the CPU figures come from the CPU machine (its results file).
   stage "GPU benchmarks"
   (cd benchmarks && timeout "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider . -s -k cuda --ignore=test_bench_step.py \
-     --benchmark-json="$ROOT/$LOG/benchmark_raw.json" > "$ROOT/$LOG/bench.log" 2>&1)
+     --benchmark-json="$LOG/benchmark_raw.json" > "$LOG/bench.log" 2>&1)
   r=$?; grep -E "ratio|floor|median|passed|failed|Error" "$LOG/bench.log" | tail -40; note "GPU benchmarks rc=$r"
   ((r == 0)) || rc=1
   for f in benchmarks/results/gpu-*.json; do [[ -e $f ]] && cp "$f" "$LOG"/; done
