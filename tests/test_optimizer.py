@@ -335,8 +335,14 @@ def test_loss_falls_and_schedule_counts():
         lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
         lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
         lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.9, centered=True),
+        lambda ps: torch.optim.NAdam(ps, lr=1e-2),
+        # not listed in chase_ext.grad_masking: plain steps mask weights and state after the step
+        lambda ps: torch.optim.Rprop(ps, lr=1e-3),
+        lambda ps: torch.optim.Adamax(ps, lr=1e-2),
+        lambda ps: torch.optim.Adagrad(ps, lr=1e-2, initial_accumulator_value=0.1),
     ],
-    ids=["sgd-nesterov-wd", "sgd-plain", "adam-amsgrad", "adamw", "rmsprop"],
+    ids=["sgd-nesterov-wd", "sgd-plain", "adam-amsgrad", "adamw", "rmsprop", "nadam", "rprop", "adamax",
+         "adagrad-initial-accumulator"],
 )
 def test_optimizers_keep_state_masked(make_opt):
     model, opt, chase = make("mlp", opt=make_opt, total_steps=60, channel_sparsity=0.4, channel_end=0.5)
