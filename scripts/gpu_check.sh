@@ -5,7 +5,7 @@
 # of the suite; results go to benchmarks/results/, logs to $OUT (or benchmarks/results/
 # gpu_logs), packed as gpu_check.tgz so that they come back as one file.
 #
-#   bash scripts/gpu_check.sh [all|build|probe|test|step|bench|errors|demo|rest]  (default: all)
+#   bash scripts/gpu_check.sh [all|build|probe|test|step|speed|bench|errors|demo|rest]  (default: all)
 #
 # Some images crash (SIGSEGV) on any C++ exception raised by an extension, ours or not.
 # `probe` builds a one-op control extension that fails a TORCH_CHECK and calls it in a
@@ -13,7 +13,8 @@
 # run apart in their own pytest process (`errors`), and the summary counts a crashed test
 # as "environment crash" when the control crashed too, as a real failure otherwise.
 # `step` is the step-cost benchmark (benchmarks/test_bench_step.py: plain SGD vs Chase
-# plain step vs Chase update step on ResNet-50, on the GPU).
+# plain step vs Chase update step on ResNet-50, on the GPU); `speed` the dense vs slim
+# ResNet-50 speed harness (benchmarks/speed_resnet50.py, issue 14).
 #
 # GPU_CHECK_BUDGET_S (default 540) bounds the whole run: each stage gets a time cap and
 # never more than what is left, so the logs come back even when a stage hangs. Stages
@@ -94,6 +95,18 @@ if want step; then
   r=$?; grep -E "over|ratio|median|passed|failed|Error" "$LOG/bench_step.log" | tail -20; note "step benchmark rc=$r"
   ((r == 0)) || rc=1
   for f in benchmarks/results/gpu-*.json; do [[ -e $f ]] && cp "$f" "$LOG"/; done
+fi
+
+if want speed; then
+  # Issue 14: dense vs slim ResNet-50 in every regime (benchmarks/speed_resnet50.py); its own
+  # --budget-s skips the least important parts and names them in the JSON's "skipped".
+  stage "speed harness: dense vs slim ResNet-50 (deploy fp16, fused, eager, training step, breakdown)"
+  sb=$(( $(cap 200) - 40 )); ((sb < 30)) && sb=30
+  timeout "$(cap 200)" "$PY" -X faulthandler benchmarks/speed_resnet50.py --device cuda --budget-s "$sb" \
+    > "$LOG/speed.log" 2>&1
+  r=$?; grep -E "x \(dense|skipped|Error|error" "$LOG/speed.log" | tail -20; note "speed harness rc=$r"
+  ((r == 0)) || rc=1
+  for f in benchmarks/results/gpu-*speed*.json; do [[ -e $f ]] && cp "$f" "$LOG"/; done
 fi
 
 if want bench; then
