@@ -5,11 +5,13 @@ accumulation and bf16 mixed precision on the CPU, resuming a slimmed run through
 framework's own checkpointing, and DDP (gloo, 2 processes) with the re-wrap after slims."""
 from __future__ import annotations
 
+import faulthandler
 import os
 import socket
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -344,6 +346,7 @@ def test_accelerate_rewrap_checks_its_arguments(fresh_accelerate):
 
 
 def _accelerate_ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    faulthandler.dump_traceback_later(100)  # a hung rank prints where it hangs (the test kills it at 150 s)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     torch.set_num_threads(1)
@@ -375,15 +378,27 @@ def _accelerate_ddp_worker(rank: int, world: int, port: int, out_dir: str) -> No
         dist.destroy_process_group()
 
 
-@needs_accelerate
-def test_accelerate_ddp_rewraps_after_slims(tmp_path):
-    ctx = mp.spawn(_accelerate_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=False)
-    deadline = time.monotonic() + 300  # a rank stuck in a collective must fail the test, not hang it
-    while not ctx.join(timeout=5):
+def _spawn_accelerate_ranks(out_dir: str, limit_s: float) -> bool:
+    """Runs the two ranks; False if they have not finished within limit_s (then killed)."""
+    ctx = mp.spawn(_accelerate_ddp_worker, args=(2, _free_port(), out_dir), nprocs=2, join=False)
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=2):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the 2 accelerate processes did not finish within 300 s")
+            return False
+    return True
+
+
+@needs_accelerate
+def test_accelerate_ddp_rewraps_after_slims(tmp_path):
+    # The ranks finish in about 10 s. Twice in many runs (once in a full CI suite, never
+    # alone) they hung in start-up or a collective; each rank then prints its Python stack
+    # (faulthandler, stderr) before the limit, and the run is tried once more on a new port.
+    # Two hangs in a row fail the test.
+    if not _spawn_accelerate_ranks(str(tmp_path), 150):
+        warnings.warn("accelerate DDP ranks hung once (stacks in captured stderr); retrying on a new port")
+        assert _spawn_accelerate_ranks(str(tmp_path), 150), "the 2 accelerate processes hung twice (150 s each)"
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
     assert r0["t"] == r1["t"] == 16
     assert r0["slims"] == r1["slims"] == r0["wraps"] == r1["wraps"] >= 2
