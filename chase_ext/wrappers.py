@@ -33,34 +33,34 @@ def _compiled_type():
     return None if mod is None else getattr(mod, "OptimizedModule", None)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside any DDP / DataParallel / ``torch.compile`` wrappers."""
+def _wrapper_chain(model: nn.Module):
+    """``model`` and each module inside its DDP / DataParallel / ``torch.compile`` wrappers,
+    outermost first."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
     compiled = _compiled_type()
     while True:
+        yield model
         if isinstance(model, (DataParallel, DistributedDataParallel)):
             model = model.module
         elif compiled is not None and isinstance(model, compiled):
             model = model._orig_mod
         else:
-            return model
+            return
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside any DDP / DataParallel / ``torch.compile`` wrappers."""
+    for model in _wrapper_chain(model):
+        pass
+    return model
 
 
 def is_ddp(model: nn.Module) -> bool:
     """Whether a ``DistributedDataParallel`` is among ``model``'s wrappers."""
-    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    from torch.nn.parallel import DistributedDataParallel
 
-    compiled = _compiled_type()
-    while True:
-        if isinstance(model, DistributedDataParallel):
-            return True
-        if isinstance(model, DataParallel):
-            model = model.module
-        elif compiled is not None and isinstance(model, compiled):
-            model = model._orig_mod
-        else:
-            return False
+    return any(isinstance(m, DistributedDataParallel) for m in _wrapper_chain(model))
 
 
 def check_not_sharded(model: nn.Module) -> None:

@@ -240,6 +240,37 @@ MODELS = {
 }
 
 
+class TwoGroupNet(nn.Module):
+    """Two prunable Linear groups (one through a BatchNorm1d), with a forward of its own (a
+    compiled frame is this class's code); input (N, 12)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(12, 24)
+        self.bn = nn.BatchNorm1d(24)
+        self.fc2 = nn.Linear(24, 24)
+        self.head = nn.Linear(24, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.fc1(x)))
+        return self.head(torch.relu(self.fc2(x)))
+
+
+def perturb_bn(model: nn.Module, seed: int = 1, mean_scale: float = 0.1, var_min: float = 0.5,
+               bias_scale: float = 0.1) -> nn.Module:
+    """Non-trivial BatchNorm running stats and affine parameters, so eval-mode BN is not the
+    identity (and folding it has something to do)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * mean_scale)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + var_min)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * bias_scale)
+    return model
+
+
 def example_input(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """A small deterministic input batch for the model called ``name``."""
     g = torch.Generator().manual_seed(seed)

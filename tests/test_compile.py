@@ -19,6 +19,8 @@ from torch import nn
 from chase_ext.optimizer import ChaseOptimizer
 from chase_ext.wrappers import forget_compiled, unwrap_model
 
+from models import TwoGroupNet as Net
+
 try:
     import chase_ext._ops  # noqa: F401
 
@@ -29,20 +31,6 @@ except Exception:  # pragma: no cover - extension not built
 dynamo = pytest.importorskip("torch._dynamo")
 
 
-class Net(nn.Module):
-    """Two prunable Linear groups (one through a BatchNorm1d); its own forward, so the
-    compiled frame is this class's code."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(12, 24)
-        self.bn = nn.BatchNorm1d(24)
-        self.fc2 = nn.Linear(24, 24)
-        self.head = nn.Linear(24, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.fc1(x)))
-        return self.head(torch.relu(self.fc2(x)))
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ from chase_ext.deploy import conv_add_relu, cuda_graph_runner, deploy
 from chase_ext.graph import find_channel_groups
 from chase_ext.slim import slim_
 
-from models import MODELS, example_input, resnet_bottleneck
+from models import MODELS, example_input, perturb_bn, resnet_bottleneck
 
 _BENCH_MODELS = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "models.py")
 
@@ -26,16 +26,7 @@ def _bench_resnet50():
 
 
 def _perturb_bn(model, seed=1):
-    """Non-trivial running stats and affine parameters so folding has something to do."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.3)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-    return model
+    return perturb_bn(model, seed, mean_scale=0.3, var_min=0.3, bias_scale=0.2)
 
 
 def _n_bn(model):

@@ -22,6 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from chase_ext.optimizer import ChaseOptimizer
 
+from models import TwoGroupNet as Net
+
 try:
     import chase_ext._ops  # noqa: F401
 
@@ -49,19 +51,6 @@ needs_accelerate = pytest.mark.skipif(accelerate is None, reason="accelerate is 
 BATCHES = 8  # per epoch, one process
 
 
-class Net(nn.Module):
-    """Two prunable Linear groups (one through a BatchNorm1d)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = nn.Linear(12, 24)
-        self.bn = nn.BatchNorm1d(24)
-        self.fc2 = nn.Linear(24, 24)
-        self.head = nn.Linear(24, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.fc1(x)))
-        return self.head(torch.relu(self.fc2(x)))
 
 
 def _dataset() -> TensorDataset:

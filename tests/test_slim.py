@@ -12,7 +12,7 @@ from torch import nn
 from chase_ext.graph import find_channel_groups
 from chase_ext.slim import export_dense, replay_, slim_
 
-from models import MODELS, example_input, mlp, resnet_bottleneck, vgg_small
+from models import MODELS, example_input, mlp, perturb_bn, resnet_bottleneck, vgg_small
 
 
 def _native_gather():
@@ -57,25 +57,13 @@ def _mask_channels(model, groups, keep):
             mods[c.module].weight[:, cols] = 0
 
 
-def _perturb_bn(model):
-    """Non-trivial running stats so eval-mode BN is not the identity."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-
-
 @pytest.mark.parametrize("gather", GATHERS)
 @pytest.mark.parametrize("coupled", [False, True])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_slim_equals_masked(device, name, coupled, gather):
     torch.manual_seed(0)
     model = MODELS[name]()
-    _perturb_bn(model)
+    perturb_bn(model)
     model.to(device)
     x = example_input(name).to(device)
     groups = find_channel_groups(model, x, coupled=coupled)
@@ -393,7 +381,7 @@ class SelfCoupled(nn.Module):
 def test_slim_self_coupled_group():
     torch.manual_seed(0)
     model = SelfCoupled()
-    _perturb_bn(model)
+    perturb_bn(model)
     x = torch.randn(2, 3, 8, 8)
     groups = find_channel_groups(model, x, coupled=True)
     g = next(g for g in groups if len(g.producers) > 1)
