@@ -13,7 +13,7 @@ returns a new ``torch.fx.GraphModule`` that
 * optionally runs channels_last (``channels_last=True``, 4-D weights) and in
   ``dtype`` (``torch.float16`` / ``torch.bfloat16``: every floating parameter and buffer);
 * with ``fuse_relu=True``, runs conv -> [+ residual] -> relu as one cuDNN call on CUDA
-  (:func:`fuse_conv_relu`);
+  and one oneDNN call on the CPU (:func:`fuse_conv_relu`);
 * is plain eager PyTorch, so ``torch.compile``, ``torch.export`` and ``torch.onnx.export``
   take it, and :func:`cuda_graph_runner` captures it into one CUDA graph replay.
 
@@ -134,16 +134,42 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModul
     return gm, folded
 
 
+def _mkldnn_fusable(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | None) -> bool:
+    """oneDNN's fused conv (``torch.ops.mkldnn._convolution_pointwise``) applies: a CPU
+    4-D float32 inference call, run eagerly (torch 2.13's fused add + relu fails on
+    bfloat16, so other dtypes take the plain ops).
+    While ``torch.compile``/``torch.export``/ONNX export or ``torch.jit.trace`` trace the
+    model the plain ops are used instead, so exported graphs stay portable (Inductor fuses
+    them by itself)."""
+    if x.device.type != "cpu" or x.dim() != 4 or not torch.backends.mkldnn.is_available():
+        return False
+    if not torch.backends.mkldnn.enabled or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if x.dtype != torch.float32 or weight.dtype != x.dtype or (z is not None and z.dtype != x.dtype):
+        return False
+    # the fused op has no autograd formula
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (z is not None and z.requires_grad)))
+
+
 def conv_add_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, z: torch.Tensor | None,
                   stride: tuple, padding: tuple, dilation: tuple, groups: int) -> torch.Tensor:
-    """relu(conv2d(x, weight, bias) + z) (z may be None): on CUDA one cuDNN call with the
-    bias, add and relu in the conv's epilogue (``torch.cudnn_convolution_[add_]relu``, the
-    ops TorchScript freezing uses), elsewhere the plain ops. Saves the separate passes over
-    the conv output that eager bias, add and relu kernels make."""
+    """relu(conv2d(x, weight, bias) + z) (z may be None) with the bias, add and relu in the
+    conv's epilogue: on CUDA one cuDNN call (``torch.cudnn_convolution_[add_]relu``, the
+    ops TorchScript freezing uses), on the CPU one oneDNN call with post-ops
+    (``torch.ops.mkldnn._convolution_pointwise``, what Inductor's CPU backend emits; see
+    :func:`_mkldnn_fusable`), elsewhere the plain ops. Saves the separate passes over the
+    conv output that eager bias, add and relu kernels make."""
     if x.is_cuda and torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled:
         if z is None:
             return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
         return torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, stride, padding, dilation, groups)
+    if _mkldnn_fusable(x, weight, z):
+        if z is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
+                                                           "relu", [], "")
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, z, weight, bias, padding, stride, dilation, groups,
+                                                              "add", 1.0, "relu", [], "")
     out = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
     if z is not None:
         out = out + z

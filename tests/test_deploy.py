@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from chase_ext.deploy import conv_add_relu, cuda_graph_runner, deploy
 from chase_ext.graph import find_channel_groups
@@ -87,11 +88,53 @@ def test_fuse_relu():
     ep = torch.export.export(dep, (x,))
     with torch.no_grad():
         _close(ep.module()(x), model(x))
+    # traced for export, the fused convs are the portable plain ops (no oneDNN / cuDNN calls)
+    assert not any("mkldnn" in str(n.target) or "cudnn" in str(n.target) for n in ep.graph.nodes)
     # a relu whose conv output is read elsewhere stays unfused
     shared = _perturb_bn(_SharedOutput()).eval()
     assert deploy(shared, torch.randn(2, 4, 8, 8), fuse_relu=True).fused == []
     with pytest.raises(ValueError, match="fuse_relu"):
         deploy(model, x, fold=False, fuse_relu=True)
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fuse_relu_cpu_is_one_onednn_call(channels_last):
+    model = _perturb_bn(_bench_resnet50()(width_div=8)).eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    dep = deploy(model, x, fuse_relu=True, channels_last=channels_last)
+    xi = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    with torch.no_grad(), _OpCounter() as count:
+        y = dep(xi)
+    # 49 fused convs: one oneDNN call each, no separate add / relu kernels; the 4 downsample convs stay plain
+    assert count.ops.get("mkldnn._convolution_pointwise") == 49
+    assert "aten.relu" not in count.ops and "aten.add" not in count.ops and "aten.relu_" not in count.ops
+    assert count.ops.get("aten.convolution") == 4
+    with torch.no_grad():
+        _close(y, model(x))
+    # with autograd live (an input that needs a gradient) the plain ops run, and the gradient flows
+    xg = xi.clone().requires_grad_(True)
+    with _OpCounter() as count:
+        out = dep(xg)
+    assert "mkldnn._convolution_pointwise" not in count.ops
+    out.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    # other dtypes take the plain ops too (torch's fused add + relu refuses bfloat16)
+    dep16 = deploy(model, x, fuse_relu=True, dtype=torch.bfloat16)
+    with torch.no_grad(), _OpCounter() as count:
+        dep16(x.bfloat16())
+    assert "mkldnn._convolution_pointwise" not in count.ops and count.ops.get("aten.convolution") == 53
 
 
 def test_slim_model_folds_and_matches():
@@ -202,13 +245,15 @@ def test_torch_export():
     assert not any("batch_norm" in str(n.target) for n in ep.graph.nodes)
 
 
-def test_onnx_matches_onnxruntime(tmp_path):
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_onnx_matches_onnxruntime(tmp_path, fuse_relu):
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")  # torch.onnx.export (dynamo) needs it
     model = _perturb_bn(MODELS["resnet_bottleneck"]()).eval()
     x = example_input("resnet_bottleneck", batch=2)
-    dep = deploy(model, x)
+    dep = deploy(model, x, fuse_relu=fuse_relu)
+    assert bool(dep.fused) == fuse_relu
     path = str(tmp_path / "model.onnx")
     torch.onnx.export(dep, (x,), path, input_names=["x"], output_names=["y"], dynamo=True)
     import onnx
