@@ -12,9 +12,9 @@ groups by *time* instead, and still picks the channels inside each group by scor
    (output channels = width), every BatchNorm/depthwise follower and every consumer (input
    channels = width x repeat), each alone on an input shaped as in the model, at
    ``points`` widths from the group's floor to its full width (multiples of ``step``,
-   the full width included), other groups at full width. CUDA: float16, channels_last,
-   cuDNN as configured; CPU: float32, contiguous. Between two widths time is interpolated
-   linearly.
+   the full width included), other groups at full width, channels_last (the layout of
+   the deploy path, ``chase_ext.deploy``). CUDA: float16, cuDNN as configured; CPU:
+   float32. Between two widths time is interpolated linearly.
 2. **Allocation** (:func:`allocate`): starting from the live widths, repeatedly take the
    move that saves the most time per channel removed: one group down to its next lower
    table width (or its floor), never below the floor, never more than the channels still
@@ -211,13 +211,14 @@ def measure_latency_table(model: nn.Module, groups: Sequence[ChannelGroup], exam
                 if cin is not None:
                     shp[1 if not isinstance(mods[n], nn.Linear) else -1] = cin
                 x = torch.randn(shp, device=device, dtype=dtype)
-                if cuda and x.dim() == 4:
+                if x.dim() == 4:  # the deploy path's layout on either device
                     layer = layer.to(memory_format=torch.channels_last)
                     x = x.contiguous(memory_format=torch.channels_last)
                 total += float(timer(layer, x))
             times.append(total)
         widths[g.name], seconds[g.name] = ws, times
     meta = {"device": torch.cuda.get_device_name(device) if cuda else "cpu", "dtype": str(dtype), "batch": batch,
+            "memory_format": "channels_last",
             "points": points, "step": step, "torch": torch.__version__, "signature": signature(model, groups),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     return LatencyTable(widths, seconds, meta)
@@ -226,8 +227,8 @@ def measure_latency_table(model: nn.Module, groups: Sequence[ChannelGroup], exam
 def resolve_latency_table(spec: Any, model: nn.Module, groups: Sequence[ChannelGroup], example_inputs: Any,
                           floors: Sequence[int], *, batch: int, step: int) -> LatencyTable:
     """``spec``: a :class:`LatencyTable` (used as given), a path to a JSON cache (loaded when
-    it matches this model, device, dtype and batch, else measured and written), or None
-    (measured, not cached)."""
+    it matches this model, device, dtype and batch and reaches down to every group's floor,
+    else measured and written), or None (measured, not cached)."""
     if isinstance(spec, LatencyTable):
         table = spec
     else:
@@ -238,8 +239,11 @@ def resolve_latency_table(spec: Any, model: nn.Module, groups: Sequence[ChannelG
             dev = next(model.parameters()).device
             want = {"signature": signature(model, groups), "batch": batch, "step": step,
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                    "torch": torch.__version__}
-            if all(cached.meta.get(k) == v for k, v in want.items()):
+                    "torch": torch.__version__, "memory_format": "channels_last"}
+            # a table measured for higher floors has no times below them: measure again
+            covers = all(g.name in cached.widths and cached.widths[g.name][0] <= max(1, fl)
+                         for g, fl in zip(groups, floors))
+            if covers and all(cached.meta.get(k) == v for k, v in want.items()):
                 table = cached
         if table is None:
             table = measure_latency_table(model, groups, example_inputs, floors, batch=batch, step=step)

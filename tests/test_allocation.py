@@ -104,6 +104,18 @@ def test_cache_is_used_and_checked(tmp_path):
     assert t2.seconds == marked  # loaded, not measured again
     t3 = resolve_latency_table(str(path), model, groups, x, floors, batch=4, step=4)  # another batch
     assert t3.seconds != marked and t3.meta["batch"] == 4 and set(t3.widths) == set(t1.widths)
+    # a table measured for higher floors does not reach the lower ones: measured again
+    high = [g.channels // 2 for g in groups]
+    path2 = tmp_path / "lat2.json"
+    t4 = resolve_latency_table(str(path2), model, groups, x, high, batch=4, step=4)
+    assert all(t4.widths[g.name][0] == h for g, h in zip(groups, high))
+    t5 = resolve_latency_table(str(path2), model, groups, x, floors, batch=4, step=4)
+    assert all(t5.widths[g.name][0] == 1 for g in groups)
+    # and the lower-floor table serves the higher floors as it is
+    d5 = json.loads(path2.read_text())
+    sevens = {k: [7.0] * len(v) for k, v in d5["seconds"].items()}
+    path2.write_text(json.dumps({**d5, "seconds": sevens}))
+    assert resolve_latency_table(str(path2), model, groups, x, high, batch=4, step=4).seconds == sevens
 
 
 def _run(model, x, y, **kw):
