@@ -75,6 +75,9 @@ Choices where SPEC is vague:
   :mod:`chase_ext.checkpoint` (validated first, slims replayed, nothing changed on refusal).
 * ``FloatingPointError`` (a subclass of ``ArithmeticError``) is raised for non-finite
   weights or gradients at an update step.
+* **CUDA graphs**: a plain step may be captured (``torch.cuda.graph``) and replayed; a
+  capture does not count as a step, each replay is counted with ``replayed()``, and
+  update and event steps run eagerly (:mod:`chase_ext.capture`).
 """
 from __future__ import annotations
 
@@ -88,6 +91,7 @@ from torch import nn
 
 from . import layout as _layout
 from . import sparsity as _sp
+from .capture import CaptureMixin, is_capturing
 from .channels import ChannelState
 from .checkpoint import CheckpointMixin
 from .config import ChaseConfig
@@ -134,7 +138,7 @@ def _ran_first(closure: Callable) -> Callable:
     return again
 
 
-class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.optim.Optimizer):
+class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureMixin, torch.optim.Optimizer):
     """Channel-aware dynamic sparse training around any ``torch.optim.Optimizer``.
 
     ``ChaseOptimizer(optimizer, model, config=None, *, backend="native", **knobs)``
@@ -266,6 +270,9 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
             and not self._ch.done
             and is_channel_event(t, cfg.channel_interval_steps, cfg.update_steps)
         )
+        capturing = is_capturing()
+        if capturing:  # CUDA graph capture: plain steps only, counted at replay (capture.py)
+            self._check_capture(t, upd, ev, closure)
         scores, watched = None, []
         if upd:  # 1. finite weights (and gradients), growth scores read before the step
             gradient = cfg.grow == "gradient"
@@ -284,7 +291,8 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, torch.op
             premasked = (not upd and not ev and closure is None and keeps_zero_slots(self.optimizer)
                          and self._mask_gradients())
         loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)  # 2.
-        self._t = t
+        if not capturing:
+            self._t = t
         # On an update step without an event the mask update zeroes every masked slot of the
         # weights and their state itself (slot 0 -> anything is zeroed), so only removed
         # channels' biases are masked now; whatever ends the step early masks the rest.

@@ -95,7 +95,7 @@ void masked_apply(at::TensorList tensors, at::TensorList masks, c10::IntArrayRef
   MultiTensor mt = make_multi(ordered, {}, {}, false);
   if (mt.tiles == 0) return;
   for (int j = 0; j < mt.n(); ++j) mt.d[j].mask = masks[owner[order[j]]].data_ptr<bool>();
-  const auto dd = upload(mt.d, dev);
+  const auto dd = upload(mt.d, dev, /*capturable=*/true);  // plain steps may be captured
   masked_apply_kernel<<<grid_for(mt.tiles, 1), kThreads, 0, stream()>>>(dev_ptr<Desc>(dd), mt.n());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

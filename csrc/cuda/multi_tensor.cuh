@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -94,23 +95,55 @@ inline MultiTensor make_multi(TensorList ts, TensorList live_rows, TensorList li
   return mt;
 }
 
+inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+// Under CUDA graph capture the bytes travel as kernel parameters, which the graph keeps:
+// each replay writes them again (into the graph's own memory) before the op's kernels
+// read them. Blobs stay under the classic 4 KB parameter limit.
+constexpr int kBlobBytes = 3840;
+struct Blob {
+  unsigned char b[kBlobBytes];
+};
+
+template <int Unused = 0>  // a template, so that every .cu file may instantiate it
+__global__ void write_blob_kernel(unsigned char* dst, Blob blob, int n) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = blob.b[i];
+}
+
 // Copies a vector of plain structs to the device without making the host wait for the
 // GPU: the bytes go through a pinned staging buffer and an asynchronous copy on the
 // current stream (the caching host allocator keeps the buffer until that copy is done).
 // A copy from pageable memory would sync the stream, i.e. stall every training step in
 // masked_apply_. Returns a byte tensor; use dev_ptr<T>() on it.
-// Not capturable in a CUDA graph: a replay would read the staging buffer again after
-// it was reused, so a capture is refused with a clear error instead.
+// A replay of a captured staging copy would read the staging buffer again after it was
+// reused, so under capture a `capturable` op (masked_apply_: plain steps may be captured)
+// writes the bytes with write_blob_kernel instead, and the others refuse with a clear
+// error (they read results back on the host, which a capture cannot do either).
 template <class T>
-at::Tensor upload(const std::vector<T>& v, const at::Device& dev) {
+at::Tensor upload(const std::vector<T>& v, const at::Device& dev, bool capturable = false) {
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream().stream(), &capture));
-  TORCH_CHECK(capture == cudaStreamCaptureStatusNone,
-              "chase_ext: its CUDA ops cannot be captured in a CUDA graph (their tensor lists are "
-              "staged in host memory); run ChaseOptimizer.step outside the captured region");
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream(), &capture));
+  TORCH_CHECK(capture == cudaStreamCaptureStatusNone || capturable,
+              "chase_ext: this CUDA op cannot be captured in a CUDA graph (it reads results back on "
+              "the host); only masked_apply_ can, i.e. ChaseOptimizer's plain steps "
+              "(ChaseOptimizer.plain_steps_ahead)");
+  TORCH_CHECK(capture != cudaStreamCaptureStatusInvalidated,
+              "chase_ext: the CUDA graph capture of the current stream was invalidated before this op");
   const int64_t bytes = (int64_t)(v.size() * sizeof(T));
   auto out = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(dev));
   if (!bytes) return out;
+  if (capture == cudaStreamCaptureStatusActive) {
+    const auto* src = reinterpret_cast<const unsigned char*>(v.data());
+    auto* dst = static_cast<unsigned char*>(out.data_ptr());
+    for (int64_t off = 0; off < bytes; off += kBlobBytes) {
+      Blob blob;
+      const int n = (int)std::min<int64_t>(kBlobBytes, bytes - off);
+      std::memcpy(blob.b, src + off, n);
+      write_blob_kernel<<<1, kThreads, 0, stream()>>>(dst + off, blob, n);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    return out;
+  }
   auto host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), v.data(), bytes);
   out.copy_(host, /*non_blocking=*/true);
@@ -121,8 +154,6 @@ template <class T>
 T* dev_ptr(const at::Tensor& bytes) {
   return reinterpret_cast<T*>(bytes.data_ptr());
 }
-
-inline cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 // Grid size for `units` work units of `per_block` each; fails loudly instead of
 // silently truncating to the CUDA grid limit.
