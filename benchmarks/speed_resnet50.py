@@ -8,8 +8,9 @@ by ``ChaseOptimizer`` itself, as ``test_bench_slim.inference_case`` does (densit
 event at step 1 that reaches S_c, two steps on one random sample, then ``slim_()``), on
 the device under test. The SPEC default at every S_c; the other recipes at ``--recipe-sc``
 (0.4): ``round_to=8``, ``coupled_channels=True`` (block outputs shrink too), both
-together, ``channel_allocation="latency"`` (table measured at the throughput batch) alone
-and with coupled channels; ``round16``/``round32``/``round64`` by name (``--recipes``).
+together, ``channel_allocation="latency"`` (table measured at the throughput batch) with
+the SPEC floors and with ``min_channel_ratio=0.5``; ``round16``/``round32``/``round64`` and
+``latency_coupled`` by name (``--recipes``; ``benchmarks/recipes.py``).
 
 Regimes (every model gets the same treatment; variants interleaved in one run, each round
 starting one variant further along, medians of rounds):
@@ -19,8 +20,11 @@ starting one variant further along, medians of rounds):
   probe in a child process), the deploy models in CUDA graphs, and ``torch.compile`` of
   the deploy model while the time budget allows; cuDNN benchmark mode on (what a
   deployment sets); batch 1 latency and batch 256 throughput.
-* CPU: eager fp32 contiguous and channels_last, the deploy path in fp32 (contiguous and
-  channels_last); batch 1 and 16; ``--threads`` threads (2 by default).
+* CPU: the deploy path in fp32, channels_last, with ``fuse_relu`` (one oneDNN call per
+  conv + add + relu) for every model first; then eager fp32 contiguous and channels_last,
+  the deploy path unfused (contiguous and channels_last), and ``torch.compile`` of the
+  deploy model with Inductor's freezing (dense, SPEC and the fastest recipe); batch 1 and
+  16; ``--threads`` threads (2 by default); ``round16`` joins the default recipes.
 * The training step (bf16 autocast on CUDA / fp32 on CPU, channels_last, SGD with
   momentum, batch 128 on CUDA) of each slim model vs the dense one at the same settings.
 * A per-layer time breakdown, dense vs SPEC default at S_c 0.4 (eager): forward hooks time
@@ -36,12 +40,15 @@ Results go to ``benchmarks/results/<machine>-speed.json`` (a GPU names the file 
 from __future__ import annotations
 
 import argparse
+import atexit
 import copy
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -51,34 +58,17 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from models import resnet50  # noqa: E402
+from recipes import DEFAULT_RECIPES, RECIPES, latency_table_name, uses_latency_table  # noqa: E402
 from timing import rotated  # noqa: E402
 
 from chase_ext import ChaseConfig, ChaseOptimizer  # noqa: E402
 from chase_ext.deploy import cuda_graph_runner, deploy  # noqa: E402
 
-try:  # the counting helpers are moving to chase_ext.measure
-    from chase_ext.measure import count_macs  # noqa: E402
-except ImportError:
-    from chase_ext.training import count_macs  # noqa: E402
+from chase_ext.measure import count_macs  # noqa: E402
 from chase_ext.training import pick_backend  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 DENSITY = 0.1
-RECIPES = {
-    "spec": {},
-    "round8": {"round_to": 8},
-    "round16": {"round_to": 16},
-    "round32": {"round_to": 32},
-    "round64": {"round_to": 64},
-    "coupled": {"coupled_channels": True},
-    "coupled_round8": {"coupled_channels": True, "round_to": 8},
-    # the latency table is measured at the throughput batch of the run (latency_batch set there)
-    "latency": {"channel_allocation": "latency"},
-    "latency_coupled": {"channel_allocation": "latency", "coupled_channels": True},
-}
-
-# round_to 16/32/64 ran within 1% of round_to 8 on the H200 (2026-12-04): named, not default
-DEFAULT_RECIPES = ("spec", "round8", "coupled", "coupled_round8", "latency", "latency_coupled")
 
 
 class Budget:
@@ -124,11 +114,15 @@ def machine_file(device: str) -> str:
 
 # --------------------------------------------------------------------------- models
 def select_slim(dense: nn.Module, sc: float, recipe: dict, size: int, device: str,
-                latency_batch: int = 64) -> tuple[nn.Module, dict]:
-    """A slim copy of ``dense``: channels chosen by ChaseOptimizer (see the module doc)."""
+                latency_batch: int = 64, latency_dir: str | None = None) -> tuple[nn.Module, dict]:
+    """A slim copy of ``dense``: channels chosen by ChaseOptimizer (see the module doc).
+    With ``latency_dir`` the latency recipes share one cached table per set of channel
+    groups (measured by the first, whose floors should be the lowest)."""
     model = copy.deepcopy(dense)
-    if recipe.get("channel_allocation") == "latency":
+    if uses_latency_table(recipe):
         recipe = {**recipe, "latency_batch": latency_batch}
+        if latency_dir is not None:
+            recipe["latency_table"] = os.path.join(latency_dir, latency_table_name(recipe))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 3, size, size, generator=g).to(device)
     y = torch.randint(0, 1000, (1,), generator=g).to(device)
@@ -216,7 +210,8 @@ def _prepare(model: nn.Module, regime: dict, x32: torch.Tensor):
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)
     if regime.get("compile"):
-        m = torch.compile(m, dynamic=False)
+        # freezing: weights become constants Inductor may fold and prepack (CPU inference)
+        m = torch.compile(m, dynamic=False, options={"freezing": True} if regime.get("freezing") else None)
     if regime.get("cuda_graph"):
         return cuda_graph_runner(m, x), x
     return m, x
@@ -480,7 +475,9 @@ def main(argv=None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = False
     path = None if a.no_save else (a.out or machine_file(dev))
     knobs = {f.name for f in dataclasses.fields(ChaseConfig)}
-    recipes = a.recipes or [r for r in DEFAULT_RECIPES if set(RECIPES[r]) <= knobs]
+    # oneDNN's AVX-512 kernels block channels by 16: round16 joins the CPU defaults
+    defaults = DEFAULT_RECIPES if cuda else DEFAULT_RECIPES[:2] + ("round16",) + DEFAULT_RECIPES[2:]
+    recipes = a.recipes or [r for r in defaults if set(RECIPES[r]) <= knobs]
     for r in recipes:
         if r not in RECIPES:
             ap.error(f"unknown recipe {r!r}; known: {sorted(RECIPES)}")
@@ -498,13 +495,16 @@ def main(argv=None) -> dict:
     models: dict[str, nn.Module] = {"dense": dense}
     info: dict[str, dict] = {}
     plan = [(sc, "spec") for sc in a.sc] + [(a.recipe_sc, r) for r in recipes if r != "spec"]
+    latency_dir = tempfile.mkdtemp(prefix="chase-speed-latency-")
+    atexit.register(shutil.rmtree, latency_dir, True)  # also after a crash or a kill by the budget
     for sc, r in plan:
         name = f"{r}@{sc}"
-        latency = RECIPES[r].get("channel_allocation") == "latency"
+        latency = uses_latency_table(RECIPES[r])
         if not budget.allows(f"selection {name}", (30 if latency else 3) if cuda else (40 if latency else 10)):
             continue
         t0 = time.perf_counter()
-        models[name], info[name] = select_slim(dense, sc, RECIPES[r], size, dev, latency_batch=thr_batch)
+        models[name], info[name] = select_slim(dense, sc, RECIPES[r], size, dev, latency_batch=thr_batch,
+                                               latency_dir=latency_dir)
         info[name].update(recipe=r, channel_sparsity=sc, select_s=time.perf_counter() - t0)
     dm = count_macs(dense, x1)["macs"]
     da = activation_elements(dense, x1)
@@ -555,12 +555,18 @@ def main(argv=None) -> dict:
             "deploy_fp32": dict(deploy=True, dtype=torch.float32, channels_last=False),
             "eager_fp32_cl": dict(deploy=False, dtype=torch.float32, channels_last=True),
             "deploy_fp32_cl": dict(deploy=True, dtype=torch.float32, channels_last=True),
+            "deploy_fp32_cl_fused": dict(deploy=True, dtype=torch.float32, channels_last=True, fuse_relu=True),
+            "deploy_fp32_cl_compile": dict(deploy=True, dtype=torch.float32, channels_last=True, compile=True,
+                                           freezing=True),
         }
-        parts = [("eager_fp32", thr_batch, sweep, 20), ("deploy_fp32", thr_batch, sweep, 20),
+        # the deploy path as shipped on a CPU first (oneDNN conv + add + relu), every model
+        parts = [("deploy_fp32_cl_fused", thr_batch, models, 30), ("eager_fp32", thr_batch, sweep, 20),
                  ("eager_fp32_cl", thr_batch, sweep, 20), ("deploy_fp32_cl", thr_batch, models, 30),
-                 ("eager_fp32", 1, sweep, 5), ("deploy_fp32", 1, sweep, 5), ("profile", thr_batch, None, 15),
-                 ("train", train_batch, at_rsc, 60)]
-        profile_regime, deploy_key = "eager_fp32", "deploy_fp32_cl"
+                 ("deploy_fp32", thr_batch, sweep, 20), ("deploy_fp32_cl_fused", 1, models, 5),
+                 ("eager_fp32", 1, sweep, 5), ("profile", thr_batch, None, 15), ("train", train_batch, at_rsc, 60)]
+        if not a.no_compile:
+            parts.append(("deploy_fp32_cl_compile", thr_batch, None, 30))
+        profile_regime, deploy_key = "eager_fp32", "deploy_fp32_cl_fused"
     if a.only:
         known = {f"{p}@{b}" for p, b, _, _ in parts}
         if set(a.only) - known:
@@ -589,7 +595,7 @@ def main(argv=None) -> dict:
         elif part == "profile":
             pm = {k: models[k] for k in ("dense", f"spec@{a.recipe_sc}") if k in models}
             result["layer_breakdown"] = layer_breakdown(pm, R[profile_regime], batch, size, dev, reps=1 if a.quick else 5)
-        elif part == "deploy_fp16_cl_compile":
+        elif part in ("deploy_fp16_cl_compile", "deploy_fp32_cl_compile"):
             pick = _fastest(regimes, _deploy_key(regimes, deploy_key, thr_batch), at_rsc, a.recipe_sc)
             reg = run_regime(part, R[part], {k: models[k] for k in pick}, batch, size, dev, rounds, min_round_s,
                              budget=budget, need_each_s=0 if a.quick else 40)

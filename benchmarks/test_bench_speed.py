@@ -33,11 +33,17 @@ def test_speed_harness_quick(benchmark, tmp_path):
     assert res["models"]["coupled@0.4"]["activation_ratio"] > res["models"]["spec@0.4"]["activation_ratio"]
     sweep = ["dense", "spec@0.4", "spec@0.5"]
     for key, variants in [("eager_fp32@2", sweep), ("deploy_fp32@2", sweep), ("eager_fp32_cl@2", sweep),
-                          ("deploy_fp32_cl@2", ["dense", *slim]), ("eager_fp32@1", sweep), ("deploy_fp32@1", sweep)]:
+                          ("deploy_fp32_cl@2", ["dense", *slim]), ("deploy_fp32_cl_fused@2", ["dense", *slim]),
+                          ("deploy_fp32_cl_fused@1", ["dense", *slim]), ("eager_fp32@1", sweep)]:
         _check_regime(res["regimes"][key], variants)
     assert res["regimes"]["deploy_fp32@2"]["regime"]["deploy"] is True
-    # training: dense, SPEC and the recipe that ran fastest through the deploy path
-    dep = res["regimes"]["deploy_fp32_cl@2"]["variants"]
+    assert res["regimes"]["deploy_fp32_cl_fused@2"]["regime"]["fuse_relu"] is True
+    # torch.compile (Inductor, freezing) of dense, SPEC and the fastest recipe of the fused path
+    comp = res["regimes"]["deploy_fp32_cl_compile@2"]
+    assert comp["regime"]["compile"] is True and comp["regime"]["freezing"] is True
+    assert len(comp["variants"]) == 3 and {"dense", "spec@0.4"} < set(comp["variants"])
+    # training: dense, SPEC and the recipe that ran fastest through the fused deploy path
+    dep = res["regimes"]["deploy_fp32_cl_fused@2"]["variants"]
     best = max(["round8@0.4", "coupled@0.4", "latency@0.4"], key=lambda k: dep[k]["speedup_over_dense"])
     assert set(res["train_step"]["variants"]) == {"dense", "spec@0.4", best}
     prof = res["layer_breakdown"]["models"]
@@ -54,5 +60,5 @@ def test_speed_harness_budget_skips(tmp_path):
     # nothing fits in no time: every selection and every part is named as skipped
     assert set(res["models"]) == {"dense"} and res["regimes"] == {} and res["train_step"] is None
     assert any(s.startswith("selection spec@0.4") for s in res["skipped"])
-    assert any(s.startswith("eager_fp32 batch 2") for s in res["skipped"])
+    assert any(s.startswith("deploy_fp32_cl_fused batch 2") for s in res["skipped"])
     assert json.loads(out.read_text())["skipped"] == res["skipped"]
