@@ -206,12 +206,14 @@ def cuda_select():
                                                                   HealthCheck.function_scoped_fixture])
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), dtype=st.sampled_from(DTYPES), ties=st.booleans(),
        live=st.booleans(), with_states=st.booleans(), big=st.booleans(),
-       frac=st.sampled_from([0.0, 0.01, 0.3, 1.0]), grow_frac=st.sampled_from([0.0, 0.02, 0.5, 1.0]))
+       frac=st.sampled_from([0.0, 0.01, 0.3, 1.0]), grow_frac=st.sampled_from([0.0, 0.02, 0.5, 1.0]),
+       per_tensor=st.booleans())
 def test_cuda_selection_modes_match_reference(cuda_select, seed, n, dtype, ties, live, with_states, big, frac,
-                                              grow_frac):
-    """Global scope on CUDA in both selection modes (radix; bracketed with its fallback)
-    equals the reference; `big` adds tensors past one sample (65536 slots), tiles and
-    row segments."""
+                                              grow_frac, per_tensor):
+    """Every CUDA selection mode (radix with the bins walked on the host or on the device;
+    bracketed with its fallback, global scope only) equals the reference, in global and
+    per-tensor scope; `big` adds tensors past one sample (65536 slots), tiles and row
+    segments."""
     shapes = None
     if big:
         g = torch.Generator().manual_seed(seed)
@@ -221,14 +223,15 @@ def test_cuda_selection_modes_match_reference(cuda_select, seed, n, dtype, ties,
     if live and not all(len(w.shape) >= 2 for w in ws):
         lr, lc = [], []
     lv = live_list(ws, lr, lc)
-    active = count([m & l for m, l in zip(ms, lv)])
-    prune = [round(frac * active)]
-    grow = [round(grow_frac * (count(lv) - active + prune[0]))]
+    scopes = [[m] for m in range(len(ws))] if per_tensor else [list(range(len(ws)))]
+    active = [count([ms[t] & lv[t] for t in ts]) for ts in scopes]
+    prune = [round(frac * a) for a in active]
+    grow = [round(grow_frac * (count([lv[t] for t in ts]) - a + p)) for ts, a, p in zip(scopes, active, prune)]
     states = [torch.randn(w.shape, generator=g) for w in ws] if with_states else []
     owner = list(range(len(ws))) if with_states else []
     want = (clone(ws), clone(ms), clone(states))
     rc, _ = R.mask_update_(want[0], want[1], scores, lr, lc, want[2], owner, prune, grow)
-    for mode in ("radix", "bracket"):
+    for mode in ("radix", "device", "bracket"):
         a = ([w.cuda() for w in ws], [m.cuda() for m in ms], [x.cuda() for x in states])
         with cuda_select(mode):
             cnt, _ = ops.mask_update_(a[0], a[1], [x.cuda() for x in scores], [x.cuda() for x in lr],
@@ -260,14 +263,18 @@ def test_cuda_selection_mode_errors(cuda_select):
     with cuda_select("fastest"), pytest.raises(RuntimeError, match="CHASE_EXT_CUDA_SELECT=fastest"):
         ops.mask_update_(w, m, [torch.rand(8, device="cuda")], [], [], [], [], [2], [2])
     assert torch.equal(w[0], w0) and bool(m[0].all())
-    # the bracketed path raises the radix path's errors, before writing anything
-    with cuda_select("bracket"), pytest.raises(RuntimeError, match="prune_counts=9 is out of range"):
-        ops.mask_update_(w, m, [torch.rand(8, device="cuda")], [], [], [], [], [9], [0])
+    # the other paths raise the radix path's errors, before writing anything
     bad = torch.rand(8, device="cuda")
     bad[3] = float("nan")
-    with cuda_select("bracket"), pytest.raises(RuntimeError, match="scores has non-finite"):
-        ops.mask_update_(w, m, [bad], [], [], [], [], [2], [2])
-    assert torch.equal(w[0], w0) and bool(m[0].all())
+    for mode in ("bracket", "device"):
+        with cuda_select(mode), pytest.raises(RuntimeError, match="prune_counts=9 is out of range"):
+            ops.mask_update_(w, m, [torch.rand(8, device="cuda")], [], [], [], [], [9], [0])
+        with cuda_select(mode), pytest.raises(RuntimeError, match="scores has non-finite"):
+            ops.mask_update_(w, m, [bad], [], [], [], [], [2], [2])
+        with cuda_select(mode), pytest.raises(RuntimeError, match=r"grow_counts\[1\]=3 is out of range"):
+            ops.mask_update_(w + [w[0].clone()], m + [m[0].clone()], [bad.nan_to_num()] * 2, [], [], [], [],
+                             [0, 0], [0, 3])
+        assert torch.equal(w[0], w0) and bool(m[0].all()), mode
 
 
 # ---------------------------------------------------------------- opcheck and compile

@@ -2,8 +2,10 @@
 // and emit per-row active counts and sum |w|. Selections first (read only; the first
 // pass of either select also validates everything), then one writing pass (rows.cuh),
 // so every error is raised before anything is written. Selections by the multi-pass
-// radix select (radix_select.cuh) or, with CHASE_EXT_CUDA_SELECT=bracket, the one-pass
-// bracketed select (bracket_select.cuh) with the radix select as its fallback.
+// radix select (radix_select.cuh): its bins walked on the host (default) or, with
+// CHASE_EXT_CUDA_SELECT=device, on the device (one host wait per call instead of 12);
+// or, with CHASE_EXT_CUDA_SELECT=bracket, by the one-pass bracketed select
+// (bracket_select.cuh) with the radix select as its fallback.
 #include <torch/library.h>
 
 #include <atomic>
@@ -20,15 +22,18 @@ namespace {
 
 constexpr const char* kOp = "chase_ext.mask_update_";
 
-// CHASE_EXT_CUDA_SELECT: "radix" (default) selects by the multi-pass radix select;
-// "bracket" tries the one-pass bracketed select first (global scope), with the radix
-// select as its exact fallback. Both give the same result.
-bool use_bracketed_select() {
+// CHASE_EXT_CUDA_SELECT: "radix" (default) selects by the multi-pass radix select with
+// the host walking the bins; "device" by the same passes with the bins walked and the
+// ties placed on the device; "bracket" tries the one-pass bracketed select first (global
+// scope), with the radix select as its exact fallback. All give the same result.
+enum class SelectMode { kRadix, kDevice, kBracket };
+
+SelectMode select_mode() {
   const char* e = std::getenv("CHASE_EXT_CUDA_SELECT");
   const std::string mode = e && *e ? e : "radix";
-  TORCH_CHECK(mode == "radix" || mode == "bracket", kOp, ": CHASE_EXT_CUDA_SELECT=", mode,
-              " is not known (radix or bracket)");
-  return mode == "bracket";
+  TORCH_CHECK(mode == "radix" || mode == "device" || mode == "bracket", kOp, ": CHASE_EXT_CUDA_SELECT=", mode,
+              " is not known (radix, device or bracket)");
+  return mode == "device" ? SelectMode::kDevice : mode == "bracket" ? SelectMode::kBracket : SelectMode::kRadix;
 }
 
 std::atomic<int64_t> bracket_fast{0}, bracket_fallback{0};  // see common/select_stats.h
@@ -110,13 +115,20 @@ std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, a
   const Selection* pp = nullptr;
   const Selection* gp = nullptr;
   std::optional<at::Tensor> fast;
-  if (global && total < ((int64_t)1 << 32) && use_bracketed_select()) {
+  const SelectMode mode = select_mode();
+  if (global && total < ((int64_t)1 << 32) && mode == SelectMode::kBracket) {
     fast = bracketed_select<W, S>(mt, ds, dev, total, kp[0], kg[0], check);
     ++(fast ? bracket_fast : bracket_fallback);
   }
   if (fast) {
     pp = dev_ptr<Selection>(*fast);
     gp = pp + 1;
+  } else if (mode == SelectMode::kDevice) {
+    const std::function<void(const FirstPass&)> checks = check;
+    pd = radix_select_on_device(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, &checks);
+    gd = radix_select_on_device(mt, ds, dev, scopes, GrowSrc<W, S>{dev_ptr<Selection>(pd)}, kg, true, nullptr);
+    pp = dev_ptr<Selection>(pd);
+    gp = dev_ptr<Selection>(gd);
   } else {
     const auto psel = radix_select(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, check);
     pd = upload(psel, dev);
