@@ -137,7 +137,7 @@ def test_mask_update_side_by_side(device):
            if "fused_device" in med else {}),
         "threads": torch.get_num_threads(),
         "cpu_isa": ops.cpu_isa() if device == "cpu" else None,
-        "cuda_bracket_stats": ops.cuda_bracket_stats() if device == "cuda" else None,  # fast path taken?
+        "cuda_select_stats": ops.cuda_select_stats() if device == "cuda" else None,  # which paths ran
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
     }

@@ -16,7 +16,7 @@ _C = load_extension()
 __all__ = [
     "build_info",
     "cpu_isa",
-    "cuda_bracket_stats",
+    "cuda_select_stats",
     "select_threshold",
     "mask_update_",
     "channel_stats",
@@ -44,13 +44,17 @@ def cpu_isa() -> str:
     return _C.cpu_isa()
 
 
-def cuda_bracket_stats() -> dict | None:
-    """How many CUDA mask updates the bracketed select (``CHASE_EXT_CUDA_SELECT=bracket``)
-    finished itself and how many it handed to the radix select; None without CUDA kernels."""
-    if not hasattr(_C, "cuda_bracket_stats"):
+def cuda_select_stats() -> dict | None:
+    """Which path the CUDA mask update's selections took since the library was loaded
+    (results are the same either way): ``bracket_fast`` / ``bracket_fallback``, calls the
+    bracketed select (``CHASE_EXT_CUDA_SELECT=bracket``) finished itself / handed to the
+    radix select; ``compact`` / ``compact_fallback``, selections the compacting select
+    (``CHASE_EXT_CUDA_SELECT=device``) made / handed to the radix select. None without
+    CUDA kernels."""
+    if not hasattr(_C, "cuda_select_stats"):
         return None
-    fast, fallback = _C.cuda_bracket_stats()
-    return {"fast": int(fast), "fallback": int(fallback)}
+    keys = ("bracket_fast", "bracket_fallback", "compact", "compact_fallback")
+    return dict(zip(keys, (int(v) for v in _C.cuda_select_stats())))
 
 
 def _rows(ts) -> int:

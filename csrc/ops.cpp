@@ -107,10 +107,11 @@ PYBIND11_MODULE(_C, mod) {
   mod.def("cpu_isa", [] { return std::string(chase_ext::cpu::mask_kernels().isa); },
           "Instruction set the CPU mask update runs with now (see CHASE_EXT_CPU_ISA).");
 #ifdef WITH_CUDA
-  mod.def("cuda_bracket_stats", [] {
-    const auto s = chase_ext::cuda::bracket_stats();
-    return std::make_pair(s.fast, s.fallback);
-  }, "(fast, fallback): CUDA mask updates the bracketed select finished itself / handed to the radix select.");
+  mod.def("cuda_select_stats", [] {
+    const auto s = chase_ext::cuda::select_stats();
+    return std::make_tuple(s.bracket_fast, s.bracket_fallback, s.compact, s.compact_fallback);
+  }, "(bracket_fast, bracket_fallback, compact, compact_fallback): which path the CUDA mask update's "
+     "selections took (common/select_stats.h).");
 #endif
 }
 #endif

@@ -247,12 +247,56 @@ def test_cuda_bracketed_select_sampled_and_fallback(cuda_select, adversarial):
     """Same result both ways; the path taken is what the plant decides: an ordinary
     sample brackets both thresholds, a planted one misses and hands over to the radix
     select."""
-    before = ops.cuda_bracket_stats()
+    before = ops.cuda_select_stats()
     with cuda_select("bracket"):
         _sampled_case("cuda", adversarial)
-    after = ops.cuda_bracket_stats()
-    took = "fallback" if adversarial else "fast"
+    after = ops.cuda_select_stats()
+    took = "bracket_fallback" if adversarial else "bracket_fast"
     assert after[took] == before[took] + 1, (before, after)
+
+
+def _compact_case(scores: str, per_tensor: bool, seed: int = 7):
+    """Two tensors (one past a tile, one spanning several tiles and row segments), density
+    0.3; grow scores "normal", "ties" (quantised: runs of equal keys inside the bin the
+    k-th falls in) or "equal" (all 1.0 but a few: one bin holds nearly every candidate,
+    the lists would be too large)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(300, 257), (64, 3, 20, 20)]
+    ws = [torch.randn(s, generator=g) for s in shapes]
+    ms = [torch.rand(s, generator=g) < 0.3 for s in shapes]
+    ws = [w * m for w, m in zip(ws, ms)]
+    raw = [torch.randn(s, generator=g) for s in shapes]
+    ss = {"normal": raw, "ties": [torch.round(x * 16) / 16 for x in raw],
+          "equal": [torch.where(x.abs() > 2.5, x, torch.ones(())) for x in raw]}[scores]
+    act = [int(m.sum()) for m in ms]
+    if per_tensor:
+        prune, grow = [a // 20 for a in act], [a // 20 + 3 for a in act]
+    else:
+        prune, grow = [sum(act) // 20], [sum(act) // 20 + 3]
+    return ws, ms, ss, prune, grow
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("scores", ["normal", "ties", "equal"])
+def test_cuda_compacting_select_and_fallback(cuda_select, scores, per_tensor):
+    """CHASE_EXT_CUDA_SELECT=device equals the reference; the path taken is what the
+    scores decide: both selections compacted, or (equal scores) the grow selection
+    handed to the radix select."""
+    ws, ms, ss, prune, grow = _compact_case(scores, per_tensor)
+    before = ops.cuda_select_stats()
+    a = ([w.cuda() for w in ws], [m.cuda() for m in ms])
+    with cuda_select("device"):
+        cnt, sums = ops.mask_update_(a[0], a[1], [x.cuda() for x in ss], [], [], [], [], prune, grow)
+    after = ops.cuda_select_stats()
+    b = ([w.clone() for w in ws], [m.clone() for m in ms])
+    rc, rs = R.mask_update_(b[0], b[1], ss, [], [], [], [], prune, grow)
+    for x, y in zip(a[1] + a[0], b[1] + b[0]):
+        assert torch.equal(x.cpu(), y)
+    assert torch.equal(cnt.cpu(), rc)
+    made = after["compact"] - before["compact"]
+    fell = after["compact_fallback"] - before["compact_fallback"]
+    assert (made, fell) == ((1, 1) if scores == "equal" else (2, 0)), (before, after)
 
 
 @pytest.mark.error_path

@@ -1,15 +1,17 @@
-// How often the CUDA mask update's bracketed select (CHASE_EXT_CUDA_SELECT=bracket) found
-// both selections itself, and how often it fell back to the radix select: results are
-// the same either way, so tests and benchmarks read these to see which path ran.
+// Which path the CUDA mask update's selections took: results are the same either way, so
+// tests and benchmarks read these counts to see which path ran. Bracketed select
+// (CHASE_EXT_CUDA_SELECT=bracket): calls it finished itself / handed to the radix select.
+// Compacting select (CHASE_EXT_CUDA_SELECT=device): selections it made / handed to the
+// radix select (lists too large, or 2^32 slots and more).
 #pragma once
 #include <cstdint>
 
 namespace chase_ext::cuda {
 
-struct BracketStats {
-  int64_t fast = 0, fallback = 0;
+struct SelectStats {
+  int64_t bracket_fast = 0, bracket_fallback = 0, compact = 0, compact_fallback = 0;
 };
 
-BracketStats bracket_stats();  // since the library was loaded
+SelectStats select_stats();  // since the library was loaded
 
 }  // namespace chase_ext::cuda

@@ -2,10 +2,11 @@
 // and emit per-row active counts and sum |w|. Selections first (read only; the first
 // pass of either select also validates everything), then one writing pass (rows.cuh),
 // so every error is raised before anything is written. Selections by the multi-pass
-// radix select (radix_select.cuh): its bins walked on the host (default) or, with
-// CHASE_EXT_CUDA_SELECT=device, on the device (one host wait per call instead of 12);
-// or, with CHASE_EXT_CUDA_SELECT=bracket, by the one-pass bracketed select
-// (bracket_select.cuh) with the radix select as its fallback.
+// radix select (radix_select.cuh, default); with CHASE_EXT_CUDA_SELECT=device by the radix
+// select with its candidates compacted after the first pass (compact_select.cuh: two
+// full passes and one host wait per selection instead of five and six); with
+// CHASE_EXT_CUDA_SELECT=bracket by the one-pass bracketed select (bracket_select.cuh).
+// The radix select is the others' fallback.
 #include <torch/library.h>
 
 #include <atomic>
@@ -14,6 +15,7 @@
 
 #include "common/select_stats.h"
 #include "cuda/bracket_select.cuh"
+#include "cuda/compact_select.cuh"
 #include "cuda/radix_select.cuh"
 #include "cuda/rows.cuh"
 
@@ -22,9 +24,9 @@ namespace {
 
 constexpr const char* kOp = "chase_ext.mask_update_";
 
-// CHASE_EXT_CUDA_SELECT: "radix" (default) selects by the multi-pass radix select with
-// the host walking the bins; "device" by the same passes with the bins walked and the
-// ties placed on the device; "bracket" tries the one-pass bracketed select first (global
+// CHASE_EXT_CUDA_SELECT: "radix" (default) selects by the multi-pass radix select;
+// "device" by the compacting select (compact_select.cuh; the radix select where the lists
+// would be too large); "bracket" tries the one-pass bracketed select first (global
 // scope), with the radix select as its exact fallback. All give the same result.
 enum class SelectMode { kRadix, kDevice, kBracket };
 
@@ -36,7 +38,7 @@ SelectMode select_mode() {
   return mode == "device" ? SelectMode::kDevice : mode == "bracket" ? SelectMode::kBracket : SelectMode::kRadix;
 }
 
-std::atomic<int64_t> bracket_fast{0}, bracket_fallback{0};  // see common/select_stats.h
+std::atomic<int64_t> bracket_fast{0}, bracket_fallback{0}, compact_made{0}, compact_fallback{0};  // select_stats.h
 
 // Prune candidates: active live slots, key |w|. Pass 0 also flags non-finite weights
 // (bit 0) and scores (bit 1) anywhere, and counts inactive live slots (grow candidates
@@ -123,21 +125,26 @@ std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, a
   if (fast) {
     pp = dev_ptr<Selection>(*fast);
     gp = pp + 1;
-  } else if (mode == SelectMode::kDevice) {
-    const std::function<void(const FirstPass&)> checks = check;
-    pd = radix_select_on_device(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, &checks);
-    gd = radix_select_on_device(mt, ds, dev, scopes, GrowSrc<W, S>{dev_ptr<Selection>(pd)}, kg, true, nullptr);
-    pp = dev_ptr<Selection>(pd);
-    gp = dev_ptr<Selection>(gd);
   } else {
-    const auto psel = radix_select(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, check);
-    pd = upload(psel, dev);
+    // device mode: the compacting select where it fits, the radix select otherwise
+    const bool compact = mode == SelectMode::kDevice && compact_select_fits(mt);
+    // the two lists may take up to twice the weights' float32 bytes (transient; 16 B per
+    // entry): a bin of up to half the candidates
+    const int64_t list_bytes = 2 * total * (int64_t)sizeof(float);
+    const std::function<void(const FirstPass&)> checks = check;
+    std::optional<at::Tensor> sel;
+    auto count = [&] { if (mode == SelectMode::kDevice) ++(sel ? compact_made : compact_fallback); };
+    if (compact) sel = compact_select(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, &checks, list_bytes);
+    count();
+    pd = sel ? *sel : upload(radix_select(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, check), dev);
     const GrowSrc<W, S> gsrc{dev_ptr<Selection>(pd)};
-    const auto gsel = radix_select(mt, ds, dev, scopes, gsrc, kg, true, [&](const FirstPass& fp) {
+    sel.reset();
+    if (compact) sel = compact_select(mt, ds, dev, scopes, gsrc, kg, true, nullptr, list_bytes);
+    count();
+    gd = sel ? *sel : upload(radix_select(mt, ds, dev, scopes, gsrc, kg, true, [&](const FirstPass& fp) {
       for (int s = 0; s < scopes; ++s)  // checked above already; a mismatch is a bug here
         TORCH_CHECK(kg[s] <= fp.cand[s], kOp, ": internal: grow candidates miscounted");
-    });
-    gd = upload(gsel, dev);
+    }), dev);
     pp = dev_ptr<Selection>(pd);
     gp = dev_ptr<Selection>(gd);
   }
@@ -182,7 +189,9 @@ std::tuple<at::Tensor, at::Tensor> mask_update(at::TensorList weights, at::Tenso
 
 }  // namespace
 
-BracketStats bracket_stats() { return {bracket_fast.load(), bracket_fallback.load()}; }
+SelectStats select_stats() {
+  return {bracket_fast.load(), bracket_fallback.load(), compact_made.load(), compact_fallback.load()};
+}
 
 TORCH_LIBRARY_IMPL(chase_ext, CUDA, m) { m.impl("mask_update_", &mask_update); }
 

@@ -20,28 +20,26 @@
 #include <cub/block/block_scan.cuh>
 
 #include <algorithm>
-#include <functional>
 
 #include "cuda/multi_tensor.cuh"
 
 namespace chase_ext::cuda {
 
-// Layout of the per-pass statistics buffer (int64): [hist: scopes x 256 | other: scopes | bad].
+// Layout of the per-pass statistics buffer (int64): [hist: scopes x bins | other: scopes | bad].
 struct StatsLayout {
   int64_t scopes;
-  __host__ __device__ int64_t other() const { return scopes * 256; }
-  __host__ __device__ int64_t bad() const { return scopes * 257; }
-  __host__ __device__ int64_t size() const { return scopes * 257 + 1; }
+  int64_t bins = 256;
+  __host__ __device__ int64_t other() const { return scopes * bins; }
+  __host__ __device__ int64_t bad() const { return scopes * (bins + 1); }
+  __host__ __device__ int64_t size() const { return scopes * (bins + 1) + 1; }
 };
 
 // Pass `pass` (0..3): histogram of key bits [24 - 8 pass, 32 - 8 pass) of the candidates
-// whose higher bits equal prefix[scope]. With `tile_hist` (last pass) each tile also
-// stores its own 256 bins there, so that the ties of the k-th key per tile are known
-// without another pass.
+// whose higher bits equal prefix[scope].
 template <class Src, bool kChecks>
 __global__ void __launch_bounds__(kThreads)
 radix_hist_kernel(const Desc* ds, int n, Src src, const uint32_t* prefix, int pass, StatsLayout sl,
-                  unsigned long long* stats, unsigned* tile_hist = nullptr) {
+                  unsigned long long* stats) {
   __shared__ unsigned int hist[256];
   for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
   __syncthreads();
@@ -78,10 +76,8 @@ radix_hist_kernel(const Desc* ds, int n, Src src, const uint32_t* prefix, int pa
     if (threadIdx.x == 0 && total) atomicAdd(&stats[sl.other() + d.scope], (unsigned long long)total);
   }
   __syncthreads();
-  for (int b = threadIdx.x; b < 256; b += kThreads) {
+  for (int b = threadIdx.x; b < 256; b += kThreads)
     if (hist[b]) atomicAdd(&stats[(int64_t)d.scope * 256 + b], (unsigned long long)hist[b]);
-    if (tile_hist) tile_hist[(int64_t)blockIdx.x * 256 + b] = hist[b];
-  }
 }
 
 // Per tile: how many candidates have exactly the selected key of their scope.
@@ -139,6 +135,26 @@ struct FirstPass {
   unsigned bad = 0;            // or of Src::bad
 };
 
+inline FirstPass first_pass_of(const int64_t* hp, const StatsLayout& sl) {
+  FirstPass fp;
+  fp.cand.assign(sl.scopes, 0);
+  fp.other.assign(sl.scopes, 0);
+  for (int64_t s = 0; s < sl.scopes; ++s) {
+    for (int64_t b = 0; b < sl.bins; ++b) fp.cand[s] += hp[s * sl.bins + b];
+    fp.other[s] = hp[sl.other() + s];
+  }
+  fp.bad = (unsigned)hp[sl.bad()];
+  return fp;
+}
+
+// The bin of a histogram where the cumulative count reaches `need`; `need` becomes the
+// rank inside that bin.
+inline int walk_bins(const int64_t* hs, int64_t& need, int bins = 256) {
+  int b = 0;
+  for (; b < bins - 1 && need > hs[b]; ++b) need -= hs[b];
+  return b;
+}
+
 // Selections (in the original key order: flipped back when `largest`) of ks[s] slots
 // for every scope s. `check(const FirstPass&)` runs after pass 0 and may throw; pass-0
 // checks (bad, other) are compiled in only there. Syncs with the device once per pass.
@@ -169,14 +185,7 @@ std::vector<Selection> radix_select(const MultiTensor& mt, const Desc* ds, const
     const auto h = stats.to(at::kCPU);  // syncs
     const int64_t* hp = h.data_ptr<int64_t>();
     if (pass == 0) {
-      FirstPass fp;
-      fp.cand.assign(scopes, 0);
-      fp.other.assign(scopes, 0);
-      for (int s = 0; s < scopes; ++s) {
-        for (int b = 0; b < 256; ++b) fp.cand[s] += hp[(int64_t)s * 256 + b];
-        fp.other[s] = hp[sl.other() + s];
-      }
-      fp.bad = (unsigned)hp[sl.bad()];
+      const FirstPass fp = first_pass_of(hp, sl);
       check(fp);
       for (int s = 0; s < scopes; ++s) {
         TORCH_CHECK(ks[s] >= 0 && ks[s] <= fp.cand[s], "chase_ext: internal: unchecked k");
@@ -186,13 +195,8 @@ std::vector<Selection> radix_select(const MultiTensor& mt, const Desc* ds, const
     }
     // Fix the next 8 bits: the bin where the cumulative count reaches `need`.
     const int shift = 24 - 8 * pass;
-    for (int s = 0; s < scopes; ++s) {
-      if (!active[s]) continue;
-      const int64_t* hs = hp + (int64_t)s * 256;
-      int b = 0;
-      for (; b < 255 && need[s] > hs[b]; ++b) need[s] -= hs[b];
-      prefix[s] |= (uint32_t)b << shift;
-    }
+    for (int s = 0; s < scopes; ++s)
+      if (active[s]) prefix[s] |= (uint32_t)walk_bins(hp + (int64_t)s * 256, need[s]) << shift;
   }
   std::vector<Selection> out(scopes);
   for (int s = 0; s < scopes; ++s) out[s] = {largest ? kKeyMax : 0u, 0};
@@ -235,148 +239,6 @@ std::vector<Selection> radix_select(const MultiTensor& mt, const Desc* ds, const
     out[s] = {largest ? ~prefix[s] : prefix[s], c};
   }
   return out;
-}
-
-// ------------------------------------------------------------------ on the device
-// The same selection with the bins walked and the tie placed by small kernels instead of
-// the host (CHASE_EXT_CUDA_SELECT=device): the host waits at most once, after pass 0 when
-// the caller has checks to raise (every error before anything is written), and never
-// for a selection without checks; the last histogram pass keeps each tile's bins, so the
-// ties need no pass of their own. The state per scope lives on the device: `prefix`
-// (the k-th key's bits fixed so far) and `need` (its rank among the candidates that
-// share those bits; 0 = no selection to find, k = 0).
-
-// One block, one thread per bin, per scope: the bin where the cumulative count reaches
-// `need` fixes the next 8 bits (the host walk's rule, including its clamp at bin 255),
-// `need` becomes the rank inside that bin, and the histogram is zeroed for the next pass.
-__global__ void __launch_bounds__(256)
-radix_walk_kernel(unsigned long long* stats, uint32_t* prefix, int64_t* need, int pass) {
-  const int s = blockIdx.x;
-  const int b = threadIdx.x;
-  const int64_t want = need[s];
-  unsigned long long* hs = stats + (int64_t)s * 256;
-  const int64_t h = (int64_t)hs[b];
-  using Scan = cub::BlockScan<int64_t, 256>;
-  __shared__ typename Scan::TempStorage tmp;
-  int64_t incl;
-  Scan(tmp).InclusiveSum(h, incl);
-  const int64_t excl = incl - h;
-  __syncthreads();  // every thread has read need[s] before one thread changes it
-  hs[b] = 0;
-  if (want > 0 && excl < want && (want <= incl || b == 255)) {
-    prefix[s] |= (uint32_t)b << (24 - 8 * pass);
-    need[s] = want - excl;
-  }
-}
-
-// One block per scope: the tile that holds the need-th tie of the scope's k-th key (tiles
-// in global order: all of them for one global scope, tensor s's for per-tensor scopes),
-// then that tie's global index inside the tile; writes the scope's Selection (in the
-// original key order: flipped back when `largest`; no selection when need is 0).
-template <class Src>
-__global__ void __launch_bounds__(kThreads)
-tie_locate_kernel(const Desc* ds, int n, int64_t tiles, Src src, const uint32_t* prefix, const int64_t* need,
-                  const unsigned* tile_hist, bool largest, Selection* out) {
-  const int s = blockIdx.x;
-  const int64_t rank = need[s];
-  const uint32_t want = prefix[s];
-  if (rank <= 0) {
-    if (threadIdx.x == 0) out[s] = {largest ? kKeyMax : 0u, 0};
-    return;
-  }
-  const bool global = gridDim.x == 1;
-  const int64_t begin = global ? 0 : ds[s].tile_begin;
-  const int64_t end = global || s + 1 == n ? tiles : ds[s + 1].tile_begin;
-  __shared__ int64_t tile, tile_rank;
-  using Scan = cub::BlockScan<int64_t, kThreads>;
-  __shared__ typename Scan::TempStorage tmp;
-  if (threadIdx.x == 0) tile = -1;
-  __syncthreads();
-  int64_t seen = 0;  // ties in the tiles before this round
-  for (int64_t base = begin; base < end; base += kThreads) {
-    const int64_t j = base + threadIdx.x;
-    const int64_t c = j < end ? tile_hist[j * 256 + (want & 255u)] : 0;  // ties of the k-th key in tile j
-    int64_t incl, round;
-    Scan(tmp).InclusiveSum(c, incl, round);
-    if (c > 0 && seen + incl - c < rank && rank <= seen + incl) {
-      tile = j;
-      tile_rank = rank - seen - (incl - c);
-    }
-    seen += round;
-    __syncthreads();      // `tile` is seen by all; tmp is reused next round
-    if (tile >= 0) break;  // uniform
-  }
-  if (tile < 0) return;  // not reached when the caller checked k against the candidates
-  const TileRef tl = locate_tile(ds, n, tile);
-  const Desc d = ds[tl.t];
-  using IntScan = cub::BlockScan<int, kThreads>;
-  __shared__ typename IntScan::TempStorage itmp;
-  int64_t before_round = 0;
-  for (int64_t base = tl.start; base < tl.end; base += kThreads) {
-    const int64_t i = base + threadIdx.x;
-    uint32_t k;
-    const int tie = i < tl.end && src.cand(d, i, live_at(d, i), k) && k == want;
-    int before, round;
-    IntScan(itmp).ExclusiveSum(tie, before, round);
-    if (tie && before_round + before + 1 == tile_rank) out[s] = {largest ? ~want : want, d.offset + i + 1};
-    before_round += round;
-    if (before_round >= tile_rank) break;  // uniform
-    __syncthreads();
-  }
-}
-
-// The device-resident radix select: the Selections of ks[s] slots for every scope, as a
-// byte tensor on the device (dev_ptr<Selection>). `check`, when given, runs on what pass 0
-// learned (the one host wait) and may throw.
-template <class Src>
-at::Tensor radix_select_on_device(const MultiTensor& mt, const Desc* ds, const at::Device& dev, int scopes,
-                                  const Src& src, const std::vector<int64_t>& ks, bool largest,
-                                  const std::function<void(const FirstPass&)>* check) {
-  const StatsLayout sl{scopes};
-  const auto opts = at::TensorOptions().device(dev);
-  auto stats = at::zeros({sl.size()}, opts.dtype(at::kLong));
-  auto* sp = reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>());
-  auto pre = at::zeros({scopes}, opts.dtype(at::kInt));
-  auto* pp = reinterpret_cast<uint32_t*>(pre.data_ptr<int32_t>());
-  auto need = upload(ks, dev);
-  auto* np = dev_ptr<int64_t>(need);
-  auto sel = at::empty({(int64_t)(scopes * sizeof(Selection))}, opts.dtype(at::kByte));
-  const unsigned grid = grid_for(mt.tiles, 1);
-  // the last pass's per-tile bins: 1 KB per tile (6 MB for ResNet-50's 6,227 tiles)
-  auto tile_hist = at::empty({std::max<int64_t>(mt.tiles, 1) * 256}, opts.dtype(at::kInt));
-  auto* tp = reinterpret_cast<unsigned*>(tile_hist.data_ptr<int32_t>());
-  for (int pass = 0; pass < 4; ++pass) {
-    const bool checked = pass == 0 && check;
-    if (grid) {
-      if (checked)
-        radix_hist_kernel<Src, true><<<grid, kThreads, 0, stream()>>>(ds, mt.n(), src, pp, pass, sl, sp);
-      else
-        radix_hist_kernel<Src, false><<<grid, kThreads, 0, stream()>>>(ds, mt.n(), src, pp, pass, sl, sp,
-                                                                      pass == 3 ? tp : nullptr);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-    if (checked) {
-      const auto h = stats.to(at::kCPU);  // the one wait
-      const int64_t* hp = h.data_ptr<int64_t>();
-      FirstPass fp;
-      fp.cand.assign(scopes, 0);
-      fp.other.assign(scopes, 0);
-      for (int s = 0; s < scopes; ++s) {
-        for (int b = 0; b < 256; ++b) fp.cand[s] += hp[(int64_t)s * 256 + b];
-        fp.other[s] = hp[sl.other() + s];
-      }
-      fp.bad = (unsigned)hp[sl.bad()];
-      (*check)(fp);
-      for (int s = 0; s < scopes; ++s)
-        TORCH_CHECK(ks[s] >= 0 && ks[s] <= fp.cand[s], "chase_ext: internal: unchecked k");
-    }
-    radix_walk_kernel<<<scopes, 256, 0, stream()>>>(sp, pp, np, pass);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  tie_locate_kernel<Src><<<scopes, kThreads, 0, stream()>>>(ds, mt.n(), mt.tiles, src, pp, np, tp, largest,
-                                                            dev_ptr<Selection>(sel));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return sel;
 }
 
 }  // namespace chase_ext::cuda
