@@ -49,23 +49,47 @@ struct ListState {
   unsigned long long* count[2];
 };
 
-// Appends `e` (when `keep`) to dst at base + an atomically taken position, one atomic per
-// warp; histograms bits [shift, shift + 8) of kept entries into the block's `hist`.
-// Every lane of the warp must call it.
-__device__ __forceinline__ void keep_entry(bool keep, uint64_t e, int shift, unsigned* hist, uint64_t* dst,
-                                           int64_t base, int64_t cap, unsigned long long* count) {
-  const unsigned lanes = __ballot_sync(0xFFFFFFFFu, keep);
-  const int lane = threadIdx.x & 31;
-  unsigned long long first = 0;
-  if (lanes && lane == __ffs(lanes) - 1) first = atomicAdd(count, (unsigned long long)__popc(lanes));
-  first = __shfl_sync(0xFFFFFFFFu, first, __ffs(lanes ? lanes : 1u) - 1);
-  const int bin = keep ? (int)((e >> shift) & 255u) : -1;
-  if (keep) {
-    const int64_t pos = (int64_t)first + __popc(lanes & ((1u << lane) - 1u));
-    if (pos < cap) dst[base + pos] = e;  // always true when the counts are right
+// A block's kept entries, gathered in shared memory in rounds of kThreads slots and
+// written out with one atomic per block (a global scope's list has one counter, which
+// per-warp atomics from every block would serialize on). Every thread of the block calls
+// add() and flush() the same number of times.
+struct BlockAppend {
+  uint64_t* buf;     // shared, kTile entries: one tile's or list chunk's worth
+  int* warp_counts;  // shared, kWarps
+  int used = 0;      // the same in every thread
+
+  __device__ void add(bool keep, uint64_t e) {
+    const unsigned lanes = __ballot_sync(0xFFFFFFFFu, keep);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x / 32;
+    if (lane == 0) warp_counts[warp] = __popc(lanes);
+    __syncthreads();
+    int before = used, total = 0;
+    for (int w = 0; w < kWarps; ++w) {
+      before += w < warp ? warp_counts[w] : 0;
+      total += warp_counts[w];
+    }
+    if (keep) buf[before + __popc(lanes & ((1u << lane) - 1u))] = e;
+    used += total;
+    __syncthreads();  // warp_counts is reused by the next round
   }
+
+  // Copies the entries to dst[base + position], the positions taken from *count.
+  __device__ void flush(uint64_t* dst, int64_t base, int64_t cap, unsigned long long* count,
+                        unsigned long long* first) {
+    if (threadIdx.x == 0) *first = used ? atomicAdd(count, (unsigned long long)used) : 0;
+    __syncthreads();
+    const int64_t at = (int64_t)*first;
+    for (int j = threadIdx.x; j < used; j += kThreads)
+      if (at + j < cap) dst[base + at + j] = buf[j];  // always true when the counts are right
+  }
+};
+
+// Adds bits [shift, shift + 8) of `e` (when `keep`) to the block's 256-bin histogram, one
+// shared atomic per distinct bin in the warp. Every lane of the warp must call it.
+__device__ __forceinline__ void hist_add(bool keep, uint64_t e, int shift, unsigned* hist) {
+  const int bin = keep ? (int)((e >> shift) & 255u) : -1;
   const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin);
-  if (bin >= 0 && lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
+  if (bin >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
 }
 
 __device__ __forceinline__ void flush_hist(const unsigned* hist, unsigned long long* stats_row) {
@@ -119,19 +143,25 @@ __global__ void __launch_bounds__(kThreads)
 compact_kernel(const Desc* ds, int n, Src src, const ListScope* ls, ListState st, uint64_t* list,
                unsigned long long* stats) {
   __shared__ unsigned hist[256];
+  __shared__ uint64_t buf[kTile];
+  __shared__ int warp_counts[kWarps];
+  __shared__ unsigned long long first;
   for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
   const TileRef tl = locate_tile(ds, n, blockIdx.x);
   const Desc d = ds[tl.t];
   const ListScope L = ls[d.scope];
   if (L.cap == 0) return;  // block-uniform: no selection in this scope
   __syncthreads();
+  BlockAppend out{buf, warp_counts};
   for (int64_t base = tl.start; base < tl.end; base += kThreads) {  // block-uniform: whole warps
     const int64_t i = base + threadIdx.x;
     uint32_t key = 0;
     const bool keep = i < tl.end && src.cand(d, i, live_at(d, i), key) && (key >> kLowBits) == L.top;
     const uint64_t e = ((uint64_t)(key & ((1u << kLowBits) - 1u)) << 32) | (uint32_t)(d.offset + i);
-    keep_entry(keep, e, kEntryBits - 8, hist, list, L.base, L.cap, &st.count[0][d.scope]);
+    hist_add(keep, e, kEntryBits - 8, hist);
+    out.add(keep, e);
   }
+  out.flush(list, L.base, L.cap, &st.count[0][d.scope], &first);
   flush_hist(hist, stats + (int64_t)d.scope * 256);
 }
 
@@ -178,6 +208,9 @@ __global__ void __launch_bounds__(kThreads)
 list_step_kernel(const ListScope* ls, int scopes, ListState st, const uint64_t* src, uint64_t* dst, int from,
                  int fixed, int hist_shift, unsigned long long* stats) {
   __shared__ unsigned hist[256];
+  __shared__ uint64_t buf[kTile];
+  __shared__ int warp_counts[kWarps];
+  __shared__ unsigned long long first;
   for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
   const int64_t start = (int64_t)blockIdx.x * kTile;
   const int s = find_scope(ls, scopes, start);
@@ -187,12 +220,15 @@ list_step_kernel(const ListScope* ls, int scopes, ListState st, const uint64_t* 
   if (L.cap == 0 || st.need[s] <= 0 || start >= end) return;  // block-uniform
   const unsigned long long want = st.prefix[s] >> fixed;
   __syncthreads();
-  for (int64_t base = start; base < end; base += kThreads) {
+  BlockAppend out{buf, warp_counts};
+  for (int64_t base = start; base < end; base += kThreads) {  // block-uniform: whole warps
     const int64_t x = base + threadIdx.x;
     const uint64_t e = x < end ? src[x] : 0;
     const bool keep = x < end && (e >> fixed) == want;
-    keep_entry(keep, e, hist_shift, hist, dst, L.base, L.cap, &st.count[1 - from][s]);
+    hist_add(keep, e, hist_shift, hist);
+    out.add(keep, e);
   }
+  out.flush(dst, L.base, L.cap, &st.count[1 - from][s], &first);
   flush_hist(hist, stats + (int64_t)s * 256);
 }
 
