@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import os
+from unittest import mock
 import statistics
 import time
 
@@ -66,7 +67,8 @@ def build(device: str, memory_format: str) -> dict:
         base = base.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, size, size, device=device)
     F.cross_entropy(base(x), torch.randint(0, 1000, (2,), device=device)).backward()
-    models = {k: copy.deepcopy(base) for k in ("sgd", "plain", "plain_fb", "update", "update_fb", "reference")}
+    keys = ("sgd", "plain", "plain_fb", "update", "update_fb", "reference") + (("update_dev",) if device == "cuda" else ())
+    models = {k: copy.deepcopy(base) for k in keys}
     for m in models.values():  # the same gradients everywhere, in the parameters' layout
         for p, q in zip(base.parameters(), m.parameters()):
             q.grad = p.grad.clone()
@@ -82,9 +84,24 @@ def build(device: str, memory_format: str) -> dict:
                                ("reference_update_step", "reference", "reference", torch.optim.SGD)):
         opt[name] = ChaseOptimizer(_sgd(models[key], cls), models[key], density=DENSITY, total_steps=10**6,
                                    update_interval=1, backend=be)
+    if device == "cuda":  # the same update step with the compacting select (CHASE_EXT_CUDA_SELECT=device)
+        opt["chase_update_step_device_select"] = ChaseOptimizer(
+            _sgd(models["update_dev"]), models["update_dev"], density=DENSITY, total_steps=10**6, update_interval=1,
+            backend=backend)
     for o in opt.values():
         o.step()  # momentum buffers exist from here on
     return {"opt": opt, "backend": backend, "n_sparse": opt["chase_plain_step"].total_sparse}
+
+
+def _stepper(name: str, opt):
+    """opt.step, under CHASE_EXT_CUDA_SELECT=device for the variant named so."""
+    if not name.endswith("_device_select"):
+        return opt.step
+
+    def step():
+        with mock.patch.dict(os.environ, {"CHASE_EXT_CUDA_SELECT": "device"}):
+            opt.step()
+    return step
 
 
 def _masked_slots_zero(chase: ChaseOptimizer) -> bool:
@@ -108,7 +125,7 @@ def test_step_cost_side_by_side(device, memory_format):
         if device == "cuda":  # warm-up: first launches and the caching allocator
             for o in opt.values():
                 o.step()
-        times = interleaved({k: (lambda: (), o.step) for k, o in opt.items()}, rounds, device)
+        times = interleaved({k: (lambda: (), _stepper(k, o)) for k, o in opt.items()}, rounds, device)
     finally:
         torch.set_num_threads(old)
     for k in opt:
@@ -125,6 +142,9 @@ def test_step_cost_side_by_side(device, memory_format):
         "fallback_plain_over_sgd": med["chase_plain_step_fallback"] / med["sgd_step"],
         "fallback_update_over_sgd": med["chase_update_step_fallback"] / med["sgd_step"],
         "reference_over_chase_update": med["reference_update_step"] / med["chase_update_step"],
+        **({"device_select_update_over_sgd": med["chase_update_step_device_select"] / med["sgd_step"],
+            "device_select_update_ms": 1e3 * med["chase_update_step_device_select"]}
+           if "chase_update_step_device_select" in med else {}),
         "backend": case["backend"], "threads": THREADS if device == "cpu" else None,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "quick": QUICK,
