@@ -26,7 +26,8 @@ starting one variant further along, medians of rounds):
   deploy model with Inductor's freezing (dense, SPEC and the fastest recipe); batch 1 and
   16; ``--threads`` threads (2 by default); ``round16`` joins the default recipes.
 * The training step (bf16 autocast on CUDA / fp32 on CPU, channels_last, SGD with
-  momentum, batch 128 on CUDA) of each slim model vs the dense one at the same settings.
+  momentum, batch 128 on CUDA) of each slim model vs the dense one at the same settings,
+  eager and (last, while the budget allows) ``torch.compile``d.
 * A per-layer time breakdown, dense vs SPEC default at S_c 0.4 (eager): forward hooks time
   each leaf module (CUDA events / wall clock), and ``torch.profiler`` gives the top kernels.
 
@@ -248,8 +249,10 @@ def run_regime(name: str, regime: dict, models: dict[str, nn.Module], batch: int
 
 
 def train_step_speed(models: dict[str, nn.Module], batch: int, size: int, device: str, rounds: int,
-                     min_round_s: float) -> dict:
-    """One SGD step (momentum 0.9) per call, channels_last, bf16 autocast on CUDA."""
+                     min_round_s: float, compile: bool = False) -> dict:
+    """One SGD step (momentum 0.9) per call, channels_last, bf16 autocast on CUDA; with
+    ``compile`` the model is ``torch.compile``d (default mode: Inductor fuses the norm,
+    activation and add passes of forward and backward, which eager runs one by one)."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(batch, 3, size, size, generator=g).to(device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), generator=g).to(device)
@@ -259,6 +262,8 @@ def train_step_speed(models: dict[str, nn.Module], batch: int, size: int, device
         for p in m.parameters():
             p.requires_grad_(True)
         opt = torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9)
+        if compile:
+            m = torch.compile(m)
 
         def step(m=m, opt=opt):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
@@ -268,8 +273,8 @@ def train_step_speed(models: dict[str, nn.Module], batch: int, size: int, device
             opt.step()
 
         fns[k] = step
-    for f in fns.values():  # warm-up (cuDNN autotuning, optimizer state)
-        for _ in range(2):
+    for f in fns.values():  # warm-up (cuDNN autotuning, optimizer state, compilation)
+        for _ in range(3 if compile else 2):
             f()
     _sync(device)
     t0 = time.perf_counter()
@@ -289,9 +294,9 @@ def train_step_speed(models: dict[str, nn.Module], batch: int, size: int, device
     out = {k: {"median_s": statistics.median(v), "spread_s": [min(v), max(v)], "iters": iters, "rounds": rounds,
                "images_per_s": batch / statistics.median(v), "speedup_over_dense": base / statistics.median(v)}
            for k, v in times.items()}
-    print("train step: " + ", ".join(f"{k} {r['speedup_over_dense']:.2f}x" for k, r in out.items() if k != "dense"),
-          flush=True)
-    return {"batch": batch, "autocast": "bfloat16" if device == "cuda" else None,
+    print(f"train step{' (compiled)' if compile else ''}: "
+          + ", ".join(f"{k} {r['speedup_over_dense']:.2f}x" for k, r in out.items() if k != "dense"), flush=True)
+    return {"batch": batch, "autocast": "bfloat16" if device == "cuda" else None, "compiled": compile,
             "memory_format": "channels_last", "optimizer": "SGD(momentum=0.9)", "variants": out}
 
 
@@ -547,7 +552,7 @@ def main(argv=None) -> dict:
                   ("eager_fp32", thr_batch, sweep, 10), ("deploy_fp16_cl_cudagraph", thr_batch, models, 15),
                   ("deploy_fp16_cl_cudagraph", 1, models, 6), ("deploy_fp16_cl", 1, models, 5)]
         if not a.no_compile:
-            parts.append(("deploy_fp16_cl_compile", thr_batch, None, 45))
+            parts += [("deploy_fp16_cl_compile", thr_batch, None, 45), ("train_compile", train_batch, None, 90)]
         profile_regime, deploy_key = "eager_fp16_cl", "deploy_fp16_cl"
     else:
         R = {
@@ -565,7 +570,7 @@ def main(argv=None) -> dict:
                  ("deploy_fp32", thr_batch, sweep, 20), ("deploy_fp32_cl_fused", 1, models, 5),
                  ("eager_fp32", 1, sweep, 5), ("profile", thr_batch, None, 15), ("train", train_batch, at_rsc, 60)]
         if not a.no_compile:
-            parts.append(("deploy_fp32_cl_compile", thr_batch, None, 30))
+            parts += [("deploy_fp32_cl_compile", thr_batch, None, 30), ("train_compile", train_batch, None, 150)]
         profile_regime, deploy_key = "eager_fp32", "deploy_fp32_cl_fused"
     if a.only:
         known = {f"{p}@{b}" for p, b, _, _ in parts}
@@ -576,7 +581,7 @@ def main(argv=None) -> dict:
         parts = [(p, b, s, 0) for p, b, s, _ in parts]
 
     regimes: dict[str, dict] = {}
-    result.update(regimes=regimes, train_step=None, layer_breakdown=None)
+    result.update(regimes=regimes, train_step=None, train_step_compiled=None, layer_breakdown=None)
     for part, batch, subset, need in parts:
         label = f"{part} batch {batch}"
         save()  # after every part: a crash or a kill later still leaves what was measured
@@ -586,12 +591,14 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
         mem = f", {torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved" if cuda else ""
         print(f"[{time.perf_counter() - budget.t0:.0f} s{mem}] {label}", flush=True)
-        if part == "train":
+        if part in ("train", "train_compile"):
             # dense, SPEC and the fastest recipe at recipe_sc in the deploy regime (each
             # model's first backward autotunes cuDNN for its shapes: all of them would not fit)
             subset = {k: models[k] for k in _fastest(regimes, _deploy_key(regimes, deploy_key, thr_batch), at_rsc,
                                                      a.recipe_sc)}
-            result["train_step"] = train_step_speed(subset, batch, size, dev, max(3, rounds - 2), min_round_s)
+            key = "train_step" if part == "train" else "train_step_compiled"
+            result[key] = train_step_speed(subset, batch, size, dev, max(3, rounds - 2), min_round_s,
+                                           compile=part == "train_compile")
         elif part == "profile":
             pm = {k: models[k] for k in ("dense", f"spec@{a.recipe_sc}") if k in models}
             result["layer_breakdown"] = layer_breakdown(pm, R[profile_regime], batch, size, dev, reps=1 if a.quick else 5)

@@ -46,6 +46,11 @@ def test_speed_harness_quick(benchmark, tmp_path):
     dep = res["regimes"]["deploy_fp32_cl_fused@2"]["variants"]
     best = max(["round8@0.4", "coupled@0.4", "latency@0.4"], key=lambda k: dep[k]["speedup_over_dense"])
     assert set(res["train_step"]["variants"]) == {"dense", "spec@0.4", best}
+    # the same three compiled (torch.compile of forward and backward)
+    tc = res["train_step_compiled"]
+    assert tc["compiled"] is True and res["train_step"]["compiled"] is False
+    assert set(tc["variants"]) == {"dense", "spec@0.4", best}
+    assert all(v["speedup_over_dense"] > 0 for v in tc["variants"].values())
     prof = res["layer_breakdown"]["models"]
     assert set(prof) == {"dense", "spec@0.4"}
     for p in prof.values():
@@ -59,6 +64,7 @@ def test_speed_harness_budget_skips(tmp_path):
                       "--out", str(out)])
     # nothing fits in no time: every selection and every part is named as skipped
     assert set(res["models"]) == {"dense"} and res["regimes"] == {} and res["train_step"] is None
+    assert res["train_step_compiled"] is None
     assert any(s.startswith("selection spec@0.4") for s in res["skipped"])
     assert any(s.startswith("deploy_fp32_cl_fused batch 2") for s in res["skipped"])
     assert json.loads(out.read_text())["skipped"] == res["skipped"]
