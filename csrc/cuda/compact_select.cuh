@@ -21,7 +21,6 @@
 // byte limit (one bin may hold most candidates: long runs of equal scores); the caller
 // falls back to radix_select otherwise.
 #pragma once
-#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include <functional>
@@ -96,45 +95,6 @@ __device__ __forceinline__ void flush_hist(const unsigned* hist, unsigned long l
   __syncthreads();
   for (int b = threadIdx.x; b < 256; b += kThreads)
     if (hist[b]) atomicAdd(&stats_row[b], (unsigned long long)hist[b]);
-}
-
-// Step 1: the histogram of the candidates' top 12 key bits per scope (4,096 bins, 16 KB of
-// shared counters), with radix_hist_kernel's validation data when kChecks.
-template <class Src, bool kChecks>
-__global__ void __launch_bounds__(kThreads)
-top_hist_kernel(const Desc* ds, int n, Src src, StatsLayout sl, unsigned long long* stats) {
-  __shared__ unsigned hist[kTopBins];
-  for (int b = threadIdx.x; b < kTopBins; b += kThreads) hist[b] = 0;
-  __syncthreads();
-  const TileRef tl = locate_tile(ds, n, blockIdx.x);
-  const Desc d = ds[tl.t];
-  unsigned bad = 0;
-  int n_other = 0;
-  for (int64_t base = tl.start; base < tl.end; base += kThreads) {  // block-uniform: whole warps
-    const int64_t i = base + threadIdx.x;
-    int bin = -1;
-    if (i < tl.end) {
-      const bool live = live_at(d, i);
-      if constexpr (kChecks) {
-        bad |= src.bad(d, i);
-        n_other += src.other(d, i, live);
-      }
-      uint32_t key;
-      if (src.cand(d, i, live, key)) bin = (int)(key >> kLowBits);
-    }
-    const unsigned peers = __match_any_sync(0xFFFFFFFFu, bin);
-    if (bin >= 0 && (threadIdx.x & 31) == __ffs(peers) - 1) atomicAdd(&hist[bin], (unsigned)__popc(peers));
-  }
-  if constexpr (kChecks) {
-    if (bad) atomicOr(&stats[sl.bad()], (unsigned long long)bad);
-    using Reduce = cub::BlockReduce<int, kThreads>;
-    __shared__ typename Reduce::TempStorage tmp;
-    const int total = Reduce(tmp).Sum(n_other);
-    if (threadIdx.x == 0 && total) atomicAdd(&stats[sl.other() + d.scope], (unsigned long long)total);
-  }
-  __syncthreads();
-  for (int b = threadIdx.x; b < kTopBins; b += kThreads)
-    if (hist[b]) atomicAdd(&stats[(int64_t)d.scope * kTopBins + b], (unsigned long long)hist[b]);
 }
 
 // Step 2: every candidate whose key's top 12 bits are its scope's `top`, to list 0.
@@ -268,11 +228,11 @@ std::optional<at::Tensor> compact_select(const MultiTensor& mt, const Desc* ds, 
   auto top = at::zeros({sl.size()}, opts.dtype(at::kLong));
   auto* tp = reinterpret_cast<unsigned long long*>(top.data_ptr<int64_t>());
   const unsigned grid = grid_for(mt.tiles, 1);
-  if (grid) {
+  if (grid) {  // step 1: radix_hist_kernel's pass 0 on the top 12 bits
     if (check)
-      top_hist_kernel<Src, true><<<grid, kThreads, 0, stream()>>>(ds, mt.n(), src, sl, tp);
+      radix_hist_kernel<Src, true, kTopBits><<<grid, kThreads, 0, stream()>>>(ds, mt.n(), src, nullptr, 0, sl, tp);
     else
-      top_hist_kernel<Src, false><<<grid, kThreads, 0, stream()>>>(ds, mt.n(), src, sl, tp);
+      radix_hist_kernel<Src, false, kTopBits><<<grid, kThreads, 0, stream()>>>(ds, mt.n(), src, nullptr, 0, sl, tp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   const auto h = top.to(at::kCPU);  // the one wait

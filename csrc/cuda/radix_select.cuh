@@ -35,18 +35,21 @@ struct StatsLayout {
 };
 
 // Pass `pass` (0..3): histogram of key bits [24 - 8 pass, 32 - 8 pass) of the candidates
-// whose higher bits equal prefix[scope].
-template <class Src, bool kChecks>
+// whose higher bits equal prefix[scope] (pass 0: every candidate; `prefix` unused).
+// kBits = 12 (pass 0 only): the top 12 bits, 4,096 bins (compact_select.cuh); sl.bins
+// must be 1 << kBits.
+template <class Src, bool kChecks, int kBits = 8>
 __global__ void __launch_bounds__(kThreads)
 radix_hist_kernel(const Desc* ds, int n, Src src, const uint32_t* prefix, int pass, StatsLayout sl,
                   unsigned long long* stats) {
-  __shared__ unsigned int hist[256];
-  for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
+  constexpr int kBins = 1 << kBits;
+  __shared__ unsigned int hist[kBins];
+  for (int b = threadIdx.x; b < kBins; b += kThreads) hist[b] = 0;
   __syncthreads();
   const TileRef tl = locate_tile(ds, n, blockIdx.x);
   const Desc d = ds[tl.t];
-  const uint32_t want = prefix[d.scope];
-  const int shift = 24 - 8 * pass;
+  const uint32_t want = pass == 0 ? 0u : prefix[d.scope];
+  const int shift = 32 - kBits - 8 * pass;
   const uint32_t high = pass == 0 ? 0u : (0xFFFFFFFFu << (32 - 8 * pass));
   unsigned bad = 0;
   int n_other = 0;
@@ -61,7 +64,7 @@ radix_hist_kernel(const Desc* ds, int n, Src src, const uint32_t* prefix, int pa
         n_other += src.other(d, i, live);
       }
       uint32_t key;
-      if (src.cand(d, i, live, key) && (key & high) == want) bin = (key >> shift) & 255;
+      if (src.cand(d, i, live, key) && (key & high) == want) bin = (int)((key >> shift) & (kBins - 1));
     }
     // Keys cluster in few bins (one exponent range): one shared atomic per distinct bin
     // in the warp instead of one per lane.
@@ -76,8 +79,8 @@ radix_hist_kernel(const Desc* ds, int n, Src src, const uint32_t* prefix, int pa
     if (threadIdx.x == 0 && total) atomicAdd(&stats[sl.other() + d.scope], (unsigned long long)total);
   }
   __syncthreads();
-  for (int b = threadIdx.x; b < 256; b += kThreads)
-    if (hist[b]) atomicAdd(&stats[(int64_t)d.scope * 256 + b], (unsigned long long)hist[b]);
+  for (int b = threadIdx.x; b < kBins; b += kThreads)
+    if (hist[b]) atomicAdd(&stats[(int64_t)d.scope * kBins + b], (unsigned long long)hist[b]);
 }
 
 // Per tile: how many candidates have exactly the selected key of their scope.
