@@ -84,8 +84,8 @@ def build(device: str, memory_format: str) -> dict:
                                ("reference_update_step", "reference", "reference", torch.optim.SGD)):
         opt[name] = ChaseOptimizer(_sgd(models[key], cls), models[key], density=DENSITY, total_steps=10**6,
                                    update_interval=1, backend=be)
-    if device == "cuda":  # the same update step with the compacting select (CHASE_EXT_CUDA_SELECT=device)
-        opt["chase_update_step_device_select"] = ChaseOptimizer(
+    if device == "cuda":  # the same update step with the compacting select (CHASE_EXT_CUDA_SELECT=compact)
+        opt["chase_update_step_compact_select"] = ChaseOptimizer(
             _sgd(models["update_dev"]), models["update_dev"], density=DENSITY, total_steps=10**6, update_interval=1,
             backend=backend)
     for o in opt.values():
@@ -94,12 +94,12 @@ def build(device: str, memory_format: str) -> dict:
 
 
 def _stepper(name: str, opt):
-    """opt.step, under CHASE_EXT_CUDA_SELECT=device for the variant named so."""
-    if not name.endswith("_device_select"):
+    """opt.step, under CHASE_EXT_CUDA_SELECT=compact for the variant named so."""
+    if not name.endswith("_compact_select"):
         return opt.step
 
     def step():
-        with mock.patch.dict(os.environ, {"CHASE_EXT_CUDA_SELECT": "device"}):
+        with mock.patch.dict(os.environ, {"CHASE_EXT_CUDA_SELECT": "compact"}):
             opt.step()
     return step
 
@@ -142,9 +142,9 @@ def test_step_cost_side_by_side(device, memory_format):
         "fallback_plain_over_sgd": med["chase_plain_step_fallback"] / med["sgd_step"],
         "fallback_update_over_sgd": med["chase_update_step_fallback"] / med["sgd_step"],
         "reference_over_chase_update": med["reference_update_step"] / med["chase_update_step"],
-        **({"device_select_update_over_sgd": med["chase_update_step_device_select"] / med["sgd_step"],
-            "device_select_update_ms": 1e3 * med["chase_update_step_device_select"]}
-           if "chase_update_step_device_select" in med else {}),
+        **({"compact_select_update_over_sgd": med["chase_update_step_compact_select"] / med["sgd_step"],
+            "compact_select_update_ms": 1e3 * med["chase_update_step_compact_select"]}
+           if "chase_update_step_compact_select" in med else {}),
         "backend": case["backend"], "threads": THREADS if device == "cpu" else None,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "quick": QUICK,

@@ -49,7 +49,7 @@ def cuda_select_stats() -> dict | None:
     (results are the same either way): ``bracket_fast`` / ``bracket_fallback``, calls the
     bracketed select (``CHASE_EXT_CUDA_SELECT=bracket``) finished itself / handed to the
     radix select; ``compact`` / ``compact_fallback``, selections the compacting select
-    (``CHASE_EXT_CUDA_SELECT=device``) made / handed to the radix select. None without
+    (``CHASE_EXT_CUDA_SELECT=compact``) made / handed to the radix select. None without
     CUDA kernels."""
     if not hasattr(_C, "cuda_select_stats"):
         return None

@@ -285,10 +285,10 @@ def test_cpu_equals_cuda_whole_run(name, kw):
 @needs_cuda
 @pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck"])
 @pytest.mark.parametrize("kw", EXACT_CASES, ids=EXACT_IDS)
-@pytest.mark.parametrize("mode", ["bracket", "device"])
+@pytest.mark.parametrize("mode", ["bracket", "compact"])
 def test_cpu_equals_cuda_whole_run_other_selects(monkeypatch, name, kw, mode):
     """The same with the other CUDA selection modes (CHASE_EXT_CUDA_SELECT): the one-pass
-    bracketed select, and the radix select with its bins walked on the device."""
+    bracketed select, and the compacting select (compact_select.cuh)."""
     monkeypatch.setenv("CHASE_EXT_CUDA_SELECT", mode)
     steps = 48
     _assert_same_run(_exact_run(name, "cpu", steps, **kw), _exact_run(name, "cuda", steps, **kw))

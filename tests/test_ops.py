@@ -210,10 +210,9 @@ def cuda_select():
        per_tensor=st.booleans())
 def test_cuda_selection_modes_match_reference(cuda_select, seed, n, dtype, ties, live, with_states, big, frac,
                                               grow_frac, per_tensor):
-    """Every CUDA selection mode (radix with the bins walked on the host or on the device;
-    bracketed with its fallback, global scope only) equals the reference, in global and
-    per-tensor scope; `big` adds tensors past one sample (65536 slots), tiles and row
-    segments."""
+    """Every CUDA selection mode (radix; compacting, with its fallback; bracketed with its
+    fallback, global scope only) equals the reference, in global and per-tensor scope;
+    `big` adds tensors past one sample (65536 slots), tiles and row segments."""
     shapes = None
     if big:
         g = torch.Generator().manual_seed(seed)
@@ -231,7 +230,7 @@ def test_cuda_selection_modes_match_reference(cuda_select, seed, n, dtype, ties,
     owner = list(range(len(ws))) if with_states else []
     want = (clone(ws), clone(ms), clone(states))
     rc, _ = R.mask_update_(want[0], want[1], scores, lr, lc, want[2], owner, prune, grow)
-    for mode in ("radix", "device", "bracket"):
+    for mode in ("radix", "compact", "bracket"):
         a = ([w.cuda() for w in ws], [m.cuda() for m in ms], [x.cuda() for x in states])
         with cuda_select(mode):
             cnt, _ = ops.mask_update_(a[0], a[1], [x.cuda() for x in scores], [x.cuda() for x in lr],
@@ -280,13 +279,13 @@ def _compact_case(scores: str, per_tensor: bool, seed: int = 7):
 @pytest.mark.parametrize("per_tensor", [False, True])
 @pytest.mark.parametrize("scores", ["normal", "ties", "equal"])
 def test_cuda_compacting_select_and_fallback(cuda_select, scores, per_tensor):
-    """CHASE_EXT_CUDA_SELECT=device equals the reference; the path taken is what the
+    """CHASE_EXT_CUDA_SELECT=compact equals the reference; the path taken is what the
     scores decide: both selections compacted, or (equal scores) the grow selection
     handed to the radix select."""
     ws, ms, ss, prune, grow = _compact_case(scores, per_tensor)
     before = ops.cuda_select_stats()
     a = ([w.cuda() for w in ws], [m.cuda() for m in ms])
-    with cuda_select("device"):
+    with cuda_select("compact"):
         cnt, sums = ops.mask_update_(a[0], a[1], [x.cuda() for x in ss], [], [], [], [], prune, grow)
     after = ops.cuda_select_stats()
     b = ([w.clone() for w in ws], [m.clone() for m in ms])
@@ -310,7 +309,7 @@ def test_cuda_selection_mode_errors(cuda_select):
     # the other paths raise the radix path's errors, before writing anything
     bad = torch.rand(8, device="cuda")
     bad[3] = float("nan")
-    for mode in ("bracket", "device"):
+    for mode in ("bracket", "compact"):
         with cuda_select(mode), pytest.raises(RuntimeError, match="prune_counts=9 is out of range"):
             ops.mask_update_(w, m, [torch.rand(8, device="cuda")], [], [], [], [], [9], [0])
         with cuda_select(mode), pytest.raises(RuntimeError, match="scores has non-finite"):

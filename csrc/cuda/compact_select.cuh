@@ -1,5 +1,5 @@
 // The radix select with its candidates compacted after the first pass
-// (CHASE_EXT_CUDA_SELECT=device): the same selection as radix_select.cuh (the k-th
+// (CHASE_EXT_CUDA_SELECT=compact): the same selection as radix_select.cuh (the k-th
 // smallest key per scope, ties to the lower global index), with two full passes over the
 // tensors per selection instead of five and one host wait instead of six.
 //

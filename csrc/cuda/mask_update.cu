@@ -2,7 +2,7 @@
 // and emit per-row active counts and sum |w|. Selections first (read only; the first
 // pass of either select also validates everything), then one writing pass (rows.cuh),
 // so every error is raised before anything is written. Selections by the multi-pass
-// radix select (radix_select.cuh, default); with CHASE_EXT_CUDA_SELECT=device by the radix
+// radix select (radix_select.cuh, default); with CHASE_EXT_CUDA_SELECT=compact by the radix
 // select with its candidates compacted after the first pass (compact_select.cuh: two
 // full passes and one host wait per selection instead of five and six); with
 // CHASE_EXT_CUDA_SELECT=bracket by the one-pass bracketed select (bracket_select.cuh).
@@ -25,17 +25,17 @@ namespace {
 constexpr const char* kOp = "chase_ext.mask_update_";
 
 // CHASE_EXT_CUDA_SELECT: "radix" (default) selects by the multi-pass radix select;
-// "device" by the compacting select (compact_select.cuh; the radix select where the lists
+// "compact" by the compacting select (compact_select.cuh; the radix select where the lists
 // would be too large); "bracket" tries the one-pass bracketed select first (global
 // scope), with the radix select as its exact fallback. All give the same result.
-enum class SelectMode { kRadix, kDevice, kBracket };
+enum class SelectMode { kRadix, kCompact, kBracket };
 
 SelectMode select_mode() {
   const char* e = std::getenv("CHASE_EXT_CUDA_SELECT");
   const std::string mode = e && *e ? e : "radix";
-  TORCH_CHECK(mode == "radix" || mode == "device" || mode == "bracket", kOp, ": CHASE_EXT_CUDA_SELECT=", mode,
-              " is not known (radix, device or bracket)");
-  return mode == "device" ? SelectMode::kDevice : mode == "bracket" ? SelectMode::kBracket : SelectMode::kRadix;
+  TORCH_CHECK(mode == "radix" || mode == "compact" || mode == "bracket", kOp, ": CHASE_EXT_CUDA_SELECT=", mode,
+              " is not known (radix, compact or bracket)");
+  return mode == "compact" ? SelectMode::kCompact : mode == "bracket" ? SelectMode::kBracket : SelectMode::kRadix;
 }
 
 std::atomic<int64_t> bracket_fast{0}, bracket_fallback{0}, compact_made{0}, compact_fallback{0};  // select_stats.h
@@ -126,14 +126,14 @@ std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, a
     pp = dev_ptr<Selection>(*fast);
     gp = pp + 1;
   } else {
-    // device mode: the compacting select where it fits, the radix select otherwise
-    const bool compact = mode == SelectMode::kDevice && compact_select_fits(mt);
+    // compact mode: the compacting select where it fits, the radix select otherwise
+    const bool compact = mode == SelectMode::kCompact && compact_select_fits(mt);
     // the two lists may take up to twice the weights' float32 bytes (transient; 16 B per
     // entry): a bin of up to half the candidates
     const int64_t list_bytes = 2 * total * (int64_t)sizeof(float);
     const std::function<void(const FirstPass&)> checks = check;
     std::optional<at::Tensor> sel;
-    auto count = [&] { if (mode == SelectMode::kDevice) ++(sel ? compact_made : compact_fallback); };
+    auto count = [&] { if (mode == SelectMode::kCompact) ++(sel ? compact_made : compact_fallback); };
     if (compact) sel = compact_select(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, &checks, list_bytes);
     count();
     pd = sel ? *sel : upload(radix_select(mt, ds, dev, scopes, PruneSrc<W, S>{}, kp, false, check), dev);
