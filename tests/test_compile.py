@@ -19,6 +19,7 @@ from torch import nn
 from chase_ext.optimizer import ChaseOptimizer
 from chase_ext.wrappers import forget_compiled, unwrap_model
 
+from dist_teardown import end_process_group
 from models import TwoGroupNet as Net
 
 try:
@@ -129,6 +130,7 @@ def test_compiled_inside_ddp_rewraps(tmp_path):
         pytest.skip("torch.distributed is not available")
     from chase_ext import rewrap_ddp
 
+    ddp = chase = new = None
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         torch.manual_seed(0)
@@ -155,4 +157,5 @@ def test_compiled_inside_ddp_rewraps(tmp_path):
         assert chase.slim_count == wraps >= 2
         assert model.fc1.weight.shape[0] < 24
     finally:
-        dist.destroy_process_group()
+        ddp = chase = new = None  # they hold the process group (dist_teardown.py)
+        end_process_group()

@@ -29,6 +29,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str, grow: 
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
+    from dist_teardown import end_process_group
+
+    ddp = opt = chase = new = loss = None
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         from chase_ext import rewrap_ddp
@@ -67,7 +70,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, backend: str, grow: 
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
-        dist.destroy_process_group()
+        ddp = opt = chase = new = loss = None  # they hold the process group (dist_teardown.py)
+        end_process_group()
 
 
 @pytest.mark.parametrize("slim", [False, True], ids=["masked", "slim_during_training"])

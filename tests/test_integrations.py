@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from chase_ext.optimizer import ChaseOptimizer
 
+from dist_teardown import end_process_group
 from models import TwoGroupNet as Net
 
 try:
@@ -363,8 +364,10 @@ def _accelerate_ddp_worker(rank: int, world: int, port: int, out_dir: str) -> No
                 "registered": all(m is model or m is net for m in acc._models)},
                os.path.join(out_dir, f"rank{rank}.pt"))
     acc.end_training()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    # the DDP wrappers hold the process group: drop them before ending it (dist_teardown.py)
+    acc.free_memory()
+    model = new = opt = chase = loss = loader = acc = None
+    end_process_group()
 
 
 def _spawn_accelerate_ranks(out_dir: str, limit_s: float) -> bool:
@@ -404,6 +407,7 @@ def test_fsdp2_sharded_model_is_refused_clearly():
     fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
+    net = None
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         net = Net()
@@ -412,13 +416,15 @@ def test_fsdp2_sharded_model_is_refused_clearly():
         with pytest.raises(TypeError, match=r"DTensor.*FSDP2.*DistributedDataParallel instead"):
             _chase(net, BATCHES)
     finally:
-        dist.destroy_process_group()
+        net = None  # its sharded parameters hold the process group (dist_teardown.py)
+        end_process_group()
 
 
 def test_fsdp1_wrapped_model_is_refused_clearly():
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
+    wrapped = None
     dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
     try:
         wrapped = fsdp.FullyShardedDataParallel(Net(), device_id=torch.device("cpu"), use_orig_params=True)
@@ -426,4 +432,5 @@ def test_fsdp1_wrapped_model_is_refused_clearly():
                                             r"DistributedDataParallel instead"):
             _chase(wrapped, BATCHES)
     finally:
-        dist.destroy_process_group()
+        wrapped = None  # it holds the process group (dist_teardown.py)
+        end_process_group()
