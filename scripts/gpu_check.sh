@@ -117,6 +117,17 @@ if want bench; then
   r=$?; grep -E "ratio|floor|median|passed|failed|Error" "$LOG/bench.log" | tail -40; note "GPU benchmarks rc=$r"
   ((r == 0)) || rc=1
   for f in benchmarks/results/gpu-*.json; do [[ -e $f ]] && cp "$f" "$LOG"/; done
+  # the one line that decides CHASE_EXT_CUDA_SELECT's default (benchmarks/NOTES.md)
+  "$PY" - <<'PY' 2>&1 | tee -a "$LOG/summary.txt"
+import glob, json
+for f in glob.glob("benchmarks/results/gpu-*.json"):
+    r = json.load(open(f)).get("mask_update_cuda")
+    if r and "fused_compact" in r.get("median_s", {}):
+        m = r["median_s"]
+        print(f"mask update: radix {m['fused'] * 1e3:.2f} ms ({r['fused_over_floor']:.1f}x floor), compact "
+              f"{m['fused_compact'] * 1e3:.2f} ms ({r['compact_over_floor']:.1f}x floor, "
+              f"{r['compact_speedup_vs_fused']:.2f}x radix), paths {r.get('cuda_select_stats')}")
+PY
 fi
 
 if want errors; then
