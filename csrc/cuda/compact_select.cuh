@@ -235,7 +235,10 @@ std::optional<at::Tensor> compact_select(const MultiTensor& mt, const Desc* ds, 
       radix_hist_kernel<Src, false, kTopBits><<<grid, kThreads, 0, stream()>>>(ds, mt.n(), src, nullptr, 0, sl, tp);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
-  const auto h = top.to(at::kCPU);  // the one wait
+  // the one wait; into pinned memory (a layer scope reads 32 KB per layer, 1.8 MB for ResNet-50)
+  auto h = at::empty({sl.size()}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  h.copy_(top, /*non_blocking=*/true);
+  C10_CUDA_CHECK(cudaStreamSynchronize(stream()));
   const int64_t* hp = h.data_ptr<int64_t>();
   const FirstPass fp = first_pass_of(hp, sl);
   if (check) (*check)(fp);
