@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import copy
 import os
-from unittest import mock
 import statistics
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -67,8 +67,8 @@ def build(device: str, memory_format: str) -> dict:
         base = base.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, size, size, device=device)
     F.cross_entropy(base(x), torch.randint(0, 1000, (2,), device=device)).backward()
-    keys = ("sgd", "plain", "plain_fb", "update", "update_fb", "reference") + (("update_dev",) if device == "cuda" else ())
-    models = {k: copy.deepcopy(base) for k in keys}
+    keys = ("sgd", "plain", "plain_fb", "update", "update_fb", "reference")
+    models = {k: copy.deepcopy(base) for k in keys + (("update_compact",) if device == "cuda" else ())}
     for m in models.values():  # the same gradients everywhere, in the parameters' layout
         for p, q in zip(base.parameters(), m.parameters()):
             q.grad = p.grad.clone()
@@ -86,8 +86,8 @@ def build(device: str, memory_format: str) -> dict:
                                    update_interval=1, backend=be)
     if device == "cuda":  # the same update step with the compacting select (CHASE_EXT_CUDA_SELECT=compact)
         opt["chase_update_step_compact_select"] = ChaseOptimizer(
-            _sgd(models["update_dev"]), models["update_dev"], density=DENSITY, total_steps=10**6, update_interval=1,
-            backend=backend)
+            _sgd(models["update_compact"]), models["update_compact"], density=DENSITY, total_steps=10**6,
+            update_interval=1, backend=backend)
     for o in opt.values():
         o.step()  # momentum buffers exist from here on
     return {"opt": opt, "backend": backend, "n_sparse": opt["chase_plain_step"].total_sparse}

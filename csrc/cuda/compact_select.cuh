@@ -17,7 +17,7 @@
 //     other of two lists, which shrink ~256x a step unless keys tie) and histograms their
 //     next 8 bits; six steps fix the remaining 44 bits (12 of key, 32 of index).
 //  4. the entry left is the k-th: its key and index + 1 are the Selection the row pass reads.
-// Needs global indices below 2^32 (compact_select_fits) and lists within the caller's
+// Needs global indices below 2^32 (the caller checks) and lists within the caller's
 // byte limit (one bin may hold most candidates: long runs of equal scores); the caller
 // falls back to radix_select otherwise.
 #pragma once
@@ -204,14 +204,6 @@ __global__ void list_finish_kernel(const ListScope* ls, int scopes, ListState st
   const unsigned long long e = st.prefix[s];
   const uint32_t key = (ls[s].top << kLowBits) | (uint32_t)(e >> 32);
   out[s] = {largest ? ~key : key, (int64_t)(uint32_t)e + 1};
-}
-
-// Can the compacting select run on these tensors? Global indices must fit the entries'
-// 32 bits.
-inline bool compact_select_fits(const MultiTensor& mt) {
-  int64_t total = 0;
-  for (const Desc& d : mt.d) total += d.numel;
-  return total <= (int64_t)UINT32_MAX;
 }
 
 // The Selections of ks[s] slots for every scope, as a byte tensor on the device

@@ -126,8 +126,9 @@ std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, a
     pp = dev_ptr<Selection>(*fast);
     gp = pp + 1;
   } else {
-    // compact mode: the compacting select where it fits, the radix select otherwise
-    const bool compact = mode == SelectMode::kCompact && compact_select_fits(mt);
+    // compact mode: the compacting select where it fits (entries carry 32-bit global
+    // indices), the radix select otherwise
+    const bool compact = mode == SelectMode::kCompact && total <= (int64_t)UINT32_MAX;
     // the two lists may take up to twice the weights' float32 bytes (transient; 16 B per
     // entry): a bin of up to half the candidates
     const int64_t list_bytes = 2 * total * (int64_t)sizeof(float);
