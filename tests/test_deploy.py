@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from chase_ext.deploy import conv_add_relu, cuda_graph_runner, deploy
+from chase_ext.deploy import conv_add_relu, conv_add_relu_, cuda_graph_runner, deploy
 from chase_ext.graph import find_channel_groups
 from chase_ext.slim import slim_
 
@@ -80,8 +80,10 @@ def test_fuse_relu():
     dep = deploy(model, x, fuse_relu=True)
     # stem + conv1, conv2 and conv3 (+ the residual) of 16 bottlenecks; downsample convs feed the add
     assert len(dep.fused) == 49 and "layer1.0.conv3" in dep.fused and "layer1.0.downsample.0" not in dep.fused
-    calls = [n for n in dep.graph.nodes if n.target is conv_add_relu]
+    calls = [n for n in dep.graph.nodes if n.target in (conv_add_relu, conv_add_relu_)]
     assert len(calls) == 49 and sum(n.args[3] is not None for n in calls) == 16
+    # every residual is the model's own and dead after the add: written over in place
+    assert sum(n.target is conv_add_relu_ for n in calls) == 16
     assert not any(isinstance(m, nn.ReLU) for m in dep.modules())
     with torch.no_grad():
         _close(dep(x), model(x))
@@ -117,8 +119,10 @@ def test_fuse_relu_cpu_is_one_onednn_call(channels_last):
     xi = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     with torch.no_grad(), _OpCounter() as count:
         y = dep(xi)
-    # 49 fused convs: one oneDNN call each, no separate add / relu kernels; the 4 downsample convs stay plain
-    assert count.ops.get("mkldnn._convolution_pointwise") == 49
+    # 49 fused convs: one oneDNN call each, no separate add / relu kernels; the 4 downsample convs stay plain;
+    # the 16 with a residual write their result over it
+    assert count.ops.get("mkldnn._convolution_pointwise") == 33
+    assert count.ops.get("mkldnn._convolution_pointwise_") == 16
     assert "aten.relu" not in count.ops and "aten.add" not in count.ops and "aten.relu_" not in count.ops
     assert count.ops.get("aten.convolution") == 4
     with torch.no_grad():
@@ -127,14 +131,96 @@ def test_fuse_relu_cpu_is_one_onednn_call(channels_last):
     xg = xi.clone().requires_grad_(True)
     with _OpCounter() as count:
         out = dep(xg)
-    assert "mkldnn._convolution_pointwise" not in count.ops
+    assert "mkldnn._convolution_pointwise" not in count.ops and "mkldnn._convolution_pointwise_" not in count.ops
     out.sum().backward()
     assert xg.grad is not None and torch.isfinite(xg.grad).all()
     # other dtypes take the plain ops too (torch's fused add + relu refuses bfloat16)
     dep16 = deploy(model, x, fuse_relu=True, dtype=torch.bfloat16)
     with torch.no_grad(), _OpCounter() as count:
         dep16(x.bfloat16())
-    assert "mkldnn._convolution_pointwise" not in count.ops and count.ops.get("aten.convolution") == 53
+    assert not {"mkldnn._convolution_pointwise", "mkldnn._convolution_pointwise_"} & set(count.ops)
+    assert count.ops.get("aten.convolution") == 53
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
+@pytest.mark.parametrize("z_channels_last", [False, True])
+@pytest.mark.parametrize("x_channels_last", [False, True])
+@pytest.mark.parametrize("conv", [(12, 64, 1, 1, 0, 1), (8, 16, 3, 1, 1, 1), (8, 16, 3, 2, 1, 1), (8, 16, 3, 1, 2, 2),
+                                  (16, 16, 3, 1, 1, 4)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_add_relu_in_place_equals_out_of_place(conv, bias, x_channels_last, z_channels_last):
+    cin, cout, k, stride, pad, groups = conv
+    g = torch.Generator().manual_seed(cin * 100 + k * 10 + stride)
+    cl = torch.channels_last
+    x = torch.randn(3, cin, 11, 9, generator=g)
+    w = torch.randn(cout, cin // groups, k, k, generator=g)
+    b = torch.randn(cout, generator=g) if bias else None
+    if x_channels_last:
+        x, w = x.contiguous(memory_format=cl), w.contiguous(memory_format=cl)
+    args = ((stride, stride), (pad, pad), (1, 1), groups)
+    ref = torch.relu(torch.nn.functional.conv2d(x, w, b, *args) + 0)  # only for the shape
+    z = torch.randn(ref.shape, generator=g)
+    if z_channels_last:
+        z = z.contiguous(memory_format=cl)
+    want = torch.relu(torch.nn.functional.conv2d(x, w, b, *args) + z)
+    with torch.inference_mode():
+        out_of_place = conv_add_relu(x, w, b, z, *args)
+        zi = z.clone(memory_format=torch.preserve_format)
+        got = conv_add_relu_(x, w, b, zi, *args)
+    # oneDNN ran it where the two layouts agree, in place: the result is z's storage
+    assert got.data_ptr() == zi.data_ptr()
+    if groups == 1:
+        assert torch.equal(got, out_of_place)
+    else:  # grouped convs in channels_last: oneDNN may pick another kernel for the in-place call
+        torch.testing.assert_close(got, out_of_place, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    # a residual oneDNN cannot take in place (a broadcast, a view, autograd) is left alone
+    with torch.inference_mode():
+        zb = torch.randn(1, cout, 1, 1, generator=g)
+        keep = zb.clone()
+        yb = conv_add_relu_(x, w, b, zb, *args)
+        assert torch.equal(zb, keep) and yb.shape == ref.shape
+        torch.testing.assert_close(yb, torch.relu(torch.nn.functional.conv2d(x, w, b, *args) + zb), rtol=1e-5,
+                                   atol=1e-4)
+    zv = torch.randn(2, *ref.shape, generator=g)[0]
+    keep = zv.clone()
+    with torch.inference_mode():
+        conv_add_relu_(x, w, b, zv, *args)
+    assert torch.equal(zv, keep)
+    zg = z.clone().requires_grad_(True)
+    yg = conv_add_relu_(x, w, b, zg, *args)
+    assert yg.data_ptr() != zg.data_ptr() and yg.requires_grad
+
+
+class _ResidualReadAgain(nn.Module):
+    """A residual block whose input is also the graph's input and whose residual is read after the add."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        a = torch.relu(self.conv1(x) + x)  # x: the caller's tensor
+        r = self.conv2(a)
+        b = torch.relu(self.conv3(a) + r)  # r: read again below
+        return b + r
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
+def test_residuals_read_elsewhere_are_not_overwritten():
+    model = _ResidualReadAgain().eval()
+    x = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(0))
+    dep = deploy(model, x, fuse_relu=True)
+    targets = [n.target for n in dep.graph.nodes if n.target in (conv_add_relu, conv_add_relu_)]
+    assert targets == [conv_add_relu, conv_add_relu]  # a graph input; a residual read after the add
+    keep = x.clone()
+    with torch.inference_mode():
+        y = dep(x)
+    assert torch.equal(x, keep)
+    with torch.no_grad():
+        _close(y, model(x))
 
 
 def test_slim_model_folds_and_matches():
