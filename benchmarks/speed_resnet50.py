@@ -21,13 +21,16 @@ starting one variant further along, medians of rounds):
   the deploy model while the time budget allows; cuDNN benchmark mode on (what a
   deployment sets); batch 1 latency and batch 256 throughput.
 * CPU: the deploy path in fp32, channels_last, with ``fuse_relu`` (one oneDNN call per
-  conv + add + relu) for every model first; then eager fp32 contiguous and channels_last,
+  conv + add + relu) for every model first, with glibc's default allocator and then in a
+  child process that keeps freed memory (``chase_ext.cpu_memory.retain_cpu_memory``: the
+  activations are not page-faulted anew each call); then eager fp32 contiguous and channels_last,
   the deploy path unfused (contiguous and channels_last), and ``torch.compile`` of the
   deploy model with Inductor's freezing (dense, SPEC and the fastest recipe); batch 1 and
   16; ``--threads`` threads (2 by default); ``round16`` joins the default recipes.
 * The training step (bf16 autocast on CUDA / fp32 on CPU, channels_last, SGD with
   momentum, batch 128 on CUDA) of each slim model vs the dense one at the same settings,
-  eager and (last, while the budget allows) ``torch.compile``d.
+  eager (on the CPU also with freed memory kept) and (last, while the budget allows)
+  ``torch.compile``d.
 * A per-layer time breakdown, dense vs SPEC default at S_c 0.4 (eager): forward hooks time
   each leaf module (CUDA events / wall clock), and ``torch.profiler`` gives the top kernels.
 
@@ -48,6 +51,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -396,8 +400,6 @@ print("fused ok")
 def fused_ok(budget: Budget) -> bool:
     """The cuDNN conv+bias+add+relu ops, tried in a child process first: on some images a
     failing CUDA op takes the whole process down, which would lose every later part."""
-    import subprocess
-
     if not budget.allows("deploy_fp16_cl_fused probe", 20):
         return False
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
@@ -412,6 +414,37 @@ def fused_ok(budget: Budget) -> bool:
         print("skip:", budget.skipped[-1], flush=True)
         return False
     return True
+
+
+_RETAIN_CHILD = """
+import json, sys, torch
+sys.path.insert(0, sys.argv[1])
+import speed_resnet50 as s
+from chase_ext.cpu_memory import retain_cpu_memory
+job = torch.load(sys.argv[2], weights_only=False)
+torch.set_num_threads(job["threads"])
+retain_cpu_memory()
+out = getattr(s, job["fn"])(**job["kwargs"])
+with open(sys.argv[3], "w") as f:
+    json.dump(out, f)
+"""
+
+
+def in_child_retaining_memory(fn: str, threads: int, timeout_s: float, **kwargs) -> dict:
+    """``fn(**kwargs)`` of this module in a child process that first calls
+    ``chase_ext.cpu_memory.retain_cpu_memory()``: the setting is process-wide and not undone,
+    so the other regimes of this run keep glibc's default. The models travel by
+    ``torch.save``; dense and slim still run interleaved, side by side, in the child."""
+    with tempfile.TemporaryDirectory(prefix="chase-speed-retain-") as d:
+        job, out = os.path.join(d, "job.pt"), os.path.join(d, "out.json")
+        torch.save({"fn": fn, "threads": threads, "kwargs": kwargs}, job)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+        r = subprocess.run([sys.executable, "-c", _RETAIN_CHILD, os.path.dirname(os.path.abspath(__file__)), job, out],
+                           text=True, stdout=None, stderr=subprocess.PIPE, timeout=timeout_s, env=env)
+        if r.returncode != 0:
+            raise RuntimeError(f"{fn} in the child retaining memory failed (rc {r.returncode}): {r.stderr[-2000:]}")
+        with open(out) as f:
+            return json.load(f)
 
 
 # --------------------------------------------------------------------------- the run
@@ -561,14 +594,20 @@ def main(argv=None) -> dict:
             "eager_fp32_cl": dict(deploy=False, dtype=torch.float32, channels_last=True),
             "deploy_fp32_cl": dict(deploy=True, dtype=torch.float32, channels_last=True),
             "deploy_fp32_cl_fused": dict(deploy=True, dtype=torch.float32, channels_last=True, fuse_relu=True),
+            # the same in a child process that keeps freed memory (chase_ext.cpu_memory)
+            "deploy_fp32_cl_fused_retain": dict(deploy=True, dtype=torch.float32, channels_last=True, fuse_relu=True,
+                                                retain_cpu_memory=True),
             "deploy_fp32_cl_compile": dict(deploy=True, dtype=torch.float32, channels_last=True, compile=True,
                                            freezing=True),
         }
         # the deploy path as shipped on a CPU first (oneDNN conv + add + relu), every model
-        parts = [("deploy_fp32_cl_fused", thr_batch, models, 30), ("eager_fp32", thr_batch, sweep, 20),
+        # and with freed memory kept for reuse, the allocator setting a CPU deployment makes
+        parts = [("deploy_fp32_cl_fused", thr_batch, models, 30), ("deploy_fp32_cl_fused_retain", thr_batch, models, 40),
+                 ("eager_fp32", thr_batch, sweep, 20),
                  ("eager_fp32_cl", thr_batch, sweep, 20), ("deploy_fp32_cl", thr_batch, models, 30),
                  ("deploy_fp32", thr_batch, sweep, 20), ("deploy_fp32_cl_fused", 1, models, 5),
-                 ("eager_fp32", 1, sweep, 5), ("profile", thr_batch, None, 15), ("train", train_batch, at_rsc, 60)]
+                 ("deploy_fp32_cl_fused_retain", 1, models, 15), ("eager_fp32", 1, sweep, 5), ("profile", thr_batch, None, 15), ("train", train_batch, at_rsc, 60),
+                 ("train_retain", train_batch, at_rsc, 60)]
         if not a.no_compile:
             parts += [("deploy_fp32_cl_compile", thr_batch, None, 30), ("train_compile", train_batch, None, 150)]
         profile_regime, deploy_key = "eager_fp32", "deploy_fp32_cl_fused"
@@ -582,6 +621,8 @@ def main(argv=None) -> dict:
 
     regimes: dict[str, dict] = {}
     result.update(regimes=regimes, train_step=None, train_step_compiled=None, layer_breakdown=None)
+    if not cuda:
+        result.update(train_step_retain_cpu_memory=None)
     for part, batch, subset, need in parts:
         label = f"{part} batch {batch}"
         save()  # after every part: a crash or a kill later still leaves what was measured
@@ -591,14 +632,21 @@ def main(argv=None) -> dict:
             torch.cuda.empty_cache()
         mem = f", {torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved" if cuda else ""
         print(f"[{time.perf_counter() - budget.t0:.0f} s{mem}] {label}", flush=True)
-        if part in ("train", "train_compile"):
+        if part in ("train", "train_compile", "train_retain"):
             # dense, SPEC and the fastest recipe at recipe_sc in the deploy regime (each
             # model's first backward autotunes cuDNN for its shapes: all of them would not fit)
             subset = {k: models[k] for k in _fastest(regimes, _deploy_key(regimes, deploy_key, thr_batch), at_rsc,
                                                      a.recipe_sc)}
-            key = "train_step" if part == "train" else "train_step_compiled"
-            result[key] = train_step_speed(subset, batch, size, dev, max(3, rounds - 2), min_round_s,
-                                           compile=part == "train_compile")
+            kw = dict(models=subset, batch=batch, size=size, device=dev, rounds=max(3, rounds - 2),
+                      min_round_s=min_round_s, compile=part == "train_compile")
+            if part == "train_retain":
+                try:
+                    result["train_step_retain_cpu_memory"] = in_child_retaining_memory(
+                        "train_step_speed", a.threads, budget.left(), **kw)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    budget.skipped.append(f"{label} ({str(e)[-300:]})")
+            else:
+                result["train_step" if part == "train" else "train_step_compiled"] = train_step_speed(**kw)
         elif part == "profile":
             pm = {k: models[k] for k in ("dense", f"spec@{a.recipe_sc}") if k in models}
             result["layer_breakdown"] = layer_breakdown(pm, R[profile_regime], batch, size, dev, reps=1 if a.quick else 5)
@@ -608,6 +656,13 @@ def main(argv=None) -> dict:
                              budget=budget, need_each_s=0 if a.quick else 40)
             if reg:
                 regimes[f"{part}@{batch}"] = reg
+        elif R[part].get("retain_cpu_memory"):
+            try:
+                regimes[f"{part}@{batch}"] = in_child_retaining_memory(
+                    "run_regime", a.threads, budget.left(), name=part, regime=R[part], models=subset, batch=batch,
+                    size=size, device=dev, rounds=rounds, min_round_s=min_round_s)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                budget.skipped.append(f"{label} ({str(e)[-300:]})")
         else:
             regimes[f"{part}@{batch}"] = run_regime(part, R[part], subset, batch, size, dev, rounds, min_round_s)
         if f"{part}@{batch}" in regimes:

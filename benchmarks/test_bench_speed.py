@@ -7,6 +7,8 @@ import json
 
 import speed_resnet50 as speed
 
+from chase_ext import cpu_memory
+
 
 def _check_regime(reg, variants):
     assert set(reg["variants"]) == set(variants)
@@ -38,6 +40,11 @@ def test_speed_harness_quick(benchmark, tmp_path):
         _check_regime(res["regimes"][key], variants)
     assert res["regimes"]["deploy_fp32@2"]["regime"]["deploy"] is True
     assert res["regimes"]["deploy_fp32_cl_fused@2"]["regime"]["fuse_relu"] is True
+    # the fused path again in a child process that keeps freed memory; this process is untouched
+    _check_regime(res["regimes"]["deploy_fp32_cl_fused_retain@2"], ["dense", *slim])
+    _check_regime(res["regimes"]["deploy_fp32_cl_fused_retain@1"], ["dense", *slim])
+    assert res["regimes"]["deploy_fp32_cl_fused_retain@2"]["regime"]["retain_cpu_memory"] is True
+    assert cpu_memory.cpu_memory_retained() is None
     # torch.compile (Inductor, freezing) of dense, SPEC and the fastest recipe of the fused path
     comp = res["regimes"]["deploy_fp32_cl_compile@2"]
     assert comp["regime"]["compile"] is True and comp["regime"]["freezing"] is True
@@ -46,6 +53,7 @@ def test_speed_harness_quick(benchmark, tmp_path):
     dep = res["regimes"]["deploy_fp32_cl_fused@2"]["variants"]
     best = max(["round8@0.4", "coupled@0.4", "latency@0.4"], key=lambda k: dep[k]["speedup_over_dense"])
     assert set(res["train_step"]["variants"]) == {"dense", "spec@0.4", best}
+    assert set(res["train_step_retain_cpu_memory"]["variants"]) == {"dense", "spec@0.4", best}
     # the same three compiled (torch.compile of forward and backward)
     tc = res["train_step_compiled"]
     assert tc["compiled"] is True and res["train_step"]["compiled"] is False
@@ -64,7 +72,7 @@ def test_speed_harness_budget_skips(tmp_path):
                       "--out", str(out)])
     # nothing fits in no time: every selection and every part is named as skipped
     assert set(res["models"]) == {"dense"} and res["regimes"] == {} and res["train_step"] is None
-    assert res["train_step_compiled"] is None
+    assert res["train_step_compiled"] is None and res["train_step_retain_cpu_memory"] is None
     assert any(s.startswith("selection spec@0.4") for s in res["skipped"])
     assert any(s.startswith("deploy_fp32_cl_fused batch 2") for s in res["skipped"])
     assert json.loads(out.read_text())["skipped"] == res["skipped"]

@@ -7,9 +7,10 @@ Public names (all reachable after a plain ``import chase_ext``; everything but
 * submodules ``ops`` (the native kernels), ``reference`` (the same ops
   in plain PyTorch), ``slim`` (``export_dense``, ``slim_``), ``graph`` (channel groups),
   ``config``, ``distributed``, ``optimizer``, ``training``, ``measure``, ``deploy`` (the
-  inference model as shipped), ``allocation`` (latency-table channel allocation), ``wrappers``,
-  ``ema``, and the training-tool glue ``lightning`` and ``accelerate`` (each imports its
-  framework when first used).
+  inference model as shipped), ``cpu_memory`` (keep freed CPU memory for reuse),
+  ``allocation`` (latency-table channel allocation), ``wrappers``, ``ema``, and the
+  training-tool glue ``lightning`` and ``accelerate`` (each imports its framework when
+  first used).
 
 ``import chase_ext.ops`` and ``from chase_ext import ops`` both work.
 """
@@ -21,7 +22,7 @@ from . import reference  # noqa: F401  (pure-PyTorch oracle, always importable)
 
 # Submodules loaded on first attribute access.
 _SUBMODULES = ("ops", "reference", "slim", "graph", "config", "distributed", "optimizer", "training", "measure",
-               "deploy", "allocation", "wrappers", "ema", "lightning", "accelerate")
+               "deploy", "cpu_memory", "allocation", "wrappers", "ema", "lightning", "accelerate")
 
 # `optimizer`, `training` and `measure` stay out of __all__: a star import would shadow common names.
 __all__ = ["ChaseOptimizer", "ChaseConfig", "rewrap_ddp",
