@@ -193,19 +193,25 @@ def test_conv_add_relu_in_place_equals_out_of_place(conv, bias, x_channels_last,
 
 
 class _ResidualReadAgain(nn.Module):
-    """A residual block whose input is also the graph's input and whose residual is read after the add."""
+    """Residual adds whose residual must survive: the graph's input, a tensor read after
+    the add, and one whose view (made before the add) is read after it."""
 
     def __init__(self):
         super().__init__()
         self.conv1 = nn.Conv2d(8, 8, 3, padding=1)
         self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
         self.conv3 = nn.Conv2d(8, 8, 1)
+        self.conv4 = nn.Conv2d(8, 8, 1)
+        self.conv5 = nn.Conv2d(8, 8, 1)
 
     def forward(self, x):
         a = torch.relu(self.conv1(x) + x)  # x: the caller's tensor
         r = self.conv2(a)
         b = torch.relu(self.conv3(a) + r)  # r: read again below
-        return b + r
+        v = b.flatten(1)  # a view of b, read at the end
+        c = torch.relu(self.conv4(a) + b)
+        d = torch.relu(self.conv5(a) + c)  # c: the model's own, read by nothing else: written over
+        return d + r + v.view_as(d)
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN not in this torch build")
@@ -214,7 +220,7 @@ def test_residuals_read_elsewhere_are_not_overwritten():
     x = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(0))
     dep = deploy(model, x, fuse_relu=True)
     targets = [n.target for n in dep.graph.nodes if n.target in (conv_add_relu, conv_add_relu_)]
-    assert targets == [conv_add_relu, conv_add_relu]  # a graph input; a residual read after the add
+    assert targets == [conv_add_relu, conv_add_relu, conv_add_relu, conv_add_relu_]
     keep = x.clone()
     with torch.inference_mode():
         y = dep(x)
