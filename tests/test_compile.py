@@ -51,6 +51,8 @@ def _entries() -> int:
 
 
 def _train(order: str, backend: str, steps: int, update_interval: int = 2, device: str = "cpu"):
+    """``steps`` training steps of a compiled ``Net`` under Chase (slims during training),
+    checking the compiled forward against the eager model at each step."""
     torch.manual_seed(0)
     model = Net().to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -102,6 +104,25 @@ def test_compiled_many_slims_stay_compiled(order, device):
     assert slims[-1] > dynamo.config.recompile_limit, slims
     assert entries == 1
     assert sum(r["live"] for r in chase.channel_report()) < 48
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph trees need a GPU")
+def test_cuda_graph_trees_train_like_eager_graphs():
+    """The model compiled with CUDA graph trees (the ``cudagraphs`` backend: what
+    ``mode="reduce-overhead"`` wraps around Inductor's code, here around the same AOTAutograd
+    graphs as ``aot_eager``), ``chase.step()`` eager: the same run as ``aot_eager``, bit for
+    bit, through updates and slims (each slim's new shapes are recorded anew)."""
+    runs = []
+    for backend in ("aot_eager", "cudagraphs"):
+        dynamo.reset()
+        runs.append(_train("after", backend, steps=10, device="cuda"))
+    (ma, ca, sa, _), (mb, cb, sb, _) = runs
+    assert sa == sb and sa[-1] >= 2, (sa, sb)
+    for (n, p), q in zip(ma.named_parameters(), mb.parameters()):
+        assert torch.equal(p, q), n
+    assert ca.masks.keys() == cb.masks.keys()
+    for n in ca.masks:
+        assert torch.equal(ca.masks[n], cb.masks[n]), n
 
 
 def test_forget_compiled_drops_only_what_was_compiled():
