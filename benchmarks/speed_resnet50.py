@@ -7,10 +7,11 @@ The slim models: ResNet-50 (shapes built in code, ``models.resnet50``) with chan
 by ``ChaseOptimizer`` itself, as ``test_bench_slim.inference_case`` does (density 0.1, an
 event at step 1 that reaches S_c, two steps on one random sample, then ``slim_()``), on
 the device under test. The SPEC default at every S_c; the other recipes at ``--recipe-sc``
-(0.4): ``round_to=8``, ``coupled_channels=True`` (block outputs shrink too), both
-together, ``channel_allocation="latency"`` (table measured at the throughput batch) with
-the SPEC floors and with ``min_channel_ratio=0.5``; ``round16``/``round32``/``round64`` and
-``latency_coupled`` by name (``--recipes``; ``benchmarks/recipes.py``).
+(0.4): ``round_to=8``, ``round_to=8`` with ``coupled_channels=True`` (block outputs
+shrink too), and ``channel_allocation="latency"`` (table measured at the throughput batch)
+with ``coupled_channels`` and ``min_channel_ratio=0.5``; ``round16``/``round32``/``round64``,
+``coupled``, ``latency`` (SPEC floors), ``latency_beta05`` and ``latency_coupled`` by name
+(``--recipes``; ``benchmarks/recipes.py``).
 
 Regimes (every model gets the same treatment; variants interleaved in one run, each round
 starting one variant further along, medians of rounds):
