@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor> run(MultiTensor& mt, const at::Device& dev, a
     // indices), the radix select otherwise
     const bool compact = mode == SelectMode::kCompact && total <= (int64_t)UINT32_MAX;
     // the two lists may take up to twice the weights' float32 bytes (transient; 16 B per
-    // entry): a bin of up to half the candidates
+    // entry): lists of up to half of all slots
     const int64_t list_bytes = 2 * total * (int64_t)sizeof(float);
     const std::function<void(const FirstPass&)> checks = check;
     std::optional<at::Tensor> sel;
