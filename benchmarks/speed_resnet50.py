@@ -398,15 +398,19 @@ print("fused ok")
 """
 
 
+def _child_env() -> dict:
+    """The environment of a child process: this one's, with the working directory importable."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
+
+
 def fused_ok(budget: Budget) -> bool:
     """The cuDNN conv+bias+add+relu ops, tried in a child process first: on some images a
     failing CUDA op takes the whole process down, which would lose every later part."""
     if not budget.allows("deploy_fp16_cl_fused probe", 20):
         return False
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     try:
         r = subprocess.run([sys.executable, "-c", _FUSED_PROBE, os.path.dirname(os.path.abspath(__file__))],
-                           capture_output=True, text=True, timeout=90, env=env)
+                           capture_output=True, text=True, timeout=90, env=_child_env())
     except subprocess.TimeoutExpired:
         budget.skipped.append("deploy_fp16_cl_fused (probe timed out)")
         return False
@@ -431,19 +435,24 @@ with open(sys.argv[3], "w") as f:
 """
 
 
-def in_child_retaining_memory(fn: str, threads: int, timeout_s: float, **kwargs) -> dict:
+def in_child_retaining_memory(fn: str, threads: int, budget: Budget, label: str, **kwargs) -> dict | None:
     """``fn(**kwargs)`` of this module in a child process that first calls
     ``chase_ext.cpu_memory.retain_cpu_memory()``: the setting is process-wide and not undone,
     so the other regimes of this run keep glibc's default. The models travel by
-    ``torch.save``; dense and slim still run interleaved, side by side, in the child."""
+    ``torch.save``; dense and slim still run interleaved, side by side, in the child. A child
+    that fails or outlasts the budget is named in ``budget.skipped`` and gives None."""
     with tempfile.TemporaryDirectory(prefix="chase-speed-retain-") as d:
         job, out = os.path.join(d, "job.pt"), os.path.join(d, "out.json")
         torch.save({"fn": fn, "threads": threads, "kwargs": kwargs}, job)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
-        r = subprocess.run([sys.executable, "-c", _RETAIN_CHILD, os.path.dirname(os.path.abspath(__file__)), job, out],
-                           text=True, stdout=None, stderr=subprocess.PIPE, timeout=timeout_s, env=env)
+        try:
+            r = subprocess.run([sys.executable, "-c", _RETAIN_CHILD, os.path.dirname(os.path.abspath(__file__)), job,
+                                out], text=True, stderr=subprocess.PIPE, timeout=budget.left(), env=_child_env())
+        except subprocess.TimeoutExpired:
+            budget.skipped.append(f"{label} (timed out)")
+            return None
         if r.returncode != 0:
-            raise RuntimeError(f"{fn} in the child retaining memory failed (rc {r.returncode}): {r.stderr[-2000:]}")
+            budget.skipped.append(f"{label} (child rc {r.returncode}: {r.stderr[-300:]})")
+            return None
         with open(out) as f:
             return json.load(f)
 
@@ -603,11 +612,12 @@ def main(argv=None) -> dict:
         }
         # the deploy path as shipped on a CPU first (oneDNN conv + add + relu), every model
         # and with freed memory kept for reuse, the allocator setting a CPU deployment makes
-        parts = [("deploy_fp32_cl_fused", thr_batch, models, 30), ("deploy_fp32_cl_fused_retain", thr_batch, models, 40),
-                 ("eager_fp32", thr_batch, sweep, 20),
+        parts = [("deploy_fp32_cl_fused", thr_batch, models, 30),
+                 ("deploy_fp32_cl_fused_retain", thr_batch, models, 40), ("eager_fp32", thr_batch, sweep, 20),
                  ("eager_fp32_cl", thr_batch, sweep, 20), ("deploy_fp32_cl", thr_batch, models, 30),
                  ("deploy_fp32", thr_batch, sweep, 20), ("deploy_fp32_cl_fused", 1, models, 5),
-                 ("deploy_fp32_cl_fused_retain", 1, models, 15), ("eager_fp32", 1, sweep, 5), ("profile", thr_batch, None, 15), ("train", train_batch, at_rsc, 60),
+                 ("deploy_fp32_cl_fused_retain", 1, models, 15), ("eager_fp32", 1, sweep, 5),
+                 ("profile", thr_batch, None, 15), ("train", train_batch, at_rsc, 60),
                  ("train_retain", train_batch, at_rsc, 60)]
         if not a.no_compile:
             parts += [("deploy_fp32_cl_compile", thr_batch, None, 30), ("train_compile", train_batch, None, 150)]
@@ -641,11 +651,8 @@ def main(argv=None) -> dict:
             kw = dict(models=subset, batch=batch, size=size, device=dev, rounds=max(3, rounds - 2),
                       min_round_s=min_round_s, compile=part == "train_compile")
             if part == "train_retain":
-                try:
-                    result["train_step_retain_cpu_memory"] = in_child_retaining_memory(
-                        "train_step_speed", a.threads, budget.left(), **kw)
-                except (RuntimeError, subprocess.TimeoutExpired) as e:
-                    budget.skipped.append(f"{label} ({str(e)[-300:]})")
+                result["train_step_retain_cpu_memory"] = in_child_retaining_memory(
+                    "train_step_speed", a.threads, budget, label, **kw)
             else:
                 result["train_step" if part == "train" else "train_step_compiled"] = train_step_speed(**kw)
         elif part == "profile":
@@ -658,12 +665,11 @@ def main(argv=None) -> dict:
             if reg:
                 regimes[f"{part}@{batch}"] = reg
         elif R[part].get("retain_cpu_memory"):
-            try:
-                regimes[f"{part}@{batch}"] = in_child_retaining_memory(
-                    "run_regime", a.threads, budget.left(), name=part, regime=R[part], models=subset, batch=batch,
-                    size=size, device=dev, rounds=rounds, min_round_s=min_round_s)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                budget.skipped.append(f"{label} ({str(e)[-300:]})")
+            reg = in_child_retaining_memory("run_regime", a.threads, budget, label, name=part, regime=R[part],
+                                            models=subset, batch=batch, size=size, device=dev, rounds=rounds,
+                                            min_round_s=min_round_s)
+            if reg:
+                regimes[f"{part}@{batch}"] = reg
         else:
             regimes[f"{part}@{batch}"] = run_regime(part, R[part], subset, batch, size, dev, rounds, min_round_s)
         if f"{part}@{batch}" in regimes:

@@ -260,23 +260,20 @@ def _write_over_dead_residuals(gm: fx.GraphModule, modules: dict) -> None:
     graph (fx runs nodes in order) and makes a new tensor from it (a conv, a linear, a fused
     call that reads it as its input), not a view that could be read after the write."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    fresh_modules = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    fresh_modules = (*_CONVS, nn.Linear)
 
     def makes_fresh(n: fx.Node) -> bool:
         return ((n.op == "call_function" and n.target in (conv_add_relu, conv_add_relu_))
                 or (n.op == "call_module" and type(modules.get(n.target)) in fresh_modules))
 
+    # in graph order: an earlier fused call that also takes z as its residual is never made
+    # in-place itself, since this later reader of z follows it
     for node in gm.graph.nodes:
         if node.target is not conv_add_relu or node.args[3] is None:
             continue
         z, x = node.args[3], node.args[0]
-        if not makes_fresh(z) or z is x:
-            continue
-        # a reader that is an in-place fused call must read z as its conv input, not write over it
-        readers_done = all(u is node or (order[u] < order[node] and makes_fresh(u)
-                                         and not (u.target is conv_add_relu_ and u.args[3] is z))
-                           for u in z.users)
-        if readers_done:
+        if (makes_fresh(z) and z is not x
+                and all(u is node or (order[u] < order[node] and makes_fresh(u)) for u in z.users)):
             node.target = conv_add_relu_
 
 

@@ -158,11 +158,11 @@ def test_conv_add_relu_in_place_equals_out_of_place(conv, bias, x_channels_last,
     if x_channels_last:
         x, w = x.contiguous(memory_format=cl), w.contiguous(memory_format=cl)
     args = ((stride, stride), (pad, pad), (1, 1), groups)
-    ref = torch.relu(torch.nn.functional.conv2d(x, w, b, *args) + 0)  # only for the shape
-    z = torch.randn(ref.shape, generator=g)
+    plain = torch.nn.functional.conv2d(x, w, b, *args)
+    z = torch.randn(plain.shape, generator=g)
     if z_channels_last:
         z = z.contiguous(memory_format=cl)
-    want = torch.relu(torch.nn.functional.conv2d(x, w, b, *args) + z)
+    want = torch.relu(plain + z)
     with torch.inference_mode():
         out_of_place = conv_add_relu(x, w, b, z, *args)
         zi = z.clone(memory_format=torch.preserve_format)
@@ -179,10 +179,9 @@ def test_conv_add_relu_in_place_equals_out_of_place(conv, bias, x_channels_last,
         zb = torch.randn(1, cout, 1, 1, generator=g)
         keep = zb.clone()
         yb = conv_add_relu_(x, w, b, zb, *args)
-        assert torch.equal(zb, keep) and yb.shape == ref.shape
-        torch.testing.assert_close(yb, torch.relu(torch.nn.functional.conv2d(x, w, b, *args) + zb), rtol=1e-5,
-                                   atol=1e-4)
-    zv = torch.randn(2, *ref.shape, generator=g)[0]
+        assert torch.equal(zb, keep) and yb.shape == plain.shape
+        torch.testing.assert_close(yb, torch.relu(plain + zb), rtol=1e-5, atol=1e-4)
+    zv = torch.randn(2, *plain.shape, generator=g)[0]
     keep = zv.clone()
     with torch.inference_mode():
         conv_add_relu_(x, w, b, zv, *args)
