@@ -1,7 +1,7 @@
 """What each channel-selection recipe costs in accuracy on the demo's real MNIST digits.
 
     python benchmarks/recipe_accuracy.py [--recipes spec round8 ...] [--seeds 0 1 2] [--epochs 12]
-        [--sc 0.5] [--threads N] [--latency-dir DIR] [--out PATH] [--no-save] [--quick]
+        [--sc 0.5] [--model vgg|resnet] [--threads N] [--latency-dir DIR] [--out PATH] [--no-save] [--quick]
 
 Every recipe of the speed harness (``benchmarks/recipes.py``: the same names and
 ``ChaseOptimizer`` keywords) trains the demo's Chase run exactly as ``chase-demo`` does
@@ -10,6 +10,9 @@ VGG, ``torch.manual_seed(seed)`` before the model and again before training, the
 loader, SGD with a per-step cosine, density 0.1, the demo's batch, learning rate and
 threads), with only the recipe's keywords added; the ``spec`` recipe at a seed is the
 demo's Chase run at that seed. The dense and DST runs of the demo are not repeated.
+``--model resnet`` trains a small bottleneck ResNet (``chase_ext.training.resnet``) in the
+VGG's place, everything else the same: the VGG has no residual adds, so recipes that
+couple residual channels (``coupled_channels``) only change anything on a residual model.
 
 Per recipe and seed: the test accuracy of the slimmed model (checked against the masked
 model before ``slim_()``), the MAC ratio dense/slim (``count_macs``), live channels per
@@ -45,7 +48,13 @@ RECIPES_FILE = os.path.join(HERE, "recipes.py")
 DEFAULT_OUT = os.path.join(HERE, "results", "recipe-accuracy-mnist.json")
 DEFAULT_RECIPES = ("spec", "round8", "round16", "coupled", "coupled_round8", "latency", "latency_beta05")
 QUICK_RECIPES = ("spec", "round8")
-QUICK_TRAIN_SIZE = 2000  # the demo's --quick size: one epoch reaches ~87%, so recipes can differ
+QUICK_TRAIN_SIZE = 2000
+# --model: name -> (factory of the 28x28 model, its description in the results)
+MODELS = {
+    "vgg": (lambda: T.vgg(in_ch=1, size=28, num_classes=10), "chase_ext.training.vgg (the demo's)"),
+    "resnet": (lambda: T.resnet(in_ch=1, num_classes=10),
+               "chase_ext.training.resnet (bottleneck blocks, widths 16/32, 2+2 blocks, stem 16)"),
+}  # the demo's --quick size: one epoch reaches ~87%, so recipes can differ
 
 
 def _load_recipes(path: str = RECIPES_FILE):
@@ -73,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default: the demo's 12; --quick: 1)")
     p.add_argument("--sc", type=float, default=d.channel_sparsity, help="channel sparsity S_c, in (0, 1)")
     p.add_argument("--density", type=float, default=d.density, help="kept weights, in (0, 1]")
+    p.add_argument("--model", choices=sorted(MODELS), default="vgg",
+                   help="the demo's VGG, or a small bottleneck ResNet (residual-coupled channel groups)")
     p.add_argument("--train-size", type=int, default=None,
                    help=f"training digits (default: all the demo uses; --quick: {QUICK_TRAIN_SIZE})")
     p.add_argument("--threads", type=int, default=None,
@@ -98,7 +109,7 @@ def _settings(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, A
         epochs=a.epochs if a.epochs is not None else (1 if a.quick else demo._settings(d)["epochs"]),
         train_size=a.train_size if a.train_size is not None else (QUICK_TRAIN_SIZE if a.quick else None),
         threads=a.threads if a.threads is not None else default_threads(),
-        channel_sparsity=a.sc, density=a.density, device=a.device, latency_batch=a.latency_batch,
+        channel_sparsity=a.sc, density=a.density, model=a.model, device=a.device, latency_batch=a.latency_batch,
         batch_size=d.batch_size, lr=d.lr, test_size=d.test_size,
     )
     for r in s["recipes"]:
@@ -128,10 +139,10 @@ def _settings(a: argparse.Namespace, ap: argparse.ArgumentParser) -> dict[str, A
 
 
 # --------------------------------------------------------------------------- one run
-def table_path(latency_dir: str, recipe: str) -> str:
-    """One cached latency table per set of channel groups, shared by the latency recipes
-    (``latency`` and ``latency_beta05`` then split removal by the same measured times)."""
-    return os.path.join(latency_dir, _recipes.latency_table_name(RECIPES[recipe]))
+def table_path(latency_dir: str, recipe: str, model: str) -> str:
+    """One cached latency table per model and set of channel groups, shared by the latency
+    recipes (``latency`` and ``latency_beta05`` then split removal by the same measured times)."""
+    return os.path.join(latency_dir, f"{model}-{_recipes.latency_table_name(RECIPES[recipe])}")
 
 
 def chase_run(recipe: str, seed: int, s: dict, data, latency_dir: str, progress: bool = False) -> dict[str, Any]:
@@ -143,9 +154,10 @@ def chase_run(recipe: str, seed: int, s: dict, data, latency_dir: str, progress:
     kw = dict(density=s["density"], seed=seed, backend=T.pick_backend(device),
               channel_sparsity=s["channel_sparsity"], **RECIPES[recipe])
     if _recipes.uses_latency_table(kw):
-        kw.update(latency_table=table_path(latency_dir, recipe), latency_batch=s["latency_batch"])
+        kw.update(latency_table=table_path(latency_dir, recipe, s["model"]), latency_batch=s["latency_batch"])
+    make_model = MODELS[s["model"]][0]
     torch.manual_seed(seed)
-    model = T.vgg(in_ch=1, size=28, num_classes=10).to(device)
+    model = make_model().to(device)
     loader = T.TensorLoader(xtr, ytr, s["batch_size"], shuffle=True, seed=seed, device=device)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
@@ -157,7 +169,7 @@ def chase_run(recipe: str, seed: int, s: dict, data, latency_dir: str, progress:
     masked_logits, ys = T.predict(model, test_loader, device)
     opt.slim_()
     slim_logits, _ = T.predict(model, test_loader, device)
-    dense_macs = count_macs(T.vgg(in_ch=1, size=28, num_classes=10).to(device), example)["macs"]
+    dense_macs = count_macs(make_model().to(device), example)["macs"]
     slim_macs = count_macs(model, example)["macs"]
     return {
         "recipe": recipe,
@@ -206,14 +218,16 @@ def summarize(runs: list[dict], recipes: Sequence[str], seeds: Sequence[int]) ->
 
 
 def format_table(summary: dict[str, dict], seeds: Sequence[int]) -> str:
-    head = (f"{'recipe':<16}{'acc %':>7}{'std':>6}  {'vs spec, points per seed':<26}{'mean':>7}"
+    w = max([16, *(len(r) + 2 for r in summary)])
+    per_w = max(26, 5 * len(seeds) + 1)
+    head = (f"{'recipe':<{w}}{'acc %':>7}{'std':>6}  {'vs spec, points per seed':<{per_w}}{'mean':>7}"
             f"{'MACs dense/slim':>17}{'train s':>9}")
     lines = [head, "-" * len(head)]
     for rec, r in summary.items():
         d = r["diff_vs_spec_points"]
         per = " ".join(f"{d[str(s)]:+.1f}" for s in seeds) if d else "-"
         mean = f"{r['diff_vs_spec_mean_points']:+.2f}" if d else "-"
-        lines.append(f"{rec:<16}{r['acc_mean']:>7.2f}{r['acc_std']:>6.2f}  {per:<26}{mean:>7}"
+        lines.append(f"{rec:<{w}}{r['acc_mean']:>7.2f}{r['acc_std']:>6.2f}  {per:<{per_w}}{mean:>7}"
                      f"{r['mac_ratio_mean']:>17.2f}{r['train_seconds_mean']:>9.1f}")
     return "\n".join(lines)
 
@@ -254,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                           f"(max logit difference {run['slim_max_abs_logit_diff']:.2e})", flush=True)
         tables = {}
         for rec in s["recipes"]:
-            path = table_path(latency_dir, rec)
+            path = table_path(latency_dir, rec, s["model"])
             if _recipes.uses_latency_table(RECIPES[rec]) and os.path.exists(path):
                 with open(path) as f:
                     tables[rec] = json.load(f)
@@ -271,7 +285,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     "platform": platform.platform()},
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "settings": {**s, "quick": a.quick, "model": "chase_ext.training.vgg (the demo's)",
+        "settings": {**s, "quick": a.quick, "model_description": MODELS[s["model"]][1],
                      "recipe_kwargs": {r: RECIPES[r] for r in s["recipes"]},
                      "accuracy": "slimmed model on the demo's 1000 held-out digits, percent"},
         "summary": summary,

@@ -97,3 +97,22 @@ def test_recipe_accuracy_rejects_bad_input(capsys):
         with pytest.raises(SystemExit):
             ra.main(["--quick", "--no-save", *argv])
         assert msg in capsys.readouterr().err
+
+
+def test_recipe_accuracy_resnet_couples_block_outputs():
+    """--model resnet: the coupled recipe shrinks the residual groups (block outputs and
+    shortcuts together), which the uncoupled SPEC run keeps whole; slimming stays exact."""
+    pytest.importorskip("mlxtend")
+    ra = _module()
+    res = ra.main(["--quick", "--no-save", "--threads", "1", "--model", "resnet",
+                   "--recipes", "spec", "coupled", "--train-size", "500"])
+    assert res["settings"]["model"] == "resnet" and "resnet" in res["settings"]["model_description"]
+    spec, coupled = ({g: tuple(v) for g, v in r["live_per_group"].items()} for r in res["runs"])
+    residual = [g for g in coupled if "downsample" in g]
+    assert len(residual) == 2 and all(g.count("conv3") == 2 for g in residual)
+    # SPEC: every conv its own group, the residual convs not prunable (absent from the report)
+    assert not any("downsample" in g for g in spec)
+    assert all(lv < c for c, lv in (coupled[g] for g in residual))
+    for r in res["runs"]:
+        assert r["test_acc"] == r["masked_test_acc"] and r["slim_same_predictions"]
+    assert res["runs"][1]["mac_ratio"] > res["runs"][0]["mac_ratio"]
