@@ -10,8 +10,8 @@ VGG, ``torch.manual_seed(seed)`` before the model and again before training, the
 loader, SGD with a per-step cosine, density 0.1, the demo's batch, learning rate and
 threads), with only the recipe's keywords added; the ``spec`` recipe at a seed is the
 demo's Chase run at that seed. The dense and DST runs of the demo are not repeated.
-``--model resnet`` trains a small bottleneck ResNet (``chase_ext.training.resnet``) in the
-VGG's place, everything else the same: the VGG has no residual adds, so recipes that
+``--model resnet`` trains the demo's other model, a small bottleneck ResNet
+(``chase_ext.training.resnet``; ``chase-demo --model resnet``), everything else the same: the VGG has no residual adds, so recipes that
 couple residual channels (``coupled_channels``) only change anything on a residual model.
 
 Per recipe and seed: the test accuracy of the slimmed model (checked against the masked
@@ -48,13 +48,8 @@ RECIPES_FILE = os.path.join(HERE, "recipes.py")
 DEFAULT_OUT = os.path.join(HERE, "results", "recipe-accuracy-mnist.json")
 DEFAULT_RECIPES = ("spec", "round8", "round16", "coupled", "coupled_round8", "latency", "latency_beta05")
 QUICK_RECIPES = ("spec", "round8")
-QUICK_TRAIN_SIZE = 2000
-# --model: name -> (factory of the 28x28 model, its description in the results)
-MODELS = {
-    "vgg": (lambda: T.vgg(in_ch=1, size=28, num_classes=10), "chase_ext.training.vgg (the demo's)"),
-    "resnet": (lambda: T.resnet(in_ch=1, num_classes=10),
-               "chase_ext.training.resnet (bottleneck blocks, widths 16/32, 2+2 blocks, stem 16)"),
-}  # the demo's --quick size: one epoch reaches ~87%, so recipes can differ
+QUICK_TRAIN_SIZE = 2000  # the demo's --quick size: one epoch reaches ~87%, so recipes can differ
+MODELS = demo.MODELS  # the demo's --model choices
 
 
 def _load_recipes(path: str = RECIPES_FILE):

