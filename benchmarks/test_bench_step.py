@@ -6,7 +6,10 @@ contiguous or channels_last. Variants, interleaved in rotating rounds:
 
 * ``sgd_step``: the plain ``torch.optim.SGD`` step;
 * ``chase_plain_step``: ``ChaseOptimizer.step`` when no update or channel event is due
-  (the step a training loop takes almost always);
+  (the step a training loop takes almost always; on the CPU the masking and the SGD step
+  of the sparse weights are one op there, ``chase_ext.fused_sgd``);
+* ``chase_plain_step_unfused``: the same with ``CHASE_EXT_FUSED_SGD=0``: the gradients
+  masked, then the wrapped SGD step (what the plain step was before the fused op);
 * ``chase_update_step``: a step that is a parameter update (``update_interval=1``:
   finiteness check, the wrapped step, the fused mask update), channel part off;
 * ``reference_update_step``: the same update step with ``backend="reference"``, i.e. the
@@ -67,7 +70,7 @@ def build(device: str, memory_format: str) -> dict:
         base = base.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, size, size, device=device)
     F.cross_entropy(base(x), torch.randint(0, 1000, (2,), device=device)).backward()
-    keys = ("sgd", "plain", "plain_fb", "update", "update_fb", "reference")
+    keys = ("sgd", "plain", "plain_unfused", "plain_fb", "update", "update_fb", "reference")
     models = {k: copy.deepcopy(base) for k in keys + (("update_compact",) if device == "cuda" else ())}
     for m in models.values():  # the same gradients everywhere, in the parameters' layout
         for p, q in zip(base.parameters(), m.parameters()):
@@ -76,6 +79,7 @@ def build(device: str, memory_format: str) -> dict:
     opt = {"sgd_step": _sgd(models["sgd"])}
     # updates every 100k steps: every timed step is a plain step
     for name, key, cls in (("chase_plain_step", "plain", torch.optim.SGD),
+                           ("chase_plain_step_unfused", "plain_unfused", torch.optim.SGD),
                            ("chase_plain_step_fallback", "plain_fb", UnlistedSGD)):
         opt[name] = ChaseOptimizer(_sgd(models[key], cls), models[key], density=DENSITY, total_steps=10**6,
                                    update_interval=100_000, backend=backend)
@@ -94,12 +98,16 @@ def build(device: str, memory_format: str) -> dict:
 
 
 def _stepper(name: str, opt):
-    """opt.step, under CHASE_EXT_CUDA_SELECT=compact for the variant named so."""
-    if not name.endswith("_compact_select"):
+    """opt.step, under CHASE_EXT_CUDA_SELECT=compact or CHASE_EXT_FUSED_SGD=0 for the
+    variants named so."""
+    env = {"_compact_select": {"CHASE_EXT_CUDA_SELECT": "compact"},
+           "_unfused": {"CHASE_EXT_FUSED_SGD": "0"}}
+    extra = next((v for k, v in env.items() if name.endswith(k)), None)
+    if extra is None:
         return opt.step
 
     def step():
-        with mock.patch.dict(os.environ, {"CHASE_EXT_CUDA_SELECT": "compact"}):
+        with mock.patch.dict(os.environ, extra):
             opt.step()
     return step
 
@@ -131,12 +139,17 @@ def test_step_cost_side_by_side(device, memory_format):
     for k in opt:
         if k != "sgd_step":
             assert _masked_slots_zero(opt[k]), k
+    assert opt["chase_plain_step_unfused"]._fused_sgd_steps == 0
+    if device == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert opt["chase_plain_step"]._fused_sgd_steps > 0  # the fused op ran (tests/test_fused_sgd.py)
     med = {k: statistics.median(v) for k, v in times.items()}
     payload = {
         "model": "resnet50", "optimizer": "SGD(momentum=0.9, weight_decay=5e-4)", "density": DENSITY,
         "memory_format": memory_format, "sparse_values": case["n_sparse"], "rounds": rounds,
         "median_s": med,
         "chase_plain_over_sgd": med["chase_plain_step"] / med["sgd_step"],
+        "chase_plain_unfused_over_sgd": med["chase_plain_step_unfused"] / med["sgd_step"],
+        "fused_plain_steps": opt["chase_plain_step"]._fused_sgd_steps,
         "chase_plain_overhead_ms": 1e3 * (med["chase_plain_step"] - med["sgd_step"]),
         "chase_update_over_sgd": med["chase_update_step"] / med["sgd_step"],
         "fallback_plain_over_sgd": med["chase_plain_step_fallback"] / med["sgd_step"],

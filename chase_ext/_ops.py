@@ -21,6 +21,7 @@ __all__ = [
     "mask_update_",
     "channel_stats",
     "masked_apply_",
+    "masked_sgd_",
     "gather_channels_",
 ]
 
@@ -104,6 +105,12 @@ def _(tensors, masks, owner):
     return None
 
 
+@torch.library.register_fake("chase_ext::masked_sgd_")
+def _(params, grads, momentum_buffers, masks, lr, weight_decay, momentum, dampening, nesterov, maximize):
+    _one_device("masked_sgd_", params=params, grads=grads, momentum_buffers=momentum_buffers, masks=masks)
+    return None
+
+
 @torch.library.register_fake("chase_ext::gather_channels_")
 def _(tensor, keep, dim):
     if keep.device.type != "cpu":  # keep may stay on the CPU for a tensor on any device
@@ -161,6 +168,15 @@ def masked_apply_(tensors: list[Tensor], masks: list[Tensor], owner: list[int]) 
     """``tensors[j] <- where(masks[owner[j]], tensors[j], 0)``, one call for all."""
     if tensors:
         _ops.masked_apply_(tensors, masks, list(owner))
+
+
+def masked_sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], masks: list[Tensor],
+                lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
+                maximize: bool) -> None:
+    """Gradient masking and ``torch.optim.SGD``'s step in one pass (CPU, float32)."""
+    if params or grads or momentum_buffers or masks:
+        _ops.masked_sgd_(params, grads, momentum_buffers, masks, float(lr), float(weight_decay), float(momentum),
+                         float(dampening), bool(nesterov), bool(maximize))
 
 
 def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:

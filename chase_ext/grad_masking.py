@@ -40,8 +40,9 @@ from __future__ import annotations
 import numbers
 
 import torch
+import torch.optim.optimizer as _optim_module  # the global step hooks
 
-__all__ = ["keeps_zero_slots", "leaves_gradients_alone"]
+__all__ = ["keeps_zero_slots", "leaves_gradients_alone", "has_step_hooks"]
 
 _O = torch.optim
 # class -> group settings that must be > 0
@@ -85,3 +86,11 @@ def leaves_gradients_alone(opt: torch.optim.Optimizer) -> bool:
         if kind is _O.SGD and g.get("nesterov"):
             return False
     return True
+
+
+def has_step_hooks(opt: torch.optim.Optimizer) -> bool:
+    """A step pre- or post-hook on ``opt`` or a global one: code that may read or write
+    gradients and state around the wrapped step."""
+    glob = _optim_module
+    return any((getattr(opt, "_optimizer_step_pre_hooks", None), getattr(opt, "_optimizer_step_post_hooks", None),
+                getattr(glob, "_global_optimizer_pre_hooks", None), getattr(glob, "_global_optimizer_post_hooks", None)))

@@ -12,7 +12,8 @@ around the wrapped optimizer's step:
   optimizer state and removed channels' biases (``_masked_apply``, ``_states_of``,
   ``_state_list``, ``_mask_list``), or, on a plain step with a wrapped optimizer that
   keeps zero slots at zero (:mod:`chase_ext.grad_masking`), their gradients before the
-  wrapped step (``_mask_gradients``);
+  wrapped step (``_mask_gradients``; for ``torch.optim.SGD`` on the CPU, masking and the
+  SGD step of the sparse weights in one op, :mod:`chase_ext.fused_sgd`);
 * the finiteness check of weights and gradients on update steps (``_nonfinite``);
 * the counts the update reads: active weights (``_nnz``, ``_nnz_total``; counted once
   and then carried on the host from each update's prune/grow counts, recounted after
@@ -165,16 +166,17 @@ class MaskingMixin:
                 owner.append(j)
         _layout.masked_apply_(self.ops, tensors, masks, owner)
 
-    def _mask_gradients(self) -> bool:
+    def _mask_gradients(self, sparse: bool = True) -> bool:
         """Zero, in place, the gradients of masked slots and of removed channels' bias
         entries: a plain step's masking when the wrapped optimizer keeps zero slots at zero
         (:mod:`chase_ext.grad_masking`), as masked weights and state are 0 already. Returns
         False, with nothing changed, when a gradient cannot be masked in place (sparse,
         part of a graph, laid out unlike its mask); the step then masks weights and state
-        after the wrapped step instead."""
-        masks = self._mask_list()
+        after the wrapped step instead. ``sparse=False``: the biases' gradients only (the
+        fused SGD step masks the sparse weights' own, :mod:`chase_ext.fused_sgd`)."""
+        masks = self._mask_list() if sparse else []
         tensors, owner = [], []
-        for i, p in enumerate(self._params):
+        for i, p in enumerate(self._params if sparse else ()):
             if p.grad is not None:
                 tensors.append(p.grad)
                 owner.append(i)

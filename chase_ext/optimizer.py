@@ -30,7 +30,9 @@ does not count). On step ``t``:
    the step ends before it, they are masked then). On a plain step (no update, no event, no
    closure) whose wrapped optimizer keeps a zero slot at zero, it zeroes the masked
    *gradients* before step 2 instead: masked weights and state are 0 already and stay 0,
-   the active slots step as they would anyway, and fewer bytes move;
+   the active slots step as they would anyway, and fewer bytes move; for ``torch.optim.SGD``
+   on the CPU the masking and the sparse weights' SGD step are then one op
+   (:mod:`chase_ext.fused_sgd`: bit for bit the same, checked on the machine first);
 4. on an update step, the weights are checked again (the wrapped step can overflow, and
    random growth does not check gradients): non-finite ones raise ``FloatingPointError``
    with the step taken but no event or update run (masks, channels and the generator
@@ -86,9 +88,9 @@ from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
-import torch.optim.optimizer as _optim_module  # the global step hooks
 from torch import nn
 
+from . import fused_sgd as _fused_sgd
 from . import layout as _layout
 from . import sparsity as _sp
 from .capture import CaptureMixin, is_capturing
@@ -96,7 +98,7 @@ from .channels import ChannelState
 from .checkpoint import CheckpointMixin
 from .config import ChaseConfig
 from .events import ChannelEventsMixin
-from .grad_masking import keeps_zero_slots, leaves_gradients_alone
+from .grad_masking import has_step_hooks, keeps_zero_slots, leaves_gradients_alone
 from .groups import ChannelGroup
 from .masking import MaskingMixin
 from .schedules import is_channel_event, is_update_step
@@ -228,6 +230,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         self._params = [p for _, p in sparse]
         self._check_devices()
         self._unmasked_states: set[tuple[int, Any]] = set()  # (id(param), state key) warned about
+        self._fused_sgd_steps = 0  # plain steps taken by the fused SGD op (fused_sgd.py)
         self._index = {n: i for i, n in enumerate(self._names)}
         self._orig_shapes = [tuple(p.shape) for p in self._params]
         self.total_sparse = int(sum(p.numel() for p in self._params))
@@ -286,11 +289,20 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
                 # a closure or a slim in this step's event would write the gradients
                 scores, watched = self._growth_scores(closure is None and not ev)
         # 3. (before 2.) a plain step masks the gradients when that keeps masked weights and
-        # state at 0 (grad_masking.py, masking.py); else weights and state after the step
+        # state at 0 (grad_masking.py, masking.py); else weights and state after the step.
+        # For torch.optim.SGD on the CPU the masking and the sparse weights' SGD step are one
+        # op (fused_sgd.py; the biases' gradients are masked first, as on the unfused path).
+        plain = not upd and not ev and closure is None
         with torch.no_grad():
-            premasked = (not upd and not ev and closure is None and keeps_zero_slots(self.optimizer)
-                         and self._mask_gradients())
-        loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)  # 2.
+            zero_safe = plain and keeps_zero_slots(self.optimizer)
+            fused = _fused_sgd.plan(self) if zero_safe and not capturing else None
+            if fused is not None and not self._mask_gradients(sparse=False):
+                fused = None
+            premasked = fused is not None or (zero_safe and self._mask_gradients())
+            if fused is not None:
+                loss = _fused_sgd.step(self, fused)  # 2.
+        if fused is None:
+            loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)  # 2.
         if not capturing:
             self._t = t
         # On an update step without an event the mask update zeroes every masked slot of the
@@ -340,10 +352,8 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         that writes them before the mask update), the wrapped optimizer leaves them alone
         and no step hook runs, else copies. Returns (scores, [(index, gradient, version) of
         the shared ones])."""
-        inner, glob = self.optimizer, _optim_module
-        hooks = [getattr(inner, "_optimizer_step_pre_hooks", None), getattr(inner, "_optimizer_step_post_hooks", None),
-                 getattr(glob, "_global_optimizer_pre_hooks", None), getattr(glob, "_global_optimizer_post_hooks", None)]
-        as_they_are = may_share and leaves_gradients_alone(inner) and not any(hooks)
+        inner = self.optimizer
+        as_they_are = may_share and leaves_gradients_alone(inner) and not has_step_hooks(inner)
         scores, watched = [], []
         for i, p in enumerate(self._params):
             g = p.grad

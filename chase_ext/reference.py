@@ -34,6 +34,7 @@ __all__ = [
     "mask_update_",
     "channel_stats",
     "masked_apply_",
+    "masked_sgd_",
     "gather_channels_",
     "live_slots",
 ]
@@ -387,6 +388,52 @@ def masked_apply_(tensors: list[Tensor], masks: list[Tensor], owner: list[int]) 
     _check_no_alias(op, dict(tensors=tensors), dict(masks=masks))
     for t, o in zip(tensors, owner):
         _zero_where_not(t, masks[o])
+
+
+def masked_sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], masks: list[Tensor],
+                lr: float, weight_decay: float, momentum: float, dampening: float, nesterov: bool,
+                maximize: bool) -> None:
+    """A plain step's gradient masking and ``torch.optim.SGD``'s update in one: for each i,
+    ``grads[i] <- where(masks[i], grads[i], 0)`` in place, then ``params[i]`` (and
+    ``momentum_buffers[i]``, given exactly when ``momentum != 0``) take the single-tensor
+    SGD rule of ``torch.optim.SGD`` with that gradient and these settings; the lines
+    below are that rule. float32 CPU tensors, each laid out in memory like its mask.
+    The native kernel computes each ``add(..., alpha=a)`` as one fused multiply-add, as
+    ATen's float32 kernels do on AVX2 / AVX-512; ChaseOptimizer uses it only after
+    checking it equals ``torch.optim.SGD`` bit for bit on the machine."""
+    op = "masked_sgd_"
+    n = len(params)
+    if len(grads) != n or len(masks) != n:
+        raise _err(op, f"params, grads and masks need one tensor each per weight, got {n}, {len(grads)} and "
+                       f"{len(masks)}")
+    if momentum != 0 and len(momentum_buffers) != n:
+        raise _err(op, f"momentum {momentum} needs one momentum buffer per weight, got {len(momentum_buffers)} "
+                       f"for {n} weights")
+    if momentum == 0 and len(momentum_buffers):
+        raise _err(op, f"momentum 0 takes no momentum buffers, got {len(momentum_buffers)}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise _err(op, f"nesterov needs momentum > 0 and dampening 0 (as torch.optim.SGD), got momentum "
+                       f"{momentum} and dampening {dampening}")
+    _check_bool_list(op, "masks", masks, dense=True)
+    own = list(range(n))
+    for name, ts in (("params", params), ("grads", grads), ("momentum_buffers", momentum_buffers)):
+        _check_owned(op, name, ts, "owner", own[: len(ts)], "masks", masks, like_owner=True)
+        for i, t in enumerate(ts):
+            if t.dtype != torch.float32:
+                raise _err(op, f"{name}[{i}] must be float32, got {t.dtype}", TypeError)
+            if t.device.type != "cpu":
+                raise _err(op, f"{name}[{i}] must be on the CPU, got {t.device}")
+    _check_no_alias(op, dict(params=params, grads=grads, momentum_buffers=momentum_buffers), dict(masks=masks))
+    for i, (p, g, m) in enumerate(zip(params, grads, masks)):
+        _zero_where_not(g, m)
+        grad = g if not maximize else -g
+        if weight_decay != 0:
+            grad = grad.add(p, alpha=weight_decay)
+        if momentum != 0:
+            buf = momentum_buffers[i]
+            buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(grad, alpha=-lr)
 
 
 def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:

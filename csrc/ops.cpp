@@ -33,6 +33,9 @@ TORCH_LIBRARY(chase_ext, m) {
       "int[] grow_counts) -> (Tensor, Tensor)");
   m.def("channel_stats(Tensor[] weights, Tensor[] masks) -> (Tensor, Tensor)");
   m.def("masked_apply_(Tensor(a!)[] tensors, Tensor[] masks, int[] owner) -> ()");
+  m.def(
+      "masked_sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor[] masks, "
+      "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize) -> ()");
   m.def("gather_channels_(Tensor(a!) tensor, Tensor keep, int dim) -> ()");
 }
 
@@ -85,7 +88,8 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, to
 }  // namespace
 
 TORCH_LIBRARY_IMPL(chase_ext, Autograd, m) {
-  for (const char* name : {"select_threshold", "mask_update_", "channel_stats", "masked_apply_", "gather_channels_"})
+  for (const char* name :
+       {"select_threshold", "mask_update_", "channel_stats", "masked_apply_", "masked_sgd_", "gather_channels_"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&autograd_kernel>());
 }
 

@@ -1,4 +1,4 @@
-// The per-slot loops of the CPU mask update, masked apply and channel stats, compiled
+// The per-slot loops of the CPU mask update, masked apply, masked SGD step and channel stats, compiled
 // for several instruction sets (baseline x86-64 / SSE2, AVX2, AVX-512) and picked at run
 // time (mask_kernels.cpp).
 // The loops themselves are in mask_kernels_body.h.
@@ -27,6 +27,14 @@ using ZeroFn = void (*)(void* p, const uint8_t* m, int64_t n);
 // *count += active slots among n, *sum += their sum |w|
 using StatsFn = void (*)(const void* w, const uint8_t* m, int64_t n, int64_t* count, double* sum);
 
+// The scalars of one SGD step, as torch.optim.SGD's float32 kernels use them (masked_sgd.cpp).
+struct SgdArgs {
+  float weight_decay, momentum, one_minus_dampening, neg_lr;
+  bool has_weight_decay, has_momentum, nesterov, maximize;
+};
+// One SGD step on n float32 slots whose gradients are masked first (b unused without momentum)
+using SgdFn = void (*)(float* p, float* g, float* b, const uint8_t* m, int64_t n, const SgdArgs& a);
+
 // scan / apply: [liveness per block (0) or per slot (1)][weight format][score format];
 // stats: [weight format];
 // zero_where_clear: by element size 1, 2, 4, 8 bytes
@@ -36,6 +44,7 @@ struct MaskKernels {
   ApplyFn apply[2][3][3] = {};
   StatsFn stats[3] = {};
   ZeroFn zero_where_clear[4] = {};
+  SgdFn masked_sgd = nullptr;
 
   ZeroFn zero_fn(int64_t element_size) const {
     switch (element_size) {

@@ -4,7 +4,8 @@
 // includes on purpose: mask_kernels.cpp includes this file once per instruction set,
 // each time inside a namespace of its own compiled for that instruction set, so no
 // inline function here is shared with (or ODR-merged into) another translation unit.
-// Needs <algorithm>, <cstdint> and BlockScan / MaskKernels (mask_kernels.h) declared before.
+// Needs <algorithm>, <cmath>, <cstdint>, <cstring> and BlockScan / MaskKernels / SgdArgs
+// (mask_kernels.h) declared before.
 
 // Storage format of a weight / score tensor: bits per element and their float32 bits.
 struct F32 {
@@ -157,6 +158,48 @@ void active_stats(const void* w, const uint8_t* __restrict m, int64_t n, int64_t
   }
 }
 
+// A plain SGD step with masked gradients (masked_sgd.cpp): g <- where(m, g, +0) in place,
+// then torch.optim.SGD's single-tensor rule on (p, g, b). Each `add(x, alpha=a)` of that
+// rule is one fused multiply-add, as ATen's float32 add kernel computes it (vector body and
+// scalar tail alike on AVX2 / AVX-512 builds); `buf.mul_(momentum)` is a plain product.
+// Written with std::fma so every instruction set rounds the same way (the baseline build
+// calls the C library's exact fmaf); ChaseOptimizer checks against torch before use.
+template <bool WD, bool Mom, bool Nest, bool Max>
+void masked_sgd_piece(float* __restrict p, float* __restrict g, float* __restrict b, const uint8_t* __restrict m,
+                      int64_t n, const SgdArgs& a) {
+  const float wd = a.weight_decay, mom = a.momentum, damp1 = a.one_minus_dampening, neg_lr = a.neg_lr;
+  uint32_t* gb = reinterpret_cast<uint32_t*>(g);
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t bits = gb[j] & (0u - uint32_t(m[j] != 0));  // +0 where masked (as masked_apply_)
+    gb[j] = bits;
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    if constexpr (Max) x = -x;
+    const float pv = p[j];
+    if constexpr (WD) x = std::fma(pv, wd, x);  // grad.add(param, alpha=weight_decay)
+    if constexpr (Mom) {
+      const float bv = std::fma(x, damp1, b[j] * mom);  // buf.mul_(momentum).add_(grad, alpha=1 - dampening)
+      b[j] = bv;
+      x = Nest ? std::fma(bv, mom, x) : bv;  // grad.add(buf, alpha=momentum) or buf
+    }
+    p[j] = std::fma(x, neg_lr, pv);  // param.add_(grad, alpha=-lr)
+  }
+}
+
+inline void masked_sgd(float* p, float* g, float* b, const uint8_t* m, int64_t n, const SgdArgs& a) {
+  // 16 instantiations, so the loop holds no branch on the settings
+  const int k = (a.has_weight_decay ? 8 : 0) | (a.has_momentum ? 4 : 0) | (a.nesterov ? 2 : 0) | (a.maximize ? 1 : 0);
+  switch (k) {
+#define CHASE_EXT_SGD_CASE(K) \
+  case K: return masked_sgd_piece<bool(K & 8), bool(K & 4), bool(K & 2), bool(K & 1)>(p, g, b, m, n, a);
+    CHASE_EXT_SGD_CASE(0) CHASE_EXT_SGD_CASE(1) CHASE_EXT_SGD_CASE(2) CHASE_EXT_SGD_CASE(3)
+    CHASE_EXT_SGD_CASE(4) CHASE_EXT_SGD_CASE(5) CHASE_EXT_SGD_CASE(6) CHASE_EXT_SGD_CASE(7)
+    CHASE_EXT_SGD_CASE(8) CHASE_EXT_SGD_CASE(9) CHASE_EXT_SGD_CASE(10) CHASE_EXT_SGD_CASE(11)
+    CHASE_EXT_SGD_CASE(12) CHASE_EXT_SGD_CASE(13) CHASE_EXT_SGD_CASE(14) CHASE_EXT_SGD_CASE(15)
+#undef CHASE_EXT_SGD_CASE
+  }
+}
+
 // Type-erased entry points for the table of mask_kernels.h.
 template <class W, class S, bool PerSlot>
 BlockScan scan_erased(const void* w, const void* s, const uint8_t* m, const uint8_t* lv, int64_t n, bool live,
@@ -199,5 +242,6 @@ inline MaskKernels make_table(const char* isa) {
   t.zero_where_clear[1] = &zero_where_clear<uint16_t>;
   t.zero_where_clear[2] = &zero_where_clear<uint32_t>;
   t.zero_where_clear[3] = &zero_where_clear<uint64_t>;
+  t.masked_sgd = &masked_sgd;
   return t;
 }
