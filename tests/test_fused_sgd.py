@@ -234,6 +234,30 @@ def test_unfused_where_equality_is_not_known(why, factory, setup):
         fused_sgd._checked.clear()
 
 
+def test_unfused_when_a_sparse_weight_has_no_gradient_or_is_not_float32():
+    model, chase = _chase(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), update_interval=1000,
+                          channel_sparsity=0.0)
+    assert not _plain_step_fused(chase, model) and _plain_step_fused(chase, model)
+    x = example_input("resnet_bottleneck", batch=4)
+    chase.zero_grad()
+    model(x).sum().backward()
+    first = chase._params[0]
+    first.grad = None  # e.g. a layer frozen for a while: SGD skips it, so must the step
+    before = first.detach().clone()
+    chase.step()
+    assert chase._fused_sgd_steps == 1 and torch.equal(first.detach(), before)
+    model64, chase64 = _chase(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), update_interval=1000,
+                              channel_sparsity=0.0)
+    model64.double()
+    x64 = example_input("resnet_bottleneck", batch=4).double()
+    for _ in range(3):
+        chase64.zero_grad()
+        model64(x64).sum().backward()
+        chase64.step()
+    assert chase64._fused_sgd_steps == 0
+    _masked_zero(chase64)
+
+
 def test_fused_from_the_second_step_and_grad_masked():
     """The first step creates the momentum buffers (left to SGD); later plain steps are
     fused and leave .grad 0 at masked slots and untouched elsewhere, as the unfused path."""
