@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from .grad_masking import has_step_hooks
-from .layout import same_flat_layout
+from .layout import maskable_by
 
 __all__ = ["plan", "step", "matches_torch"]
 
@@ -55,17 +55,19 @@ def plan(chase: Any) -> list[tuple[dict, list[int]]] | None:
     """``[(settings, indices of sparse weights), ...]`` per param group when this plain
     step may be fused (module docstring), else None. Host-side checks only."""
     opt = chase.optimizer
+    # all sparse weights share one device (ChaseOptimizer._check_devices): the first one's says
     if os.environ.get("CHASE_EXT_FUSED_SGD", "1") == "0" or chase.backend != "native" \
             or type(opt) is not torch.optim.SGD or "step" in vars(opt) or has_step_hooks(opt) \
-            or not hasattr(chase.ops, "masked_sgd_"):
+            or not hasattr(chase.ops, "masked_sgd_") or not chase._params \
+            or chase._params[0].device.type != "cpu":
         return None
     group_of = {id(p): gi for gi, g in enumerate(opt.param_groups) for p in g["params"]}
     by_group: dict[int, list[int]] = {}
     for i, (n, p) in enumerate(zip(chase._names, chase._params)):
         gi = group_of.get(id(p))
         m, g = chase._mask_dict[n], p.grad
-        if gi is None or p.device.type != "cpu" or p.dtype != torch.float32 or g is None or g.is_sparse \
-                or g.dtype != torch.float32 or g.requires_grad or not _flat_like(g, m) or not _flat_like(p, m):
+        if gi is None or p.dtype != torch.float32 or g is None or g.is_sparse \
+                or g.dtype != torch.float32 or g.requires_grad or not maskable_by(g, m) or not maskable_by(p, m):
             return None
         by_group.setdefault(gi, []).append(i)
     out = []
@@ -82,7 +84,8 @@ def plan(chase: Any) -> list[tuple[dict, list[int]]] | None:
             for i in idx:
                 buf = opt.state.get(chase._params[i], {}).get("momentum_buffer")
                 # the first step creates the buffers (a clone of the gradient): left to SGD
-                if buf is None or buf.dtype != torch.float32 or not _flat_like(buf, chase._mask_dict[chase._names[i]]):
+                if buf is None or buf.dtype != torch.float32 \
+                        or not maskable_by(buf, chase._mask_dict[chase._names[i]]):
                     return None
         if not matches_torch(chase.ops, s):
             return None
@@ -99,10 +102,6 @@ def _torch_picks_foreach(params: list[torch.Tensor]) -> bool:
     except ImportError:
         return True
     return bool(_default_to_fused_or_foreach(params, False, False)[1])
-
-
-def _flat_like(t: torch.Tensor, m: torch.Tensor) -> bool:
-    return t.shape == m.shape and t.device == m.device and same_flat_layout(t, m)
 
 
 def step(chase: Any, groups: list[tuple[dict, list[int]]]):

@@ -27,8 +27,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["dense_order", "same_layout", "same_flat_layout", "like", "masked_apply_", "mask_update_",
-           "channel_stats"]
+__all__ = ["dense_order", "same_layout", "same_flat_layout", "maskable_by", "like", "masked_apply_",
+           "mask_update_", "channel_stats"]
 
 
 def dense_order(t: Tensor) -> list[int] | None:
@@ -61,6 +61,12 @@ def same_flat_layout(a: Tensor, b: Tensor) -> bool:
     if a.stride() == b.stride():
         return True
     return a.dim() == b.dim() and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def maskable_by(t: Tensor, mask: Tensor) -> bool:
+    """``mask`` can mask ``t`` in place through the flat-storage ops: same shape, same
+    device, same flat layout."""
+    return t.shape == mask.shape and t.device == mask.device and same_flat_layout(t, mask)
 
 
 def _dense(t: Tensor) -> bool:

@@ -187,8 +187,7 @@ class MaskingMixin:
                 owner.append(len(masks) - 1)
         for g, j in zip(tensors, owner):
             m = masks[j]
-            if g.is_sparse or g.requires_grad or not g.is_floating_point() or g.shape != m.shape \
-                    or g.device != m.device or not _layout.same_flat_layout(g, m):
+            if g.is_sparse or g.requires_grad or not g.is_floating_point() or not _layout.maskable_by(g, m):
                 return False
         if tensors:  # every mask is dense (laid out like its parameter): the op takes them as they are
             self.ops.masked_apply_(tensors, masks, owner)
