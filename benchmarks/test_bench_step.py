@@ -7,8 +7,8 @@ contiguous or channels_last. Variants, interleaved in rotating rounds:
 * ``sgd_step``: the plain ``torch.optim.SGD`` step;
 * ``chase_plain_step``: ``ChaseOptimizer.step`` when no update or channel event is due
   (the step a training loop takes almost always; on the CPU the masking and the SGD step
-  of the sparse weights are one op there, ``chase_ext.fused_sgd``);
-* ``chase_plain_step_unfused``: the same with ``CHASE_EXT_FUSED_SGD=0``: the gradients
+  of the sparse weights are one op there, ``chase_ext.fused_step``);
+* ``chase_plain_step_unfused``: the same with ``CHASE_EXT_FUSED_STEP=0``: the gradients
   masked, then the wrapped SGD step (what the plain step was before the fused op);
 * ``chase_update_step``: a step that is a parameter update (``update_interval=1``:
   finiteness check, the wrapped step, the fused mask update), channel part off;
@@ -23,6 +23,18 @@ Recorded per device and layout: medians, ``chase_plain_over_sgd`` (target <= 1.2
 CPU), the plain-step overhead in ms (target <= 0.3 ms on an H200), ``chase_update_step``
 (target <= 5 ms there) and ``reference_over_chase_update`` (target >= 20). After the
 timing, masked weights and momentum must still be exactly 0 in both Chase models.
+
+``test_adam_step_cost_side_by_side``: the plain step with ``torch.optim.AdamW``
+(weight decay 0.05), same model and gradients, contiguous:
+
+* ``adamw_step`` / ``adamw_fused_step``: AdamW's step on the dense model, torch's default
+  rule (single-tensor on the CPU, multi-tensor on CUDA) and ``fused=True``;
+* ``adamw_step_masked_model``: the default rule on a copy whose weights, gradients and
+  state are 0 where Chase's masks are clear (what any masked sparse training pays; on the
+  CPU, MKL's ``sqrt`` is several times slower on zeros);
+* ``chase_plain_step_adamw`` / ``chase_plain_step_adamw_fused``: ChaseOptimizer around
+  each (the fused one runs ``masked_adam_``, ``chase_ext.fused_step``), and
+  ``chase_plain_step_adamw_fused_unfused`` with ``CHASE_EXT_FUSED_STEP=0``.
 
 ``CHASE_BENCH_QUICK=1``: width / 8, 64x64 inputs, one round, nothing saved.
 """
@@ -98,10 +110,10 @@ def build(device: str, memory_format: str) -> dict:
 
 
 def _stepper(name: str, opt):
-    """opt.step, under CHASE_EXT_CUDA_SELECT=compact or CHASE_EXT_FUSED_SGD=0 for the
+    """opt.step, under CHASE_EXT_CUDA_SELECT=compact or CHASE_EXT_FUSED_STEP=0 for the
     variants named so."""
     env = {"_compact_select": {"CHASE_EXT_CUDA_SELECT": "compact"},
-           "_unfused": {"CHASE_EXT_FUSED_SGD": "0"}}
+           "_unfused": {"CHASE_EXT_FUSED_STEP": "0"}}
     extra = next((v for k, v in env.items() if name.endswith(k)), None)
     if extra is None:
         return opt.step
@@ -110,6 +122,14 @@ def _stepper(name: str, opt):
         with mock.patch.dict(os.environ, extra):
             opt.step()
     return step
+
+
+def _run_facts(device: str, backend: str) -> dict:
+    """Where and when a step-cost figure was measured."""
+    return {"backend": backend, "threads": THREADS if device == "cpu" else None,
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "quick": QUICK,
+            "load_avg_1m_at_start": os.getloadavg()[0]}
 
 
 def _masked_slots_zero(chase: ChaseOptimizer) -> bool:
@@ -139,9 +159,9 @@ def test_step_cost_side_by_side(device, memory_format):
     for k in opt:
         if k != "sgd_step":
             assert _masked_slots_zero(opt[k]), k
-    assert opt["chase_plain_step_unfused"]._fused_sgd_steps == 0
+    assert opt["chase_plain_step_unfused"]._fused_steps == 0
     if device == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        assert opt["chase_plain_step"]._fused_sgd_steps > 0  # the fused op ran (tests/test_fused_sgd.py)
+        assert opt["chase_plain_step"]._fused_steps > 0  # the fused op ran (tests/test_fused_step.py)
     med = {k: statistics.median(v) for k, v in times.items()}
     payload = {
         "model": "resnet50", "optimizer": "SGD(momentum=0.9, weight_decay=5e-4)", "density": DENSITY,
@@ -149,7 +169,7 @@ def test_step_cost_side_by_side(device, memory_format):
         "median_s": med,
         "chase_plain_over_sgd": med["chase_plain_step"] / med["sgd_step"],
         "chase_plain_unfused_over_sgd": med["chase_plain_step_unfused"] / med["sgd_step"],
-        "fused_plain_steps": opt["chase_plain_step"]._fused_sgd_steps,
+        "fused_plain_steps": opt["chase_plain_step"]._fused_steps,
         "chase_plain_overhead_ms": 1e3 * (med["chase_plain_step"] - med["sgd_step"]),
         "chase_update_over_sgd": med["chase_update_step"] / med["sgd_step"],
         "fallback_plain_over_sgd": med["chase_plain_step_fallback"] / med["sgd_step"],
@@ -158,10 +178,7 @@ def test_step_cost_side_by_side(device, memory_format):
         **({"compact_select_update_over_sgd": med["chase_update_step_compact_select"] / med["sgd_step"],
             "compact_select_update_ms": 1e3 * med["chase_update_step_compact_select"]}
            if "chase_update_step_compact_select" in med else {}),
-        "backend": case["backend"], "threads": THREADS if device == "cpu" else None,
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "quick": QUICK,
-        "load_avg_1m_at_start": os.getloadavg()[0],
+        **_run_facts(device, case["backend"]),
     }
     key = f"step_cost_{device}_{memory_format}" + (f"_{THREADS}t" if device == "cpu" else "")
     print(key, payload)
@@ -232,3 +249,76 @@ def test_masked_apply_side_by_side(device):
     print(f"masked_apply_{device}", payload)
     if not QUICK:
         save_results(RESULTS_FILE, f"step_masked_apply_{device}", payload)
+
+
+def _adamw(params, **kw):
+    return torch.optim.AdamW(params, lr=1e-3, weight_decay=0.05, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_adam_step_cost_side_by_side(device):
+    torch.manual_seed(0)
+    size = 64 if QUICK else 224
+    base = resnet50(width_div=8 if QUICK else 1).to(device)
+    x = torch.randn(2, 3, size, size, device=device)
+    F.cross_entropy(base(x), torch.randint(0, 1000, (2,), device=device)).backward()
+    keys = ("dense", "dense_fused", "masked", "plain", "plain_fused", "plain_fused_unfused")
+    models = {k: copy.deepcopy(base) for k in keys}
+    for m in models.values():
+        for p, q in zip(base.parameters(), m.parameters()):
+            q.grad = p.grad.clone()
+    backend = pick_backend(device)
+    opt = {"adamw_step": _adamw(models["dense"].parameters()),
+           "adamw_fused_step": _adamw(models["dense_fused"].parameters(), fused=True)}
+    for name, key, kw in (("chase_plain_step_adamw", "plain", {}),
+                          ("chase_plain_step_adamw_fused", "plain_fused", {"fused": True}),
+                          ("chase_plain_step_adamw_fused_unfused", "plain_fused_unfused", {"fused": True})):
+        opt[name] = ChaseOptimizer(_adamw(models[key].parameters(), **kw), models[key], density=DENSITY,
+                                   total_steps=10**6, update_interval=100_000, backend=backend)
+    # the masked model: Chase's masks on weights and gradients, no Chase in the step
+    masks = dict(opt["chase_plain_step_adamw"].masks)
+    with torch.no_grad():
+        for n, p in models["masked"].named_parameters():
+            if n in masks:
+                p.mul_(masks[n])
+                p.grad.mul_(masks[n])
+    opt["adamw_step_masked_model"] = _adamw(models["masked"].parameters())
+    for o in opt.values():
+        o.step()  # the state exists from here on
+    rounds = 1 if QUICK else (25 if device == "cuda" else 7)
+    old = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        if device == "cuda":
+            for o in opt.values():
+                o.step()
+        times = interleaved({k: (lambda: (), _stepper(k, o)) for k, o in opt.items()}, rounds, device)
+    finally:
+        torch.set_num_threads(old)
+    for k in ("chase_plain_step_adamw", "chase_plain_step_adamw_fused", "chase_plain_step_adamw_fused_unfused"):
+        chase = opt[k]
+        for n, p in zip(chase.sparse_names(), chase._params):
+            off = ~chase.masks[n]
+            assert not bool(p.detach()[off].any()), (k, n)
+            for sk, v in chase.optimizer.state[p].items():
+                assert sk == "step" or not bool(v[off].any()), (k, n, sk)
+    assert opt["chase_plain_step_adamw_fused_unfused"]._fused_steps == 0
+    med = {k: statistics.median(v) for k, v in times.items()}
+    payload = {
+        "model": "resnet50", "optimizer": "AdamW(lr=1e-3, weight_decay=0.05)", "density": DENSITY,
+        "memory_format": "contiguous", "sparse_values": opt["chase_plain_step_adamw"].total_sparse,
+        "rounds": rounds, "median_s": med,
+        "masked_model_over_adamw": med["adamw_step_masked_model"] / med["adamw_step"],
+        "chase_plain_over_adamw": med["chase_plain_step_adamw"] / med["adamw_step"],
+        "chase_plain_over_masked_model": med["chase_plain_step_adamw"] / med["adamw_step_masked_model"],
+        "adamw_fused_over_adamw": med["adamw_fused_step"] / med["adamw_step"],
+        "chase_plain_fused_over_adamw_fused": med["chase_plain_step_adamw_fused"] / med["adamw_fused_step"],
+        "chase_plain_fused_unfused_over_adamw_fused":
+            med["chase_plain_step_adamw_fused_unfused"] / med["adamw_fused_step"],
+        "fused_plain_steps": opt["chase_plain_step_adamw_fused"]._fused_steps,
+        **_run_facts(device, backend),
+    }
+    key = f"step_cost_adamw_{device}" + (f"_{THREADS}t" if device == "cpu" else "")
+    print(key, payload)
+    if not QUICK:
+        save_results(RESULTS_FILE, key, payload)

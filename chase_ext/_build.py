@@ -86,7 +86,10 @@ def flags(with_cuda: bool) -> dict:
     default when no GPU is visible (torch's default then breaks the build)."""
     import torch
 
-    cxx = ["-O3", "-fopenmp", f'-DCHASE_EXT_VERSION="{VERSION}"']
+    # -fno-math-errno (as torch's own build): std::sqrt then vectorises (masked_adam_);
+    # -ffp-contract=off: each product rounds as written, fused multiply-adds only where the
+    # code says std::fma (the fused optimizer steps reproduce torch's roundings bit for bit)
+    cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", f'-DCHASE_EXT_VERSION="{VERSION}"']
     nvcc: list[str] = []
     archs = None
     if with_cuda:

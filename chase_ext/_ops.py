@@ -22,6 +22,7 @@ __all__ = [
     "channel_stats",
     "masked_apply_",
     "masked_sgd_",
+    "masked_adam_",
     "gather_channels_",
 ]
 
@@ -111,6 +112,14 @@ def _(params, grads, momentum_buffers, masks, lr, weight_decay, momentum, dampen
     return None
 
 
+@torch.library.register_fake("chase_ext::masked_adam_")
+def _(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, lr, beta1, beta2, weight_decay, eps,
+      amsgrad, maximize, decoupled_weight_decay, vector_width):
+    _one_device("masked_adam_", params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                max_exp_avg_sqs=max_exp_avg_sqs, masks=masks)
+    return None
+
+
 @torch.library.register_fake("chase_ext::gather_channels_")
 def _(tensor, keep, dim):
     if keep.device.type != "cpu":  # keep may stay on the CPU for a tensor on any device
@@ -177,6 +186,17 @@ def masked_sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
     if params or grads or momentum_buffers or masks:
         _ops.masked_sgd_(params, grads, momentum_buffers, masks, float(lr), float(weight_decay), float(momentum),
                          float(dampening), bool(nesterov), bool(maximize))
+
+
+def masked_adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], masks: list[Tensor], lr: float,
+                 beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool,
+                 decoupled_weight_decay: bool, vector_width: int) -> None:
+    """Gradient masking and the fused CPU Adam / AdamW step in one pass (CPU, float32)."""
+    if params or grads or exp_avgs or exp_avg_sqs or max_exp_avg_sqs or state_steps or masks:
+        _ops.masked_adam_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, masks, float(lr),
+                          float(beta1), float(beta2), float(weight_decay), float(eps), bool(amsgrad), bool(maximize),
+                          bool(decoupled_weight_decay), int(vector_width))
 
 
 def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:

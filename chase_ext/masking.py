@@ -12,8 +12,8 @@ around the wrapped optimizer's step:
   optimizer state and removed channels' biases (``_masked_apply``, ``_states_of``,
   ``_state_list``, ``_mask_list``), or, on a plain step with a wrapped optimizer that
   keeps zero slots at zero (:mod:`chase_ext.grad_masking`), their gradients before the
-  wrapped step (``_mask_gradients``; for ``torch.optim.SGD`` on the CPU, masking and the
-  SGD step of the sparse weights in one op, :mod:`chase_ext.fused_sgd`);
+  wrapped step (``_mask_gradients``; for ``torch.optim.SGD`` and ``Adam`` / ``AdamW(fused=True)``
+  on the CPU, masking and the step of the sparse weights in one op, :mod:`chase_ext.fused_step`);
 * the finiteness check of weights and gradients on update steps (``_nonfinite``);
 * the counts the update reads: active weights (``_nnz``, ``_nnz_total``; counted once
   and then carried on the host from each update's prune/grow counts, recounted after
@@ -173,7 +173,7 @@ class MaskingMixin:
         False, with nothing changed, when a gradient cannot be masked in place (sparse,
         part of a graph, laid out unlike its mask); the step then masks weights and state
         after the wrapped step instead. ``sparse=False``: the biases' gradients only (the
-        fused SGD step masks the sparse weights' own, :mod:`chase_ext.fused_sgd`)."""
+        fused step masks the sparse weights' own, :mod:`chase_ext.fused_step`)."""
         masks = self._mask_list() if sparse else []
         tensors, owner = [], []
         for i, p in enumerate(self._params if sparse else ()):

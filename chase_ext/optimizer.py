@@ -31,8 +31,9 @@ does not count). On step ``t``:
    closure) whose wrapped optimizer keeps a zero slot at zero, it zeroes the masked
    *gradients* before step 2 instead: masked weights and state are 0 already and stay 0,
    the active slots step as they would anyway, and fewer bytes move; for ``torch.optim.SGD``
-   on the CPU the masking and the sparse weights' SGD step are then one op
-   (:mod:`chase_ext.fused_sgd`: bit for bit the same, checked on the machine first);
+   and ``Adam`` / ``AdamW(fused=True)`` on the CPU the masking and the sparse weights'
+   step are then one op (:mod:`chase_ext.fused_step`: bit for bit the same, checked on the
+   machine first);
 4. on an update step, the weights are checked again (the wrapped step can overflow, and
    random growth does not check gradients): non-finite ones raise ``FloatingPointError``
    with the step taken but no event or update run (masks, channels and the generator
@@ -90,7 +91,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import fused_sgd as _fused_sgd
+from . import fused_step as _fused_step
 from . import layout as _layout
 from . import sparsity as _sp
 from .capture import CaptureMixin, is_capturing
@@ -230,7 +231,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         self._params = [p for _, p in sparse]
         self._check_devices()
         self._unmasked_states: set[tuple[int, Any]] = set()  # (id(param), state key) warned about
-        self._fused_sgd_steps = 0  # plain steps taken by the fused SGD op (fused_sgd.py)
+        self._fused_steps = 0  # plain steps taken by a fused op (fused_step.py)
         self._index = {n: i for i, n in enumerate(self._names)}
         self._orig_shapes = [tuple(p.shape) for p in self._params]
         self.total_sparse = int(sum(p.numel() for p in self._params))
@@ -290,17 +291,18 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
                 scores, watched = self._growth_scores(closure is None and not ev)
         # 3. (before 2.) a plain step masks the gradients when that keeps masked weights and
         # state at 0 (grad_masking.py, masking.py); else weights and state after the step.
-        # For torch.optim.SGD on the CPU the masking and the sparse weights' SGD step are one
-        # op (fused_sgd.py; the biases' gradients are masked first, as on the unfused path).
+        # For torch.optim.SGD and Adam / AdamW(fused=True) on the CPU the masking and the
+        # sparse weights' step are one op (fused_step.py; the biases' gradients are masked
+        # first, as on the unfused path).
         plain = not upd and not ev and closure is None
         with torch.no_grad():
             zero_safe = plain and keeps_zero_slots(self.optimizer)
-            fused = _fused_sgd.plan(self) if zero_safe and not capturing else None
+            fused = _fused_step.plan(self) if zero_safe and not capturing else None
             if fused is not None and not self._mask_gradients(sparse=False):
                 fused = None
             premasked = fused is not None or (zero_safe and self._mask_gradients())
             if fused is not None:
-                loss = _fused_sgd.step(self, fused)  # 2.
+                loss = _fused_step.step(self, fused)  # 2.
         if fused is None:
             loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)  # 2.
         if not capturing:

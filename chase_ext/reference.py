@@ -35,6 +35,7 @@ __all__ = [
     "channel_stats",
     "masked_apply_",
     "masked_sgd_",
+    "masked_adam_",
     "gather_channels_",
     "live_slots",
 ]
@@ -176,6 +177,15 @@ def _check_no_alias(op: str, written: dict, read: dict) -> None:
                 break
             if w or w2:
                 raise _err(op, f"{name2} shares memory with {name} and one of them is written; pass separate tensors")
+
+
+def _check_float32_cpu(op: str, name: str, ts) -> None:
+    """The fused optimizer steps take float32 CPU tensors only."""
+    for i, t in enumerate(ts):
+        if t.dtype != torch.float32:
+            raise _err(op, f"{name}[{i}] must be float32, got {t.dtype}", TypeError)
+        if t.device.type != "cpu":
+            raise _err(op, f"{name}[{i}] must be on the CPU, got {t.device}")
 
 
 def _zero_where_not(t: Tensor, keep: Tensor) -> None:
@@ -418,11 +428,7 @@ def masked_sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
     own = list(range(n))
     for name, ts in (("params", params), ("grads", grads), ("momentum_buffers", momentum_buffers)):
         _check_owned(op, name, ts, "owner", own[: len(ts)], "masks", masks, like_owner=True)
-        for i, t in enumerate(ts):
-            if t.dtype != torch.float32:
-                raise _err(op, f"{name}[{i}] must be float32, got {t.dtype}", TypeError)
-            if t.device.type != "cpu":
-                raise _err(op, f"{name}[{i}] must be on the CPU, got {t.device}")
+        _check_float32_cpu(op, name, ts)
     _check_no_alias(op, dict(params=params, grads=grads, momentum_buffers=momentum_buffers), dict(masks=masks))
     for i, (p, g, m) in enumerate(zip(params, grads, masks)):
         _zero_where_not(g, m)
@@ -434,6 +440,58 @@ def masked_sgd_(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
             buf.mul_(momentum).add_(grad, alpha=1 - dampening)
             grad = grad.add(buf, alpha=momentum) if nesterov else buf
         p.add_(grad, alpha=-lr)
+
+
+def masked_adam_(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 max_exp_avg_sqs: list[Tensor], state_steps: list[Tensor], masks: list[Tensor], lr: float,
+                 beta1: float, beta2: float, weight_decay: float, eps: float, amsgrad: bool, maximize: bool,
+                 decoupled_weight_decay: bool, vector_width: int) -> None:
+    """A plain step's gradient masking and ``torch.optim.Adam(fused=True)``'s update in one
+    (AdamW's with ``decoupled_weight_decay``): for each i, ``grads[i] <- where(masks[i],
+    grads[i], 0)`` in place, ``state_steps[i] += 1``, then torch's own fused CPU kernel
+    (``torch._fused_adam_`` / ``torch._fused_adamw_``) on the tensors; ``max_exp_avg_sqs``
+    are given exactly with ``amsgrad``. float32 CPU tensors, each laid out in memory like
+    its mask; each step one float32 or float64 number.
+
+    ``vector_width`` is for the native kernel, which reproduces that kernel's roundings:
+    in each tensor's last ``numel % vector_width`` slots they are its scalar tail's
+    (ATen's vector width for float32, 8 or 16). Here torch's kernel rounds as it does, so
+    the argument is only checked; ChaseOptimizer uses the native kernel only after checking
+    it equals torch bit for bit on the machine with the width it passes."""
+    op = "masked_adam_"
+    n = len(params)
+    lists = dict(grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, state_steps=state_steps, masks=masks)
+    if any(len(v) != n for v in lists.values()):
+        raise _err(op, "params, grads, exp_avgs, exp_avg_sqs, state_steps and masks need one tensor each per "
+                       f"weight, got {n}, {len(grads)}, {len(exp_avgs)}, {len(exp_avg_sqs)}, {len(state_steps)} "
+                       f"and {len(masks)}")
+    if amsgrad and len(max_exp_avg_sqs) != n:
+        raise _err(op, f"amsgrad needs one max_exp_avg_sq per weight, got {len(max_exp_avg_sqs)} for {n} weights")
+    if not amsgrad and len(max_exp_avg_sqs):
+        raise _err(op, f"max_exp_avg_sqs are taken only with amsgrad, got {len(max_exp_avg_sqs)}")
+    if vector_width <= 0:
+        raise _err(op, f"vector_width must be positive, got {vector_width}")
+    _check_bool_list(op, "masks", masks, dense=True)
+    own = list(range(n))
+    written = dict(params=params, grads=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs,
+                   max_exp_avg_sqs=max_exp_avg_sqs)
+    for name, ts in written.items():
+        _check_owned(op, name, ts, "owner", own[: len(ts)], "masks", masks, like_owner=True)
+        _check_float32_cpu(op, name, ts)
+    _check_list(op, "state_steps", state_steps)
+    for i, s in enumerate(state_steps):
+        if s.numel() != 1 or s.device.type != "cpu" or s.dtype not in (torch.float32, torch.float64):
+            raise _err(op, f"state_steps[{i}] must be one float32 or float64 number on the CPU, got {s.dtype} of "
+                           f"shape {list(s.shape)} on {s.device}")
+    _check_no_alias(op, written, dict(masks=masks))
+    for g, m in zip(grads, masks):
+        _zero_where_not(g, m)
+    for s in state_steps:
+        s.add_(1)
+    fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+    if params:
+        fused(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2,
+              weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize)
 
 
 def gather_channels_(tensor: Tensor, keep: Tensor, dim: int) -> None:

@@ -36,6 +36,11 @@ TORCH_LIBRARY(chase_ext, m) {
   m.def(
       "masked_sgd_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] momentum_buffers, Tensor[] masks, "
       "float lr, float weight_decay, float momentum, float dampening, bool nesterov, bool maximize) -> ()");
+  m.def(
+      "masked_adam_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+      "Tensor(e!)[] max_exp_avg_sqs, Tensor(f!)[] state_steps, Tensor[] masks, float lr, float beta1, float beta2, "
+      "float weight_decay, float eps, bool amsgrad, bool maximize, bool decoupled_weight_decay, int vector_width) "
+      "-> ()");
   m.def("gather_channels_(Tensor(a!) tensor, Tensor keep, int dim) -> ()");
 }
 
@@ -89,7 +94,8 @@ void autograd_kernel(const c10::OperatorHandle& op, c10::DispatchKeySet keys, to
 
 TORCH_LIBRARY_IMPL(chase_ext, Autograd, m) {
   for (const char* name :
-       {"select_threshold", "mask_update_", "channel_stats", "masked_apply_", "masked_sgd_", "gather_channels_"})
+       {"select_threshold", "mask_update_", "channel_stats", "masked_apply_", "masked_sgd_", "masked_adam_",
+        "gather_channels_"})
     m.impl(name, torch::CppFunction::makeFromBoxedFunction<&autograd_kernel>());
 }
 

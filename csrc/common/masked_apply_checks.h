@@ -54,4 +54,13 @@ inline void check_masked_apply_args(const char* op, TensorList tensors, TensorLi
   check_no_alias(op, std::move(spans));
 }
 
+// The fused optimizer steps (masked_sgd_, masked_adam_) take float32 CPU tensors only.
+inline void check_float32_cpu(const char* op, const char* name, TensorList ts) {
+  for (size_t i = 0; i < ts.size(); ++i) {
+    TORCH_CHECK(ts[i].scalar_type() == at::kFloat, op, ": ", name, "[", i, "] must be float32, got ",
+                ts[i].scalar_type());
+    TORCH_CHECK(ts[i].device().is_cpu(), op, ": ", name, "[", i, "] must be on the CPU, got ", ts[i].device());
+  }
+}
+
 }  // namespace chase_ext

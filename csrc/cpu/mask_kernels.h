@@ -1,4 +1,4 @@
-// The per-slot loops of the CPU mask update, masked apply, masked SGD step and channel stats, compiled
+// The per-slot loops of the CPU mask update, masked apply, masked SGD and Adam steps and channel stats, compiled
 // for several instruction sets (baseline x86-64 / SSE2, AVX2, AVX-512) and picked at run
 // time (mask_kernels.cpp).
 // The loops themselves are in mask_kernels_body.h.
@@ -35,6 +35,18 @@ struct SgdArgs {
 // One SGD step on n float32 slots whose gradients are masked first (b unused without momentum)
 using SgdFn = void (*)(float* p, float* g, float* b, const uint8_t* m, int64_t n, const SgdArgs& a);
 
+// The scalars of one Adam / AdamW step of one tensor, as torch's fused CPU kernel casts
+// them to float (masked_adam.cpp).
+struct AdamArgs {
+  float decay, weight_decay, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
+  int wd_mode;  // 0: none, 1: Adam (added to the gradient), 2: AdamW (decoupled)
+  bool lerp_small, amsgrad, maximize;
+};
+// One Adam step on n float32 slots whose gradients are masked first; the first `body`
+// slots round as ATen's vector body, the rest as its scalar tail (mx unused without amsgrad)
+using AdamFn = void (*)(float* p, float* g, float* m1, float* m2, float* mx, const uint8_t* m, int64_t n,
+                        int64_t body, const AdamArgs& a);
+
 // scan / apply: [liveness per block (0) or per slot (1)][weight format][score format];
 // stats: [weight format];
 // zero_where_clear: by element size 1, 2, 4, 8 bytes
@@ -45,6 +57,7 @@ struct MaskKernels {
   StatsFn stats[3] = {};
   ZeroFn zero_where_clear[4] = {};
   SgdFn masked_sgd = nullptr;
+  AdamFn masked_adam = nullptr;
 
   ZeroFn zero_fn(int64_t element_size) const {
     switch (element_size) {

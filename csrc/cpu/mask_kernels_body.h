@@ -4,7 +4,7 @@
 // includes on purpose: mask_kernels.cpp includes this file once per instruction set,
 // each time inside a namespace of its own compiled for that instruction set, so no
 // inline function here is shared with (or ODR-merged into) another translation unit.
-// Needs <algorithm>, <cmath>, <cstdint>, <cstring> and BlockScan / MaskKernels / SgdArgs
+// Needs <algorithm>, <cmath>, <cstdint>, <cstring> and BlockScan / MaskKernels / SgdArgs / AdamArgs
 // (mask_kernels.h) declared before.
 
 // Storage format of a weight / score tensor: bits per element and their float32 bits.
@@ -200,6 +200,88 @@ inline void masked_sgd(float* p, float* g, float* b, const uint8_t* m, int64_t n
   }
 }
 
+// A plain Adam / AdamW step with masked gradients (masked_adam.cpp): g <- where(m, g, +0)
+// in place, then the rule of torch's fused CPU Adam kernel (torch.optim.Adam / AdamW with
+// fused=True) on (p, g, exp_avg m1, exp_avg_sq m2, max_exp_avg_sq mx), with the roundings
+// that kernel shows on AVX2 / AVX-512 builds: the lerp of exp_avg and Adam's weight decay as
+// fused multiply-adds, and exp_avg_sq as fma(c2 * g, g, v * beta2) in its vector body but
+// fma(v, beta2, c2 * g * g) in its scalar tail (the compiler contracts the two differently).
+// `body` says where this piece's tail starts. Each operation is written out (std::fma, one
+// product or quotient per line), so every instruction set rounds alike; ChaseOptimizer
+// checks the result against torch before use.
+template <bool Tail, int WdMode, bool Ams, bool Max>
+void masked_adam_slots(float* __restrict p, float* __restrict g, float* __restrict m1, float* __restrict m2,
+                       float* __restrict mx, const uint8_t* __restrict m, int64_t j0, int64_t j1, const AdamArgs& a) {
+  const float decay = a.decay, wd = a.weight_decay, b2 = a.beta2, c2 = a.one_minus_beta2;
+  const float bc2 = a.bc2_sqrt, eps = a.eps, neg_ss = a.neg_step_size;
+  // exp_avg.lerp_(grad, w): fma(w, g - e, e) for |w| < 0.5, else fma(w - 1, g - e, g)
+  const float lw = a.lerp_small ? a.lerp_w : a.lerp_w_minus_1;
+  const bool small = a.lerp_small;
+  uint32_t* gb = reinterpret_cast<uint32_t*>(g);
+  for (int64_t j = j0; j < j1; ++j) {
+    const uint32_t bits = gb[j] & (0u - uint32_t(m[j] != 0));  // +0 where masked (as masked_apply_)
+    gb[j] = bits;
+    float x;
+    std::memcpy(&x, &bits, sizeof x);
+    if constexpr (Max) x = -x;
+    float pv = p[j];
+    if constexpr (WdMode == 1) x = std::fma(pv, wd, x);  // grad += param * weight_decay
+    if constexpr (WdMode == 2) pv = pv * decay;          // param *= 1 - lr * weight_decay
+    const float e = m1[j];
+    const float ev = std::fma(lw, x - e, small ? e : x);
+    const float cx = c2 * x;
+    float v;
+    if constexpr (Tail) {
+      const float cxx = cx * x;
+      v = std::fma(m2[j], b2, cxx);
+    } else {
+      const float vb = m2[j] * b2;
+      v = std::fma(cx, x, vb);
+    }
+    m1[j] = ev;
+    m2[j] = v;
+    float src = v;
+    if constexpr (Ams) {
+      const float old = mx[j];
+      if constexpr (Tail) {
+        src = std::max(old, v);
+      } else {  // ATen's vector maximum: max_ps(old, v), all-ones bits (a NaN) where either is NaN
+        const uint32_t nan_bits = 0xFFFFFFFFu;
+        float nan;
+        std::memcpy(&nan, &nan_bits, sizeof nan);
+        src = (old != old || v != v) ? nan : (old > v ? old : v);
+      }
+      mx[j] = src;
+    }
+    const float root = std::sqrt(src);
+    const float den = root / bc2 + eps;
+    const float step = neg_ss * ev;
+    const float q = step / den;
+    p[j] = pv + q;
+  }
+}
+
+template <int WdMode, bool Ams, bool Max>
+void masked_adam_piece(float* p, float* g, float* m1, float* m2, float* mx, const uint8_t* m, int64_t n,
+                       int64_t body, const AdamArgs& a) {
+  masked_adam_slots<false, WdMode, Ams, Max>(p, g, m1, m2, mx, m, 0, body, a);
+  masked_adam_slots<true, WdMode, Ams, Max>(p, g, m1, m2, mx, m, body, n, a);
+}
+
+inline void masked_adam(float* p, float* g, float* m1, float* m2, float* mx, const uint8_t* m, int64_t n,
+                        int64_t body, const AdamArgs& a) {
+  // 12 instantiations, so the loop holds no branch on the settings
+  const int k = a.wd_mode * 4 + (a.amsgrad ? 2 : 0) + (a.maximize ? 1 : 0);
+  switch (k) {
+#define CHASE_EXT_ADAM_CASE(K) \
+  case K: return masked_adam_piece<(K) / 4, bool((K) & 2), bool((K) & 1)>(p, g, m1, m2, mx, m, n, body, a);
+    CHASE_EXT_ADAM_CASE(0) CHASE_EXT_ADAM_CASE(1) CHASE_EXT_ADAM_CASE(2) CHASE_EXT_ADAM_CASE(3)
+    CHASE_EXT_ADAM_CASE(4) CHASE_EXT_ADAM_CASE(5) CHASE_EXT_ADAM_CASE(6) CHASE_EXT_ADAM_CASE(7)
+    CHASE_EXT_ADAM_CASE(8) CHASE_EXT_ADAM_CASE(9) CHASE_EXT_ADAM_CASE(10) CHASE_EXT_ADAM_CASE(11)
+#undef CHASE_EXT_ADAM_CASE
+  }
+}
+
 // Type-erased entry points for the table of mask_kernels.h.
 template <class W, class S, bool PerSlot>
 BlockScan scan_erased(const void* w, const void* s, const uint8_t* m, const uint8_t* lv, int64_t n, bool live,
@@ -243,5 +325,6 @@ inline MaskKernels make_table(const char* isa) {
   t.zero_where_clear[2] = &zero_where_clear<uint32_t>;
   t.zero_where_clear[3] = &zero_where_clear<uint64_t>;
   t.masked_sgd = &masked_sgd;
+  t.masked_adam = &masked_adam;
   return t;
 }

@@ -37,16 +37,10 @@ void check_args(const char* op, TensorList params, TensorList grads, TensorList 
   all_owner.insert(all_owner.end(), owner.begin(), owner.end());
   if (!bufs.empty()) all_owner.insert(all_owner.end(), owner.begin(), owner.end());
   check_masked_apply_args(op, all, masks, all_owner);
-  auto f32 = [&](const char* name, TensorList ts) {
-    for (size_t i = 0; i < ts.size(); ++i) {
-      TORCH_CHECK(ts[i].scalar_type() == at::kFloat, op, ": ", name, "[", i, "] must be float32, got ",
-                  ts[i].scalar_type());
-      TORCH_CHECK(ts[i].device().is_cpu(), op, ": ", name, "[", i, "] must be on the CPU, got ", ts[i].device());
-    }
-  };
-  f32("params", params);
-  f32("grads", grads);
-  f32("momentum_buffers", bufs);
+
+  check_float32_cpu(op, "params", params);
+  check_float32_cpu(op, "grads", grads);
+  check_float32_cpu(op, "momentum_buffers", bufs);
 }
 
 void masked_sgd(at::TensorList params, at::TensorList grads, at::TensorList bufs, at::TensorList masks, double lr,
