@@ -1,7 +1,7 @@
 """Plain steps of a wrapped ``torch.optim.SGD``, ``Adam`` or ``AdamW`` in one pass over the
 sparse weights (CPU).
 
-On a plain step (no update, no channel event, no closure) ChaseOptimizer masks the
+On a plain step (no update, no channel event) ChaseOptimizer masks the
 gradients and then lets the wrapped optimizer step (:mod:`chase_ext.grad_masking`). That is
 a pass over every sparse weight's gradient and mask before the optimizer's own passes. Two
 native ops do both in one pass, with the optimizer's roundings:
@@ -167,10 +167,12 @@ def _torch_picks_foreach(params: list[torch.Tensor]) -> bool:
     return bool(_default_to_fused_or_foreach(params, False, False)[1])
 
 
-def step(chase: Any, groups: list[tuple[str, dict, list[int]]]):
+def step(chase: Any, groups: list[tuple[str, dict, list[int]]], closure: Any = None):
     """The plain step (removed channels' bias gradients already masked): the op on the
     sparse weights of each group first (it checks every argument before writing anything),
-    then the wrapped optimizer's step on every other parameter. Returns that step's result."""
+    then the wrapped optimizer's step on every other parameter. Returns that step's result,
+    or with ``closure`` (which ran already) its loss: the wrapped step itself gets no
+    closure, as these optimizers only take the loss from it, so nothing can run it again."""
     params = chase._params
     masks = chase._mask_list()
     state = chase.optimizer.state
@@ -198,7 +200,7 @@ def step(chase: Any, groups: list[tuple[str, dict, list[int]]]):
         for p, g in zip(params, grads):
             p.grad = g
     chase._fused_steps += 1
-    return loss
+    return loss if closure is None else closure()
 
 
 def _isa() -> str:

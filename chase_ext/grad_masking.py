@@ -23,8 +23,10 @@ checks each, with every option below):
 
 Not listed because a zero slot moves: ``Adamax`` (its infinity norm becomes ``eps``),
 ``Rprop`` (its step sizes start at ``lr``), ``LBFGS`` and ``SparseAdam`` (not elementwise
-on dense gradients). Those, and steps with a closure (whose gradients exist only inside
-the wrapped step), keep masking weights and state after the step.
+on dense gradients). Those keep masking weights and state after the step. A step with a
+closure is no exception: ChaseOptimizer runs the closure before the wrapped step, and the
+listed optimizers call it once, getting that loss back; a wrapped step that evaluates it
+again (new, unmasked gradients) makes that step mask weights and state after it.
 
 **Does the step leave ``.grad`` unchanged?** (:func:`leaves_gradients_alone`) Then an
 update step can hand the gradients to the mask update as growth scores as they are (the

@@ -53,7 +53,9 @@ Choices where SPEC is vague:
   the finiteness check and the gradient growth scores see this step's gradients, as with a
   closure-free step (Lightning's automatic optimization puts forward and backward in the
   closure). The wrapped optimizer gets a closure that returns that loss on its first call
-  and evaluates the closure again on later calls (LBFGS-style optimizers).
+  and evaluates the closure again on later calls (LBFGS-style optimizers). A plain step with
+  a closure masks the gradients as one without (the listed optimizers call the closure
+  once); if the wrapped step evaluates it again, weights and state are masked after it.
 * **Gradients are masked in place on plain steps** of the optimizers listed in
   :mod:`chase_ext.grad_masking` (``.grad`` reads 0 at masked slots after such a step);
   otherwise, and on update and event steps, masked slots of weights and states are zeroed
@@ -127,18 +129,22 @@ def _load_backend(backend: str):
     raise ValueError(f"backend must be 'native' or 'reference', got {backend!r}")
 
 
-def _ran_first(closure: Callable) -> Callable:
-    """Run ``closure`` now; the returned one gives its loss back once, then runs it again."""
-    with torch.enable_grad():
-        first = [closure()]
+class _RanFirst:
+    """Runs ``closure`` now; called, gives its loss back once, then runs it again and
+    counts those runs (``reruns``): a rerun computes new gradients, unmasked."""
 
-    def again():
-        if first:
-            return first.pop()
+    def __init__(self, closure: Callable):
+        self.closure = closure
+        self.reruns = 0
         with torch.enable_grad():
-            return closure()
+            self.first = [closure()]
 
-    return again
+    def __call__(self):
+        if self.first:
+            return self.first.pop()
+        self.reruns += 1
+        with torch.enable_grad():
+            return self.closure()
 
 
 class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureMixin, torch.optim.Optimizer):
@@ -264,7 +270,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         """One optimizer step with masking, and on schedule a channel event and a mask
         update (module docstring, "Step order"). Returns the closure's loss, if any."""
         if closure is not None:
-            closure = _ran_first(closure)
+            closure = _RanFirst(closure)
         cfg = self.config
         self._align_masks()
         t = self._t + 1
@@ -294,7 +300,10 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         # For torch.optim.SGD and Adam / AdamW(fused=True) on the CPU the masking and the
         # sparse weights' step are one op (fused_step.py; the biases' gradients are masked
         # first, as on the unfused path).
-        plain = not upd and not ev and closure is None
+        # A closure ran above, so its gradients are this step's; the listed optimizers call
+        # it once (its first loss comes back, no new gradients); should one run it again,
+        # the step masks weights and state after it instead (below).
+        plain = not upd and not ev
         with torch.no_grad():
             zero_safe = plain and keeps_zero_slots(self.optimizer)
             fused = _fused_step.plan(self) if zero_safe and not capturing else None
@@ -302,9 +311,11 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
                 fused = None
             premasked = fused is not None or (zero_safe and self._mask_gradients())
             if fused is not None:
-                loss = _fused_step.step(self, fused)  # 2.
+                loss = _fused_step.step(self, fused, closure)  # 2.
         if fused is None:
             loss = self.optimizer.step() if closure is None else self.optimizer.step(closure)  # 2.
+        if closure is not None and closure.reruns:
+            premasked = False
         if not capturing:
             self._t = t
         # On an update step without an event the mask update zeroes every masked slot of the

@@ -13,7 +13,8 @@
 # run apart in their own pytest process (`errors`), and the summary counts a crashed test
 # as "environment crash" when the control crashed too, as a real failure otherwise.
 # `step` is the step-cost benchmark (benchmarks/test_bench_step.py: plain SGD vs Chase
-# plain step vs Chase update step on ResNet-50, on the GPU); `speed` the dense vs slim
+# plain step vs Chase update step on ResNet-50, and the same plain steps with AdamW, default
+# and fused, on the GPU); `speed` the dense vs slim
 # ResNet-50 speed harness (benchmarks/speed_resnet50.py, issue 14); `recipes` the accuracy
 # of the GPU-target recipe with this GPU's latency table (benchmarks/recipe_accuracy.py).
 #
@@ -90,7 +91,7 @@ if want test; then
 fi
 
 if want step; then
-  stage "step-cost benchmark on the GPU (plain SGD / Chase plain step / Chase update step, ResNet-50)"
+  stage "step-cost benchmark on the GPU (plain SGD / Chase plain step / Chase update step; AdamW plain steps; ResNet-50)"
   (cd benchmarks && timeout "$(cap 150)" "$PY" -m pytest -q -p no:cacheprovider test_bench_step.py -s -k cuda \
      --benchmark-disable > "$LOG/bench_step.log" 2>&1)
   r=$?; grep -E "over|ratio|median|passed|failed|Error" "$LOG/bench_step.log" | tail -20; note "step benchmark rc=$r"

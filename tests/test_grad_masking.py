@@ -189,21 +189,62 @@ def test_unsafe_optimizers_fall_back_and_keep_the_invariants(name, factory, move
     assert counter.masked == 0 and chase.slim_count > 0
 
 
-def test_a_step_with_a_closure_falls_back():
-    model, chase = _chase(SAFE[1][1], update_interval=1000, channel_sparsity=0.0)
-    x, y = example_input("vgg_small", batch=8), torch.randint(0, 10, (8,))
+def _closure_run(factory, use_closure, steps=30):
+    """A run with updates, events and slims whose steps get the loss from a closure (as
+    Lightning's automatic optimization) or are called after a plain backward."""
+    model, chase = _chase(factory)
+    losses = []
+    for i in range(steps):
+        x = example_input("vgg_small", batch=8, seed=i)
+        y = torch.randint(0, 10, (8,), generator=torch.Generator().manual_seed(i))
 
-    def closure():
-        chase.zero_grad()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        return loss
+        def closure():
+            chase.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
 
+        if use_closure:
+            losses.append(chase.step(closure))
+        else:
+            losses.append(closure())
+            chase.step()
+        _masked_slots_zero(chase)
+    return model, chase, losses
+
+
+@pytest.mark.parametrize("name,factory", [SAFE[1], SAFE[5]], ids=[SAFE[1][0], SAFE[5][0]])
+def test_plain_steps_with_a_closure_mask_gradients_as_without(name, factory):
+    """The closure runs before the wrapped step, so plain steps with one mask gradients
+    like closure-free ones, and the runs are equal bit for bit (losses included)."""
     counter = _Count()
     with mock.patch.object(ChaseOptimizer, "_mask_gradients", lambda self, sparse=True: counter(self, sparse)):
-        chase.step(closure)
-    assert counter.masked == 0
-    _masked_slots_zero(chase)
+        mA, cA, lA = _closure_run(factory, True)
+    assert counter.masked > 10 and cA.slim_count > 0
+    if name.startswith("sgd") and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        assert cA._fused_steps > 10  # the one-op SGD step (chase_ext.fused_step) takes closures too
+    mB, cB, lB = _closure_run(factory, False)
+    assert [float(a.detach()) for a in lA] == [float(b.detach()) for b in lB]
+    for (n, a), b in zip(mA.named_parameters(), mB.parameters()):
+        assert torch.equal(a, b), n
+        for (k, x), y in zip(cA.optimizer.state[a].items(), cB.optimizer.state[b].values()):
+            assert torch.equal(x, y), (n, k)
+
+
+def test_a_wrapped_step_that_runs_the_closure_again_masks_after_it():
+    """Should a listed optimizer evaluate the closure again inside its step (new,
+    unmasked gradients), the step masks weights and state after it instead."""
+    orig = O.Adam.step  # Adam without fused: the unfused path, which hands the closure over
+
+    def twice(self, closure=None):
+        if closure is not None:
+            closure()  # the first loss
+            closure()  # a rerun: new gradients, unmasked
+        return orig(self)
+
+    with mock.patch.object(O.Adam, "step", twice):
+        model, chase, _ = _closure_run(SAFE[4][1], True, steps=12)  # checks the invariant each step
+    assert chase._t == 12
 
 
 def test_a_gradient_laid_out_unlike_its_mask_falls_back():
