@@ -10,6 +10,9 @@ contiguous or channels_last. Variants, interleaved in rotating rounds:
   of the sparse weights are one op there, ``chase_ext.fused_step``);
 * ``chase_plain_step_unfused``: the same with ``CHASE_EXT_FUSED_STEP=0``: the gradients
   masked, then the wrapped SGD step (what the plain step was before the fused op);
+* ``chase_plain_step_closure``: the plain step called as ``step(closure)``, as Lightning's
+  automatic optimization calls it (the closure returns a loss and leaves the gradients
+  alone, so the step itself is timed);
 * ``chase_update_step``: a step that is a parameter update (``update_interval=1``:
   finiteness check, the wrapped step, the fused mask update), channel part off;
 * ``reference_update_step``: the same update step with ``backend="reference"``, i.e. the
@@ -82,7 +85,7 @@ def build(device: str, memory_format: str) -> dict:
         base = base.to(memory_format=torch.channels_last)
     x = torch.randn(2, 3, size, size, device=device)
     F.cross_entropy(base(x), torch.randint(0, 1000, (2,), device=device)).backward()
-    keys = ("sgd", "plain", "plain_unfused", "plain_fb", "update", "update_fb", "reference")
+    keys = ("sgd", "plain", "plain_unfused", "plain_closure", "plain_fb", "update", "update_fb", "reference")
     models = {k: copy.deepcopy(base) for k in keys + (("update_compact",) if device == "cuda" else ())}
     for m in models.values():  # the same gradients everywhere, in the parameters' layout
         for p, q in zip(base.parameters(), m.parameters()):
@@ -92,6 +95,7 @@ def build(device: str, memory_format: str) -> dict:
     # updates every 100k steps: every timed step is a plain step
     for name, key, cls in (("chase_plain_step", "plain", torch.optim.SGD),
                            ("chase_plain_step_unfused", "plain_unfused", torch.optim.SGD),
+                           ("chase_plain_step_closure", "plain_closure", torch.optim.SGD),
                            ("chase_plain_step_fallback", "plain_fb", UnlistedSGD)):
         opt[name] = ChaseOptimizer(_sgd(models[key], cls), models[key], density=DENSITY, total_steps=10**6,
                                    update_interval=100_000, backend=backend)
@@ -111,9 +115,12 @@ def build(device: str, memory_format: str) -> dict:
 
 def _stepper(name: str, opt):
     """opt.step, under CHASE_EXT_CUDA_SELECT=compact or CHASE_EXT_FUSED_STEP=0 for the
-    variants named so."""
+    variants named so, and with a closure for ``*_closure``."""
     env = {"_compact_select": {"CHASE_EXT_CUDA_SELECT": "compact"},
            "_unfused": {"CHASE_EXT_FUSED_STEP": "0"}}
+    if name.endswith("_closure"):
+        loss = torch.zeros(())
+        return lambda: opt.step(lambda: loss)
     extra = next((v for k, v in env.items() if name.endswith(k)), None)
     if extra is None:
         return opt.step
@@ -169,6 +176,7 @@ def test_step_cost_side_by_side(device, memory_format):
         "median_s": med,
         "chase_plain_over_sgd": med["chase_plain_step"] / med["sgd_step"],
         "chase_plain_unfused_over_sgd": med["chase_plain_step_unfused"] / med["sgd_step"],
+        "chase_plain_closure_over_sgd": med["chase_plain_step_closure"] / med["sgd_step"],
         "fused_plain_steps": opt["chase_plain_step"]._fused_steps,
         "chase_plain_overhead_ms": 1e3 * (med["chase_plain_step"] - med["sgd_step"]),
         "chase_update_over_sgd": med["chase_update_step"] / med["sgd_step"],
