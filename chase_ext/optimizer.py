@@ -27,8 +27,8 @@ does not count). On step ``t``:
 3. one ``masked_apply_`` zeroes masked weights and every same-shape optimizer-state tensor
    (and the bias entries of removed channels); on an update step without an event only the
    biases, as the mask update of step 6 zeroes the same slots of weights and state (if
-   the step ends before it, they are masked then). On a plain step (no update, no event, no
-   closure) whose wrapped optimizer keeps a zero slot at zero, it zeroes the masked
+   the step ends before it, they are masked then). On a plain step (no update, no event; a
+   closure has run by then) whose wrapped optimizer keeps a zero slot at zero, it zeroes the masked
    *gradients* before step 2 instead: masked weights and state are 0 already and stay 0,
    the active slots step as they would anyway, and fewer bytes move; for ``torch.optim.SGD``
    and ``Adam`` / ``AdamW(fused=True)`` on the CPU the masking and the sparse weights'
