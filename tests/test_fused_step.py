@@ -173,12 +173,25 @@ def _masked_zero(chase):
                 assert not bool(v[off].any()), (n, k)
 
 
+def _two_groups(cls, **kw):
+    """The usual split: every other weight in a group with weight decay, the other weights,
+    biases and norms in one without and at another learning rate (sparse weights in both)."""
+    def make(ps):
+        ps = list(ps)
+        ws = [p for p in ps if p.dim() > 1]
+        rest = [p for p in ps if p.dim() <= 1]
+        return cls([{"params": ws[::2], "weight_decay": 0.05},
+                    {"params": ws[1::2] + rest, "weight_decay": 0.0, "lr": kw["lr"] * 2}], **kw)
+    return make
+
+
 SGDS = [
     ("momentum-wd", lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=5e-4)),
     ("nesterov-maximize", lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, nesterov=True, maximize=True)),
     ("dampening-foreach-off", lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.8, dampening=0.2,
                                                          weight_decay=1e-3, foreach=False)),
     ("plain", lambda ps: torch.optim.SGD(ps, lr=0.05)),
+    ("sgd-two-groups", _two_groups(torch.optim.SGD, lr=0.05, momentum=0.9)),
 ]
 
 
@@ -187,6 +200,7 @@ ADAMS = [
     ("adam-fused-amsgrad-wd", lambda ps: torch.optim.Adam(ps, lr=2e-3, weight_decay=1e-3, amsgrad=True, fused=True)),
     ("adamw-fused-maximize-beta", lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.3, 0.95), maximize=True,
                                                                fused=True)),
+    ("adamw-fused-two-groups", _two_groups(torch.optim.AdamW, lr=1e-3, fused=True)),
 ]
 
 
