@@ -38,9 +38,9 @@ using SgdFn = void (*)(float* p, float* g, float* b, const uint8_t* m, int64_t n
 // The scalars of one Adam / AdamW step of one tensor, as torch's fused CPU kernel casts
 // them to float (masked_adam.cpp).
 struct AdamArgs {
-  float decay, weight_decay, lerp_w, lerp_w_minus_1, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
+  float decay, weight_decay, lerp_coeff, beta2, one_minus_beta2, bc2_sqrt, eps, neg_step_size;
   int wd_mode;  // 0: none, 1: Adam (added to the gradient), 2: AdamW (decoupled)
-  bool lerp_small, amsgrad, maximize;
+  bool lerp_small, amsgrad, maximize;  // lerp_small: lerp_coeff is w (else w - 1), see masked_adam.cpp
 };
 // One Adam step on n float32 slots whose gradients are masked first; the first `body`
 // slots round as ATen's vector body, the rest as its scalar tail (mx unused without amsgrad)

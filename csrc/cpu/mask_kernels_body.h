@@ -214,8 +214,7 @@ void masked_adam_slots(float* __restrict p, float* __restrict g, float* __restri
                        float* __restrict mx, const uint8_t* __restrict m, int64_t j0, int64_t j1, const AdamArgs& a) {
   const float decay = a.decay, wd = a.weight_decay, b2 = a.beta2, c2 = a.one_minus_beta2;
   const float bc2 = a.bc2_sqrt, eps = a.eps, neg_ss = a.neg_step_size;
-  // exp_avg.lerp_(grad, w): fma(w, g - e, e) for |w| < 0.5, else fma(w - 1, g - e, g)
-  const float lw = a.lerp_small ? a.lerp_w : a.lerp_w_minus_1;
+  const float lw = a.lerp_coeff;  // exp_avg.lerp_(grad, w), see AdamArgs
   const bool small = a.lerp_small;
   uint32_t* gb = reinterpret_cast<uint32_t*>(g);
   for (int64_t j = j0; j < j1; ++j) {

@@ -75,18 +75,22 @@ void masked_adam(at::TensorList params, at::TensorList grads, at::TensorList exp
       *c = *c + 1.0;
     }
   }
+  auto count = [](const at::Tensor& s) {
+    return s.scalar_type() == at::kFloat ? *s.data_ptr<float>() : static_cast<float>(*s.data_ptr<double>());
+  };
   const AdamFn step_fn = mask_kernels().masked_adam;
   for (size_t i = 0; i < params.size(); ++i) {
     // the scalars as torch's fused kernel computes them: in double, each cast to float once
-    const double t = static_cast<double>(steps[i].item<float>());
+    const double t = static_cast<double>(count(steps[i]));
     const double bc1 = 1 - std::pow(beta1, t), bc2 = 1 - std::pow(beta2, t);
     const double step_size = lr / bc1;
     AdamArgs a;
     a.decay = static_cast<float>(1 - lr * weight_decay);
     a.weight_decay = static_cast<float>(weight_decay);
-    a.lerp_w = static_cast<float>(1 - beta1);
-    a.lerp_w_minus_1 = a.lerp_w - 1.0f;
-    a.lerp_small = std::abs(a.lerp_w) < 0.5f;
+    // exp_avg.lerp_(grad, w): fma(w, g - e, e) for |w| < 0.5, else fma(w - 1, g - e, g)
+    const float w = static_cast<float>(1 - beta1);
+    a.lerp_small = std::abs(w) < 0.5f;
+    a.lerp_coeff = a.lerp_small ? w : w - 1.0f;
     a.beta2 = static_cast<float>(beta2);
     a.one_minus_beta2 = static_cast<float>(1 - beta2);
     a.bc2_sqrt = static_cast<float>(std::sqrt(bc2));
