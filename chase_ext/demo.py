@@ -12,7 +12,7 @@ measures it. It prints a table and writes a report folder::
     accuracy.png             test accuracy over epochs of the three runs
     summary.png              parameters, MACs and measured throughput, dense vs slim
 
-Defaults take a few minutes on 2 CPU cores; ``--quick`` is a smoke run for tests / CI.
+Defaults take 1-2 minutes on 2 CPU cores; ``--quick`` is a smoke run for tests / CI.
 """
 from __future__ import annotations
 

@@ -9,11 +9,12 @@ and :class:`ChaseCallback` does both::
 
     trainer = lightning.Trainer(..., callbacks=[chase_ext.lightning.ChaseCallback()])
 
-* **DDP** (``strategy="ddp"`` / ``"ddp_spawn"``): a slim shrinks parameters, which the DDP
-  wrapper Lightning built cannot follow; after every training batch that slimmed, the
-  callback replaces ``trainer.strategy.model`` by a new wrapper (``chase_ext.rewrap_ddp``;
-  every rank slims at the same step, so every rank re-wraps together). DDP communication
-  hooks registered through the strategy are not carried over.
+* **DDP** (``strategy="ddp"``; ``"ddp_spawn"`` does not fit a run that slims, see the
+  README): a slim shrinks parameters, which the DDP wrapper Lightning built cannot follow;
+  after every training batch that slimmed, the callback replaces ``trainer.strategy.model``
+  by a new wrapper (``chase_ext.rewrap_ddp``; every rank slims at the same step, so every
+  rank re-wraps together). DDP communication hooks registered through the strategy are not
+  carried over.
 * **Weight averaging** (Lightning's ``WeightAveraging`` / ``EMAWeightAveraging`` callbacks,
   or any callback keeping a ``torch.optim.swa_utils.AveragedModel`` in ``_average_model``):
   the averaged copy is slimmed like the model right after every step that slimmed

@@ -67,7 +67,7 @@ Choices where SPEC is vague:
   seeded CPU generator, so every rank takes the same ones without communication.
   Slimming changes parameter shapes, which a built DDP wrapper cannot follow: re-wrap with
   ``ddp = chase_ext.rewrap_ddp(ddp, chase)`` after ``chase.step()`` (a no-op on steps that
-  did not slim); a slim under DDP warns once per slim.
+  did not slim); a slim under DDP warns while ``rewrap_ddp`` has never been called.
 * **Explicit groups**: ``channel_groups`` is any spec accepted by
   ``chase_ext.graph.explicit_groups`` (``ChannelGroup`` objects or dicts); it wins over
   tracing when both it and ``example_inputs`` are given.
