@@ -10,18 +10,22 @@ returns a new ``torch.fx.GraphModule`` that
   tracks running statistics. Folding uses the running statistics, so the result equals
   the eval-mode model; the arithmetic is done in float64 and cast back;
 * is in eval mode with ``requires_grad=False`` parameters;
-* optionally runs channels_last (``channels_last=True``, 4-D weights) and in
-  ``dtype`` (``torch.float16`` / ``torch.bfloat16``: every floating parameter and buffer);
+* optionally runs channels_last (``channels_last=True``: every 4-D parameter and buffer;
+  others, such as a Conv3d's 5-D weight, keep their layout) and in ``dtype``
+  (``torch.float16`` / ``torch.bfloat16``: every floating parameter and buffer);
 * with ``fuse_relu=True``, runs conv -> [+ residual] -> relu as one cuDNN call on CUDA
-  and one oneDNN call on the CPU (:func:`fuse_conv_relu`);
+  and one oneDNN call on the CPU (:func:`fuse_conv_relu`; a residual of another shape or
+  dtype than the conv output, which the add would broadcast or promote, stays unfused);
 * is plain eager PyTorch, so ``torch.compile``, ``torch.export`` and ``torch.onnx.export``
   take it, and :func:`cuda_graph_runner` captures it into one CUDA graph replay.
 
 The model must trace with ``torch.fx.symbolic_trace`` (the same requirement as channel
 group tracing, ``chase_ext.graph``); ``fold=False`` skips folding (and tracing) and only
 applies eval mode, layout and dtype to a copy.
-``deploy`` checks, before any dtype change, that the folded model reproduces the original
-eval-mode output on ``example_inputs`` within ``check_rtol`` of the output's scale.
+With ``fold``, ``deploy`` runs ``example_inputs`` through the trace first (inputs the model
+does not accept raise a ``ValueError`` naming the layer that failed) and checks, before any dtype
+change, that the folded model reproduces the original eval-mode output on them within
+``check_rtol`` of the output's scale.
 """
 from __future__ import annotations
 
@@ -31,7 +35,9 @@ from typing import Any, Callable
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import TensorMetadata
+
+from .tracing import _shape_prop
 
 __all__ = ["deploy", "fold_batchnorm", "fuse_conv_relu", "conv_add_relu", "conv_add_relu_", "cuda_graph_runner"]
 
@@ -95,8 +101,8 @@ def fold_batchnorm(model: nn.Module, example_inputs: Any) -> tuple[fx.GraphModul
     except Exception as e:  # noqa: BLE001 - any tracing failure means the same thing here
         raise ValueError(f"deploy: the model does not trace with torch.fx ({type(e).__name__}: {e}); "
                          f"pass fold=False to deploy it without folding norms") from e
-    with torch.no_grad():
-        ShapeProp(gm).propagate(*args)  # Linear+BN1d folds only for a 2-D (N, C) output
+    # Linear+BN1d folds only for a 2-D (N, C) output; fuse_conv_relu reads the shapes too
+    _shape_prop(src, gm, args)
     uses = _module_uses(gm)
     shared = _shared_params(gm)
     modules = dict(gm.named_modules())
@@ -207,13 +213,22 @@ def _is_relu(node: fx.Node, modules: dict) -> bool:
     return node.op == "call_method" and node.target in ("relu", "relu_")
 
 
+def _same_tensor(a: fx.Node, b: fx.Node) -> bool:
+    """Shape propagation saw ``a`` and ``b`` as tensors of one shape and dtype."""
+    ma, mb = a.meta.get("tensor_meta"), b.meta.get("tensor_meta")
+    return (isinstance(ma, TensorMetadata) and isinstance(mb, TensorMetadata)
+            and ma.shape == mb.shape and ma.dtype == mb.dtype)
+
+
 def fuse_conv_relu(gm: fx.GraphModule) -> list[str]:
     """In place: every ``relu(conv(x))`` and ``relu(conv(x) + z)`` (``nn.Conv2d``, zero
-    padding, the conv and the sum used by nothing else, the conv called once) becomes one
-    :func:`conv_add_relu` call; :func:`conv_add_relu_` (the result written over ``z``) where
-    ``z`` is the fresh output of a conv or of a fused call and nothing after the fused call
-    reads it (ResNet's residual: the previous block's output or the downsample conv's).
-    Returns the fused convs' names."""
+    padding, the conv and the sum used by nothing else, the conv called once; ``z`` not the
+    conv output itself and of its shape and dtype as shape propagation recorded them: the
+    graph :func:`fold_batchnorm` returns carries them, and without them no add is fused)
+    becomes one :func:`conv_add_relu` call; :func:`conv_add_relu_` (the result written over
+    ``z``) where ``z`` is the fresh output of a conv or of a fused call and nothing after the
+    fused call reads it (ResNet's residual: the previous block's output or the downsample
+    conv's). Returns the fused convs' names."""
     modules = dict(gm.named_modules())
     uses = _module_uses(gm)
     fused = []
@@ -226,7 +241,9 @@ def fuse_conv_relu(gm: fx.GraphModule) -> list[str]:
             a, b = src.args
             conv_first = isinstance(a, fx.Node) and a.op == "call_module" and isinstance(modules.get(a.target), nn.Conv2d)
             conv, z = (a, b) if conv_first else (b, a)
-            if not isinstance(z, fx.Node):
+            # the fused add takes z as it is (oneDNN and cuDNN neither broadcast it up to the conv
+            # output nor promote its dtype); relu(y + y) would read the conv node erased below
+            if not (isinstance(conv, fx.Node) and isinstance(z, fx.Node)) or z is conv or not _same_tensor(z, conv):
                 continue
         else:
             conv = src
@@ -240,6 +257,8 @@ def fuse_conv_relu(gm: fx.GraphModule) -> list[str]:
             b = gm.graph.get_attr(f"{conv.target}.bias") if m.bias is not None else None
             new = gm.graph.call_function(conv_add_relu, (conv.args[0], w, b, z, tuple(m.stride), tuple(m.padding),
                                                          tuple(m.dilation), m.groups))
+        if "tensor_meta" in relu.meta:  # a later add may take this call's output as its residual
+            new.meta["tensor_meta"] = relu.meta["tensor_meta"]
         relu.replace_all_uses_with(new)
         gm.graph.erase_node(relu)
         if src is not conv:
@@ -320,7 +339,8 @@ def deploy(model: nn.Module, example_inputs: Any, *, fold: bool = True, channels
     if dtype is not None:
         out.to(dtype)
     if channels_last:
-        out.to(memory_format=torch.channels_last)
+        # only 4-D tensors have that layout: Module.to would raise on a Conv3d's 5-D weight
+        out._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
     out.folded = folded
     out.fused = fused
     return out

@@ -228,6 +228,50 @@ def test_residuals_read_elsewhere_are_not_overwritten():
         _close(y, model(x))
 
 
+class _BroadcastResidual(nn.Module):
+    """A residual add that broadcasts one conv's (N, C, 1, 1) output (a conv on the pooled
+    map) up to the other's shape: no fused add takes that; the stem still fuses."""
+
+    def __init__(self, ctx_first):
+        super().__init__()
+        self.ctx_first = ctx_first
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.ctx = nn.Conv2d(8, 8, 1)
+        self.local = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        s = torch.relu(self.bn(self.stem(x)))
+        c, loc = self.ctx(s.mean((2, 3), keepdim=True)), self.local(s)
+        return torch.relu(c + loc if self.ctx_first else loc + c)
+
+
+class _SelfAdd(nn.Module):
+    """relu(y + y): the residual is the conv output itself."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(torch.relu(self.stem(x)))
+        return torch.relu(y + y)
+
+
+@pytest.mark.parametrize("make", [lambda: _BroadcastResidual(True), lambda: _BroadcastResidual(False), _SelfAdd],
+                         ids=["broadcast-ctx-first", "broadcast-ctx-second", "self-add"])
+def test_fuse_relu_leaves_unfusable_adds(make):
+    torch.manual_seed(0)
+    model = _perturb_bn(make()).eval()
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    dep = deploy(model, x, fuse_relu=True)
+    assert dep.fused == ["stem"]
+    assert sum(n.target is torch.relu for n in dep.graph.nodes) == 1  # the add's relu stays
+    with torch.no_grad():
+        _close(dep(x), model(x))
+
+
 def test_slim_model_folds_and_matches():
     torch.manual_seed(0)
     model = _perturb_bn(resnet_bottleneck()).eval()
@@ -301,6 +345,42 @@ def test_layout_and_dtype():
         got = dep(x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last))
     assert got.dtype == torch.bfloat16
     _close(got, ref, rtol=0.05)
+
+
+class _Conv3dThen2d(nn.Module):
+    """A Conv3d (5-D weight, no channels_last layout) feeding a Conv2d (4-D: channels_last)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv3d = nn.Conv3d(3, 4, 3, padding=1)
+        self.bn3d = nn.BatchNorm3d(4)
+        self.conv2d = nn.Conv2d(16, 8, 3, padding=1)
+        self.bn2d = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8 * 25, 2)
+
+    def forward(self, x):  # x: (N, 3, 4, 5, 5)
+        h = torch.relu(self.bn3d(self.conv3d(x)))
+        h = torch.relu(self.bn2d(self.conv2d(h.flatten(1, 2))))
+        return self.fc(h.flatten(1))
+
+
+@pytest.mark.parametrize("fuse_relu", [False, True])
+def test_channels_last_leaves_5d_weights_alone(fuse_relu):
+    model = _perturb_bn(_Conv3dThen2d()).eval()
+    x = torch.randn(2, 3, 4, 5, 5, generator=torch.Generator().manual_seed(0))
+    dep = deploy(model, x, channels_last=True, fuse_relu=fuse_relu)
+    assert dep.conv2d.weight.is_contiguous(memory_format=torch.channels_last)
+    assert dep.conv3d.weight.dim() == 5 and dep.conv3d.weight.is_contiguous()
+    assert dep.fused == (["conv2d"] if fuse_relu else [])
+    with torch.no_grad():
+        _close(dep(x), model(x))
+
+
+def test_example_inputs_the_model_does_not_accept(capfd):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 36, 2))
+    with pytest.raises(ValueError, match=r"example_inputs do not run through Sequential.*layer '0' \(Conv2d\)"):
+        deploy(model, torch.randn(2, 4, 8, 8))
+    assert capfd.readouterr().err == ""  # the error carries the cause: no traceback printed
 
 
 def test_bad_input():
