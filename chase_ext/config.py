@@ -33,6 +33,9 @@ Choices where SPEC is silent (documented here, enforced by validation):
   required, and the channel schedule must end at the budget (SPEC §4): some parameter
   update step ``u`` with ``u % update_interval == 0``, ``u >= last event step`` and
   ``u < min(t_end, total_steps)`` must exist.
+* Updates that stop (``t_end``) while phase A's soft bound is still above 0 (global
+  scope) are accepted, as SPEC allows (``final_soft_bound``); ChaseOptimizer warns when
+  that leaves weights above the budget at the end of the run.
 """
 from __future__ import annotations
 
@@ -41,6 +44,8 @@ import numbers
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+from .schedules import soft_bound
 
 __all__ = ["ChaseConfig", "resolve_steps", "last_channel_event"]
 
@@ -269,6 +274,19 @@ class ChaseConfig:
                     f"before min(t_end, total_steps)={stop}, so the freed weights would never be re-grown; "
                     f"lower channel_end or raise t_end"
                 )
+
+    def final_soft_bound(self) -> tuple[int, float] | None:
+        """``(step, δ)`` when the last mask update falls in phase A with a soft bound δ > 0
+        left (global scope): SPEC lets updates stop (``t_end``) before phase A ends
+        (``t_explore_end``), and the run then ends with B + round(δ·N) weights active,
+        above the budget. None otherwise. ChaseOptimizer warns when round(δ·N) > 0."""
+        T, dt = self.total_steps, self._update_steps
+        last = (min(self._t_end_steps, T) - 1) // dt * dt  # the last update step, if >= 1
+        tm = self._t_explore_end_steps
+        if self.scope != "global" or last < 1 or last >= tm:
+            return None
+        delta = soft_bound(last, tm, self.soft_bound, self.soft_bound_end)
+        return (last, delta) if delta > 0 else None
 
     # resolved schedule, in steps
     @property

@@ -35,10 +35,15 @@ Taken only where that equality is known, and otherwise the unfused path runs:
   itself picking the single-tensor rule for ``foreach=None`` (on the CPU it does),
   ``differentiable`` False and plain numbers as settings; Adam: ``fused=True``,
   ``capturable`` and ``differentiable`` False, plain numbers as settings;
-* the op equals the torch optimizer on this machine, checked once per setting (and, for
-  Adam, per vector width tried: 8, then 16) on random tensors whose lengths cover the
-  vector body and the scalar tail of ATen's kernels: a CPU or torch build that rounds
-  otherwise fails the check, and its plain steps stay unfused.
+* the op equals the torch optimizer on this machine, checked once per kind of setting
+  (and, for Adam, per vector width tried: 8, then 16) on random tensors whose lengths
+  cover the vector body and the scalar tail of ATen's kernels: a CPU or torch build that
+  rounds otherwise fails the check, and its plain steps stay unfused. A kind is what
+  picks the branches of torch's rule and of the op (each setting zero or not, the flags,
+  which side of 0.5 Adam's lerp weight ``1 - beta1`` lies on), not the values: the
+  roundings of both depend only on those branches, so a scheduler that changes momentum
+  or the betas every step (``OneCycleLR``, ``CyclicLR``) reuses the first check of its
+  kind instead of probing again each step.
 
 ``CHASE_EXT_FUSED_STEP=0`` in the environment turns it off (read on every step).
 """
@@ -56,7 +61,6 @@ from .layout import maskable_by
 __all__ = ["plan", "step", "sgd_matches_torch", "adam_width"]
 
 _SGD_SETTINGS = ("weight_decay", "momentum", "dampening", "nesterov", "maximize")
-_ADAM_SETTINGS = ("beta1", "beta2", "weight_decay", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
 _ADAM_WIDTHS = (8, 16)  # ATen's float32 vector width for AVX2 and AVX-512 kernels
 _checked: dict[tuple, Any] = {}  # probe results: SGD -> bool, Adam -> vector width or None
 
@@ -207,11 +211,31 @@ def _isa() -> str:
     return os.environ.get("CHASE_EXT_CPU_ISA", "")
 
 
+def _sgd_kind(s: dict) -> tuple:
+    """What picks the branches of SGD's rule and of ``masked_sgd_``: ``weight_decay``,
+    ``momentum`` zero or not (``1 - dampening`` is an ``alpha``: any value, one rounding),
+    ``nesterov``, ``maximize``."""
+    return ("sgd", s["weight_decay"] != 0, s["momentum"] != 0, bool(s["nesterov"]), bool(s["maximize"]))
+
+
+def _adam_kind(cls: type, s: dict) -> tuple:
+    """What picks the branches of torch's fused Adam and of ``masked_adam_``: the class,
+    weight decay zero or not, the flags, and the lerp's side of 0.5 (ATen's lerp takes
+    ``a + w*(b - a)`` below it, ``b - (b - a)*(1 - w)`` otherwise). A weight within 1e-6
+    of 0.5 keys on its value: which side the float arithmetic of each lands on is not
+    worth reasoning about."""
+    w = 1.0 - float(s["beta1"])
+    side = w if abs(w - 0.5) < 1e-6 else w < 0.5
+    return ("adam", cls.__name__, s["weight_decay"] != 0, side, bool(s["amsgrad"]), bool(s["maximize"]),
+            bool(s["decoupled_weight_decay"]))
+
+
 def sgd_matches_torch(ops: Any, settings: dict) -> bool:
     """Whether ``ops.masked_sgd_`` equals ``torch.optim.SGD`` (after masking the
-    gradients) bit for bit on this machine for these settings; checked once per setting
-    and instruction set, on lengths that cover ATen's vector body and scalar tail."""
-    key = ("sgd",) + tuple(float(settings[k]) for k in _SGD_SETTINGS) + (_isa(),)
+    gradients) bit for bit on this machine for settings of this kind (``_sgd_kind``);
+    checked once per kind and instruction set, on lengths that cover ATen's vector body
+    and scalar tail, with the first settings of the kind met."""
+    key = _sgd_kind(settings) + (_isa(),)
     if key not in _checked:
         _checked[key] = _sgd_probe(ops, settings)
     return _checked[key]
@@ -219,9 +243,10 @@ def sgd_matches_torch(ops: Any, settings: dict) -> bool:
 
 def adam_width(ops: Any, cls: type, settings: dict) -> int | None:
     """The vector width with which ``ops.masked_adam_`` equals ``cls(fused=True)`` (Adam or
-    AdamW, after masking the gradients) bit for bit on this machine for these settings, or
-    None; checked once per setting, class and instruction set."""
-    key = ("adam", cls.__name__) + tuple(float(settings[k]) for k in _ADAM_SETTINGS) + (_isa(),)
+    AdamW, after masking the gradients) bit for bit on this machine for settings of this
+    kind (``_adam_kind``), or None; checked once per kind and instruction set, with the
+    first settings of the kind met."""
+    key = _adam_kind(cls, settings) + (_isa(),)
     if key not in _checked:
         _checked[key] = next((w for w in _ADAM_WIDTHS if _adam_probe(ops, cls, settings, w)), None)
     return _checked[key]

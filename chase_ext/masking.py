@@ -4,8 +4,13 @@
 around the wrapped optimizer's step:
 
 * alignment: each mask stays on its parameter's device and in its memory layout, and all
-  sparse weights on one device the backend has kernels for (``_align_masks``,
-  ``_check_devices``);
+  sparse weights on one device and one dtype the backend has kernels for (``_align_masks``,
+  ``_check_devices``, ``_check_dtypes``); masks replaced through ``ChaseOptimizer.masks``
+  are checked there (``MaskView``, ``_set_mask``);
+* writes from outside: the version counters of weights and masks as each step leaves them
+  (``_note_versions``); a plain step that finds them moved (``_written_since``: the user
+  loaded weights or wrote a mask) masks weights and state after the wrapped step, not
+  gradients before it, so what was written is masked too;
 * liveness: the live row/column vectors of channel groups and the bias masks of removed
   channels, rebuilt after every channel change (``_rebuild_live``);
 * the masked apply: one ``masked_apply_`` zeroes masked weights, the same-shape
@@ -29,6 +34,7 @@ the channel setup (``_row_group``, ``_col_group``, ``_g_bias``,
 from __future__ import annotations
 
 import warnings
+from collections.abc import MutableMapping
 
 import torch
 from torch import nn
@@ -36,7 +42,43 @@ from torch import nn
 from . import layout as _layout
 from . import sparsity as _sp
 
-__all__ = ["MaskingMixin"]
+__all__ = ["MaskingMixin", "MaskView"]
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class MaskView(MutableMapping):
+    """``ChaseOptimizer.masks``: parameter name -> the live bool mask. Masks may be written
+    in place, or an entry replaced by a bool tensor of its parameter's shape (moved to the
+    parameter's device and layout); entries are never added or removed. Pickles and copies
+    as a plain dict of the masks."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: "MaskingMixin") -> None:
+        self._owner = owner
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._owner._mask_dict[name]
+
+    def __setitem__(self, name: str, mask: torch.Tensor) -> None:
+        self._owner._set_mask(name, mask)
+
+    def __delitem__(self, name: str) -> None:
+        raise TypeError(f"ChaseOptimizer.masks: a sparse weight always has a mask ({name!r} cannot be removed); "
+                        "write False into it, or exclude the weight when building the ChaseOptimizer")
+
+    def __iter__(self):
+        return iter(self._owner._mask_dict)
+
+    def __len__(self) -> int:
+        return len(self._owner._mask_dict)
+
+    def __repr__(self) -> str:
+        return repr(self._owner._mask_dict)
+
+    def __reduce__(self):
+        return (dict, (dict(self._owner._mask_dict),))
 
 
 class MaskingMixin:
@@ -52,6 +94,10 @@ class MaskingMixin:
         moved = any(self._mask_dict[n].device != p.device for n, p in zip(self._names, self._params))
         if moved:
             self._check_devices()
+        if self.backend == "native":
+            dt = self._params[0].dtype
+            if dt not in _KERNEL_DTYPES or any(p.dtype != dt for p in self._params):
+                self._check_dtypes()
         for n, p in zip(self._names, self._params):
             m = self._mask_dict[n]
             if m.device != p.device:
@@ -75,6 +121,48 @@ class MaskingMixin:
                 "ChaseOptimizer: the model is on CUDA but chase_ext._C was built without CUDA kernels; "
                 "rebuild it with CHASE_EXT_CUDA=1 (pip install --no-build-isolation .) or pass backend='reference'"
             )
+
+    def _check_dtypes(self) -> None:
+        """The native kernels take one of float32 / bfloat16 / float16, one dtype for all
+        sparse weights: checked at construction, and a model converted after wrapping
+        (``model.double()``) is refused at its next step before anything changes, not inside
+        the kernel after the wrapped step."""
+        if self.backend != "native":
+            return
+        kinds = {p.dtype for p in self._params}
+        odd = [f"{n!r} is {p.dtype}" for n, p in zip(self._names, self._params) if p.dtype not in _KERNEL_DTYPES]
+        if odd or len(kinds) > 1:
+            raise TypeError(
+                "ChaseOptimizer: the sparse weights must share one dtype among float32, bfloat16 and float16 "
+                f"(got {', '.join(odd[:4]) if odd else sorted(map(str, kinds))}); convert the whole model "
+                "(e.g. model.float()) or exclude those weights"
+            )
+
+    def _set_mask(self, name: str, mask: torch.Tensor) -> None:
+        """``chase.masks[name] = mask``: checked, then on the parameter's device and layout."""
+        i = self._index.get(name) if isinstance(name, str) else None
+        if i is None:
+            raise KeyError(f"ChaseOptimizer.masks: {name!r} is not a sparse weight (sparse_names() lists them)")
+        p = self._params[i]
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != p.shape:
+            got = (f"{mask.dtype} of shape {tuple(mask.shape)}" if isinstance(mask, torch.Tensor)
+                   else type(mask).__name__)
+            raise ValueError(f"ChaseOptimizer.masks[{name!r}]: expected a torch.bool tensor of shape "
+                             f"{tuple(p.shape)} (the parameter's), got {got}")
+        self._mask_dict[name] = _layout.like(mask.detach().to(p.device), p)
+        self._forget_counts()
+        self._versions = None  # a new tensor's counter may equal the old one's: a write all the same
+
+    def _note_versions(self) -> None:
+        """Remember the weights' and masks' version counters as ChaseOptimizer leaves them."""
+        self._versions = [t._version for t in self._params] + [self._mask_dict[n]._version for n in self._names]
+
+    def _written_since(self) -> bool:
+        """Whether a weight or mask was written in place (``model.load_state_dict``, an
+        in-place op under ``no_grad``, a mask edited through ``masks``) since
+        ``_note_versions``. Writes through ``.data`` bump no counter and go unseen."""
+        now = [t._version for t in self._params] + [self._mask_dict[n]._version for n in self._names]
+        return now != self._versions
 
     def _rebuild_live(self) -> None:
         """Live row/col vectors and bias masks from the channel state (after any change).

@@ -103,13 +103,11 @@ from .config import ChaseConfig
 from .events import ChannelEventsMixin
 from .grad_masking import has_step_hooks, keeps_zero_slots, leaves_gradients_alone
 from .groups import ChannelGroup
-from .masking import MaskingMixin
+from .masking import MaskingMixin, MaskView
 from .schedules import is_channel_event, is_update_step
 from .wrappers import check_not_sharded, is_ddp, unwrap_model
 
 __all__ = ["ChaseOptimizer"]
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _load_backend(backend: str):
@@ -184,6 +182,8 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, ChaseOptimizer):
             raise TypeError("optimizer is already a ChaseOptimizer")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if config is not None and not isinstance(config, ChaseConfig):
             raise TypeError(f"config must be a ChaseConfig (the knobs are keyword arguments: density=..., "
                             f"total_steps=...), got {type(config).__name__} {config!r:.40}")
@@ -216,15 +216,6 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         sparse = _sp.find_sparse(self.model, cfg.exclude)
         if not sparse:
             raise ValueError("the model has no sparse tensors (Conv/Linear weights not excluded)")
-        if backend == "native":  # the kernels take one of these, one dtype for the model
-            kinds = {p.dtype for _, p in sparse}
-            odd = [f"{n!r} is {p.dtype}" for n, p in sparse if p.dtype not in _KERNEL_DTYPES]
-            if odd or len(kinds) > 1:
-                raise TypeError(
-                    "ChaseOptimizer: the sparse weights must share one dtype among float32, bfloat16 and "
-                    f"float16 (got {', '.join(odd) if odd else sorted(map(str, kinds))}); convert the model "
-                    "or exclude those weights"
-                )
         owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, p in sparse if id(p) not in owned]
         if missing:
@@ -235,6 +226,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
             )
         self._names = [n for n, _ in sparse]
         self._params = [p for _, p in sparse]
+        self._check_dtypes()
         self._check_devices()
         self._unmasked_states: set[tuple[int, Any]] = set()  # (id(param), state key) warned about
         self._fused_steps = 0  # plain steps taken by a fused op (fused_step.py)
@@ -246,6 +238,13 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         self._gen = torch.Generator()
         self._gen.manual_seed(cfg.seed)
 
+        ending = cfg.final_soft_bound()
+        if ending is not None and round(ending[1] * self.total_sparse) > 0:
+            warnings.warn(
+                f"ChaseOptimizer: the last mask update (step {ending[0]}) falls in phase A (before t_explore_end="
+                f"{cfg.t_explore_end_steps} steps), so the run ends with {round(ending[1] * self.total_sparse)} "
+                f"weights active above the budget of {self.budget} (soft bound {ending[1]:.3g}); set "
+                "t_explore_end <= t_end to end at the budget", stacklevel=2)
         counts = _sp.init_counts(self._orig_shapes, self.budget, cfg.init, cfg.dense_first_layer, cfg.density)
         self._k = list(counts)  # per-tensor counts (layer scope)
         masks = _sp.init_masks(self._params, counts, self._gen)
@@ -264,6 +263,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         self._rebuild_live()
         with torch.no_grad():
             self._masked_apply()
+        self._note_versions()
 
     # ------------------------------------------------------------------ step (SPEC §3.0, §4)
     def step(self, closure: Callable | None = None):  # type: ignore[override]
@@ -303,7 +303,9 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         # A closure ran above, so its gradients are this step's; the listed optimizers call
         # it once (its first loss comes back, no new gradients); should one run it again,
         # the step masks weights and state after it instead (below).
-        plain = not upd and not ev
+        # Weights or masks written since the last step (a loaded state dict, an edited mask)
+        # may hold non-zeros at masked slots: this step masks weights and state after it.
+        plain = not upd and not ev and not self._written_since()
         with torch.no_grad():
             zero_safe = plain and keeps_zero_slots(self.optimizer)
             fused = _fused_step.plan(self) if zero_safe and not capturing else None
@@ -357,6 +359,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
             finally:
                 if deferred:
                     self._masked_apply()
+        self._note_versions()
         return loss
 
     def _growth_scores(self, may_share: bool) -> tuple[list[torch.Tensor], list]:
@@ -421,11 +424,13 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
     @property
     def masks(self) -> dict[str, torch.Tensor]:
         """Parameter name -> bool mask (True = active), current physical shapes, on each
-        parameter's device and in its memory layout. The masks may be written through this
-        (the next update then counts the active weights again)."""
+        parameter's device and in its memory layout. The masks may be written through this,
+        in place or by replacing an entry with a bool tensor of the parameter's shape (the
+        next step masks the weights by them, and the next update counts the active weights
+        again); entries cannot be added or removed (:class:`chase_ext.masking.MaskView`)."""
         self._align_masks()
         self._forget_counts()
-        return self._mask_dict
+        return MaskView(self)
 
     @property
     def t(self) -> int:

@@ -20,6 +20,11 @@
       ``p``'s rank that broadcasts to it and spans the gathered dim (Adafactor's factored
       ``row_var`` / ``col_var``); one of size 1 there (a mean over that dim) is left as it
       is, as are scalars (``step``) and other shapes. ``p.grad`` is gathered too.
+      ``torch.optim.LBFGS`` keeps its history as flat vectors over all its parameters
+      (``d``, ``prev_flat_grad``, ``old_dirs``, ``old_stps``): the entries of removed
+      slots are dropped from each, so it goes on with the history of the kept slots.
+      Any other state tensor that fits none of these is left as it is, with a warning
+      naming it (the wrapped optimizer would likely fail at its next step).
 
     Parameter objects keep their identity: only ``p.data`` changes, so the optimizer's
     ``param_groups`` and any reference a user holds stay valid. Buffers keep identity
@@ -62,6 +67,7 @@ import copy
 import functools
 import inspect
 import math
+import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -120,6 +126,10 @@ def _expand(idx: Tensor, repeat: int) -> Tensor:
     return (idx.view(-1, 1) * repeat + torch.arange(repeat, dtype=idx.dtype, device=idx.device)).reshape(-1)
 
 
+_LBFGS_FLAT = ("d", "prev_flat_grad")  # one flat vector over all parameters
+_LBFGS_FLAT_LISTS = ("old_dirs", "old_stps")  # lists of such vectors
+
+
 class _Slimmer:
     def __init__(self, model, optimizer, masks, gather):
         self.model = model
@@ -129,6 +139,17 @@ class _Slimmer:
         self.pname = {}
         for n, p in model.named_parameters():
             self.pname.setdefault(id(p), n)
+        self.unfit: list[str] = []  # state tensors left as they are (warned about)
+        # LBFGS: each parameter's slots numbered by their offset in its flat vectors, the
+        # numbers gathered with the parameter; the survivors index the flat state after
+        self.flat_pos: dict[int, Tensor] | None = None
+        if isinstance(optimizer, torch.optim.LBFGS) and optimizer.param_groups:
+            params = optimizer.param_groups[0]["params"]
+            if params and optimizer.state.get(params[0]):
+                self.flat_pos, off = {}, 0
+                for q in params:
+                    self.flat_pos[id(q)] = torch.arange(off, off + q.numel()).view(q.shape)
+                    off += q.numel()
 
     def param(self, p: nn.Parameter, idx: Tensor, dim: int) -> None:
         old_shape = p.shape
@@ -143,6 +164,12 @@ class _Slimmer:
                 for k, v in list(st.items()):
                     if isinstance(v, Tensor) and _spans(v.shape, old_shape, dim):
                         st[k] = _compact(v, idx, dim, self.gather)
+                    elif isinstance(v, Tensor) and v.numel() > 1 and not _spans(v.shape, old_shape, dim) \
+                            and not (self.flat_pos is not None and k in _LBFGS_FLAT) \
+                            and (v.dim() != len(old_shape) or v.shape[dim] != 1):
+                        self.unfit.append(f"{self.pname.get(id(p), '?')}[{k!r}] {tuple(v.shape)}")
+            if self.flat_pos is not None and id(p) in self.flat_pos:
+                self.flat_pos[id(p)] = self.flat_pos[id(p)].index_select(dim, idx)
         name = self.pname.get(id(p))
         if self.masks is not None and name is not None and name in self.masks:
             m = self.masks[name]
@@ -152,6 +179,26 @@ class _Slimmer:
         p.grad = None
         _set_param_data(p, new)
         p.grad = new_grad
+
+    def finish(self) -> None:
+        """Narrow LBFGS's flat state to the surviving slots; warn about state left as is."""
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            self.optimizer._numel_cache = None  # its cached total size, asserted at every step
+        if self.flat_pos is not None:
+            params = self.optimizer.param_groups[0]["params"]
+            st = self.optimizer.state[params[0]]
+            kept = torch.cat([self.flat_pos[id(q)].reshape(-1) for q in params])
+            for k in _LBFGS_FLAT:
+                if isinstance(st.get(k), Tensor):
+                    st[k] = st[k].index_select(0, kept.to(st[k].device))
+            for k in _LBFGS_FLAT_LISTS:
+                if isinstance(st.get(k), list):
+                    st[k] = [v.index_select(0, kept.to(v.device)) for v in st[k]]
+        if self.unfit:
+            warnings.warn(
+                f"slim_: optimizer state that fits neither its parameter's shape nor a known layout was left as it "
+                f"is: {', '.join(self.unfit[:4])}{', ...' if len(self.unfit) > 4 else ''}; the wrapped "
+                f"{type(self.optimizer).__name__} may fail at its next step", stacklevel=3)
 
     def buffer(self, b: Tensor, idx: Tensor, dim: int) -> None:
         b.data = _compact(b.data, idx, dim, self.gather)
@@ -298,6 +345,7 @@ def slim_(
                 m.in_channels = K
         rec_groups.append(group_to_dict(g))
         rec_keep.append(k.clone())
+    s.finish()
     return {"groups": rec_groups, "keep": rec_keep}
 
 

@@ -1,4 +1,6 @@
 """ChaseConfig: SPEC §8 names, defaults, the fraction-or-steps rule, every error."""
+import math
+
 import pytest
 import torch
 
@@ -113,3 +115,15 @@ def test_slim_every_and_replace():
         c.replace(nope=1)
     with pytest.raises(ValueError, match="density"):
         c.replace(density=2.0)
+
+
+
+def test_final_soft_bound_when_updates_end_in_phase_a():
+    """t_end before t_explore_end leaves the soft bound of the last update (SPEC allows it);
+    ending in phase B, with no soft bound left, or in layer scope: None."""
+    last, delta = ChaseConfig(density=0.1, total_steps=1000, t_end=0.5).final_soft_bound()
+    assert last == 492 and delta == pytest.approx(0.025 * (1 + math.cos(math.pi * 492 / 800)))
+    assert ChaseConfig(density=0.1, total_steps=1000).final_soft_bound() is None
+    assert ChaseConfig(density=0.1, total_steps=1000, t_end=0.5, t_explore_end=0.4).final_soft_bound() is None
+    assert ChaseConfig(density=0.1, total_steps=1000, t_end=0.5, soft_bound=0.0).final_soft_bound() is None
+    assert ChaseConfig(density=0.1, total_steps=1000, t_end=0.5, scope="layer").final_soft_bound() is None

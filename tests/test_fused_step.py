@@ -232,6 +232,42 @@ def test_fused_runs_equal_unfused_runs_bit_for_bit(name, factory, channels_last,
         assert torch.equal(cA.masks[n], cB.masks[n]), n
 
 
+@pytest.mark.parametrize("name,factory", [SGDS[0], ADAMS[0]], ids=["sgd", "adamw-fused"])
+def test_cycled_momentum_probes_once_per_kind_and_equals_unfused(name, factory, monkeypatch):
+    """OneCycleLR moves SGD's momentum / Adam's beta1 (and lr) every step: the machine
+    check runs once for the kind of setting, not once per value, and the runs still equal
+    the unfused ones bit for bit."""
+    sgd = not name.startswith("adam")
+    probes_per_kind = 1 if sgd else 1 + (_adam_width() == 16)  # widths 8, then 16
+    probe = "_sgd_probe" if sgd else "_adam_probe"
+    real = getattr(fused_step, probe)
+    runs = []
+    for env in ("1", "0"):
+        monkeypatch.setenv("CHASE_EXT_FUSED_STEP", env)
+        fused_step._checked.clear()
+        calls = []
+        monkeypatch.setattr(fused_step, probe, lambda *a, calls=calls: calls.append(a) or real(*a))
+        model, chase = _chase(factory)
+        sched = torch.optim.lr_scheduler.OneCycleLR(chase, max_lr=0.05 if sgd else 2e-3, total_steps=41)
+        values = set()
+
+        def check(c):
+            sched.step()
+            g = c.param_groups[0]
+            values.add(g["momentum"] if sgd else g["betas"][0])
+
+        _train(model, chase, 40, check=check)
+        runs.append((model, chase, calls, values))
+    (mA, cA, callsA, values), (mB, cB, callsB, _) = runs
+    assert len(values) > 30 and cA._fused_steps > 20 and cB._fused_steps == 0
+    assert len(callsA) == probes_per_kind and not callsB
+    for (n, a), b in zip(mA.named_parameters(), mB.parameters()):
+        assert torch.equal(_bits(a), _bits(b)), n
+        for (k, x), y in zip(cA.optimizer.state[a].items(), cB.optimizer.state[b].values()):
+            assert torch.equal(_bits(x), _bits(y)), (n, k)
+    fused_step._checked.clear()
+
+
 def _plain_step_fused(chase, model) -> bool:
     x = example_input("resnet_bottleneck", batch=4)
     before = chase._fused_steps
@@ -294,16 +330,16 @@ def test_unfused_when_a_sparse_weight_has_no_gradient_or_is_not_float32():
     before = first.detach().clone()
     chase.step()
     assert chase._fused_steps == 1 and torch.equal(first.detach(), before)
-    model64, chase64 = _chase(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), update_interval=1000,
+    model16, chase16 = _chase(lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9), update_interval=1000,
                               channel_sparsity=0.0)
-    model64.double()
-    x64 = example_input("resnet_bottleneck", batch=4).double()
+    model16.bfloat16()  # converted after wrapping: a kernel dtype, but not the fused op's
+    x16 = example_input("resnet_bottleneck", batch=4).bfloat16()
     for _ in range(3):
-        chase64.zero_grad()
-        model64(x64).sum().backward()
-        chase64.step()
-    assert chase64._fused_steps == 0
-    _masked_zero(chase64)
+        chase16.zero_grad()
+        model16(x16).sum().backward()
+        chase16.step()
+    assert chase16._fused_steps == 0
+    _masked_zero(chase16)
 
 
 def test_fused_from_the_second_step_and_grad_masked():
@@ -329,10 +365,13 @@ ADAM_SETTINGS = [(0.9, 0.999, 0.0, 1e-8, False, False, False), (0.9, 0.999, 0.05
                  (0.3, 0.95, 0.0, 1e-3, False, True, False), (0.95, 0.999, 5e-4, 1e-8, False, False, False)]
 
 
+ADAM_NAMES = ("beta1", "beta2", "weight_decay", "eps", "amsgrad", "maximize", "decoupled_weight_decay")
+
+
 def _adam_width() -> int:
     """The vector width with which masked_adam_ equals torch's fused Adam here (skips where
     none does: torch builds whose kernel rounds otherwise keep the unfused path)."""
-    s = dict(zip(fused_step._ADAM_SETTINGS, ADAM_SETTINGS[1]))
+    s = dict(zip(ADAM_NAMES, ADAM_SETTINGS[1]))
     w = fused_step.adam_width(ops, torch.optim.AdamW, s)
     if w is None:
         pytest.skip("torch's fused CPU Adam rounds otherwise on this build; fused_step keeps it unfused")
@@ -414,7 +453,7 @@ def test_masked_adam_equals_torch_adam_on_this_machine():
                 if s[4]:
                     assert torch.equal(_bits(got[4][i]), _bits(st_["max_exp_avg_sq"])), (threads, s, cl, i)
                 assert float(got[5][i]) == float(st_["step"])
-            assert fused_step.adam_width(ops, cls, dict(zip(fused_step._ADAM_SETTINGS, s))) == width
+            assert fused_step.adam_width(ops, cls, dict(zip(ADAM_NAMES, s))) == width
     finally:
         torch.set_num_threads(old)
     other = 24 - width  # 8 <-> 16
