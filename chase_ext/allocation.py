@@ -166,14 +166,18 @@ def _grid(full: int, floor: int, points: int, step: int) -> list[int]:
     return sorted(ws)
 
 
+def _weight_shape(m: nn.Module | None) -> tuple:
+    w = getattr(m, "weight", None)  # None too for a norm without affine parameters
+    return tuple(w.shape) if isinstance(w, torch.Tensor) else (0,)
+
+
 def signature(model: nn.Module, groups: Sequence[ChannelGroup]) -> str:
     """What a cached table must match: every group's layers and the shapes of their weights."""
     mods = dict(model.named_modules())
     parts = []
     for g in groups:
         names = [*g.producers, *g.followers, *(c.module for c in g.consumers)]
-        parts.append((g.name, g.channels, [(n, tuple(getattr(mods.get(n), "weight", torch.empty(0)).shape))
-                                           for n in names]))
+        parts.append((g.name, g.channels, [(n, _weight_shape(mods.get(n))) for n in names]))
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 

@@ -8,8 +8,10 @@
   ChaseOptimizer, load the ChaseOptimizer state dict, then the model state dict.
 * Masks are stored (and checkpointed) as ``torch.bool`` tensors shaped like their
   parameters, on the parameter's device; not bit-packed.
-* ``load_state_dict`` validates everything first, raising ``ValueError`` with nothing
-  changed: it compares the mask-deciding config fields (density, total_steps,
+* ``load_state_dict`` validates everything first, raising ``ValueError`` naming the entry
+  with nothing changed: it checks the type and structure of every entry it reads (lists of
+  str / ints / shapes, dicts, bool / int64 tensors with data of the right shape) before
+  using it, compares the mask-deciding config fields (density, total_steps,
   channel_sparsity, init, scope, seed), the sparse tensor names and original shapes, N, B,
   the group names and widths, and the wrapped optimizer's group sizes; it checks every
   counter, mask and channel record, replays the slim records on paper (they must end at
@@ -37,6 +39,50 @@ _STATE_VERSION = 1
 _DECIDES_CHANNELS = ("round_to", "min_channel_ratio")
 # settings recorded since a later version: a checkpoint without them ran with these values
 _SETTINGS_ADDED_LATER = {"channel_allocation": "umm"}
+
+
+def _what(v) -> str:
+    """A short description of a checkpoint value for error messages."""
+    if isinstance(v, torch.Tensor):
+        return f"a {v.dtype} tensor of shape {tuple(v.shape)}"
+    return f"{type(v).__name__} {v!r:.60}"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_shape(s) -> bool:
+    return isinstance(s, (list, tuple)) and all(_is_int(d) and d >= 0 for d in s)
+
+
+def _list_of(v, label: str, what: str, ok, n: int | None = None) -> list:
+    """``v`` as a list, when it is a list or tuple (of ``n`` items) whose every item passes
+    ``ok``; else ``ValueError`` naming the entry (``label``, e.g. ``"'names'"``)."""
+    need = f"a list of {what}" if n is None else f"a list of {n} {what}"
+    if not isinstance(v, (list, tuple)) or (n is not None and len(v) != n):
+        raise ValueError(f"checkpoint's {label} must be {need}, got {_what(v)}")
+    for i, x in enumerate(v):
+        if not ok(x):
+            raise ValueError(f"checkpoint's {label} must be {need}, got {_what(x)} at index {i}")
+    return list(v)
+
+
+def _is_tensor(v, dtype: torch.dtype, shape: tuple[int, ...] | None = None) -> bool:
+    """A dense tensor with data (not sparse, not on the meta device) of this dtype (and shape)."""
+    return (isinstance(v, torch.Tensor) and v.dtype == dtype and v.layout == torch.strided and not v.is_meta
+            and (shape is None or tuple(v.shape) == shape))
+
+
+def _same(a, b) -> bool:
+    """``a == b`` for plain checkpoint values; False where that comparison is not a plain
+    truth value (tensors, arrays) or fails."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - an odd value is just not equal
+        return False
 
 
 def _check_count(v, name: str, n: int | None = None) -> None:
@@ -141,7 +187,10 @@ class CheckpointMixin:
 
     def _check_checkpoint(self, state_dict):
         """Every check of ``load_state_dict``, touching nothing. Returns (chase entry,
-        wrapped optimizer's state dict, RNG state, channel state, slim records to replay)."""
+        wrapped optimizer's state dict, RNG state, channel state, slim records to replay).
+
+        The type and structure of every entry read is checked before it is used, so a
+        damaged checkpoint fails with a ``ValueError`` naming the entry."""
         if not isinstance(state_dict, dict) or not isinstance(state_dict.get("chase"), dict):
             raise ValueError("not a ChaseOptimizer state dict (no 'chase' entry)")
         cs = state_dict["chase"]
@@ -152,51 +201,57 @@ class CheckpointMixin:
                 raise ValueError(f"checkpoint's {where!r} entry has no {key!r}")
             return d[key]
 
-        if entry(cs, "version") != _STATE_VERSION:
-            raise ValueError(f"ChaseOptimizer checkpoint version {cs.get('version')!r}, expected {_STATE_VERSION}")
+        version = entry(cs, "version")
+        if not _is_int(version) or version != _STATE_VERSION:
+            raise ValueError(f"ChaseOptimizer checkpoint version {version!r:.80}, expected {_STATE_VERSION}")
         if not isinstance(inner.get("state"), dict) or not isinstance(inner.get("param_groups"), list):
             raise ValueError("checkpoint has no wrapped-optimizer 'state' / 'param_groups'")
-        names = entry(cs, "names")
-        if list(names) != self._names:
+        names = _list_of(entry(cs, "names"), "'names'", "str", lambda x: isinstance(x, str))
+        if names != self._names:
             raise ValueError(
                 "checkpoint does not match this model: sparse tensors differ "
-                f"(checkpoint {len(names)}: {list(names)[:3]}..., model {len(self._names)}: {self._names[:3]}...)"
+                f"(checkpoint {len(names)}: {names[:3]}..., model {len(self._names)}: {self._names[:3]}...)"
             )
-        if [tuple(s) for s in entry(cs, "orig_shapes")] != self._orig_shapes:
+        shapes = _list_of(entry(cs, "orig_shapes"), "'orig_shapes'", "shapes (lists of ints >= 0)", _is_shape)
+        if [tuple(s) for s in shapes] != self._orig_shapes:
             raise ValueError("checkpoint does not match this model: original sparse tensor shapes differ")
         fp, theirs = self.config.fingerprint(), entry(cs, "config")
-        diff = [k for k in fp if not isinstance(theirs, dict) or theirs.get(k) != fp[k]]
+        if not isinstance(theirs, dict):
+            raise ValueError(f"checkpoint's 'config' must be a dict, got {_what(theirs)}")
+        diff = [k for k in fp if not _same(theirs.get(k), fp[k])]
         if diff:
             raise ValueError(
                 "checkpoint was written with a different config: "
-                + ", ".join(f"{k}={theirs.get(k) if isinstance(theirs, dict) else None!r} (now {fp[k]!r})"
-                            for k in diff)
+                + ", ".join(f"{k}={theirs.get(k)!r:.80} (now {fp[k]!r})" for k in diff)
             )
-        if entry(cs, "total_sparse") != self.total_sparse or entry(cs, "budget") != self.budget:
+        _check_count(entry(cs, "total_sparse"), "total_sparse")
+        _check_count(entry(cs, "budget"), "budget")
+        if cs["total_sparse"] != self.total_sparse or cs["budget"] != self.budget:
             raise ValueError(
                 f"checkpoint does not match: N/B {cs['total_sparse']}/{cs['budget']} vs {self.total_sparse}/{self.budget}"
             )
-        if list(entry(cs, "groups")) != [g.name for g in self.groups]:
+        groups = _list_of(entry(cs, "groups"), "'groups'", "str", lambda x: isinstance(x, str))
+        if groups != [g.name for g in self.groups]:
             raise ValueError("checkpoint does not match: channel groups differ")
+        changed = {}
         if "settings" in cs:  # written since the settings were recorded
             mine, theirs = self._settings(), cs["settings"]
+            if not isinstance(theirs, dict):
+                raise ValueError(f"checkpoint's 'settings' must be a dict, got {_what(theirs)}")
             theirs = {**_SETTINGS_ADDED_LATER, **theirs}  # older checkpoints ran with these defaults
-            changed = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+            changed = {k: (theirs.get(k), v) for k, v in mine.items() if not _same(theirs.get(k), v)}
             hard = [k for k in changed if k in _DECIDES_CHANNELS]
             if hard:
                 raise ValueError("checkpoint was written with different " + ", ".join(
-                    f"{k}={changed[k][0]!r} (now {changed[k][1]!r})" for k in hard))
-            if changed:
-                warnings.warn("resuming with changed settings (the run will differ from the uninterrupted one): "
-                              + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
+                    f"{k}={changed[k][0]!r:.80} (now {changed[k][1]!r})" for k in hard))
         _check_count(entry(cs, "t"), "t")
         _check_count(entry(cs, "k"), "k", len(self._names))
         rng = entry(cs, "rng")
         if not isinstance(rng, torch.Tensor):
             raise ValueError(f"checkpoint's random-generator state must be a tensor, got {type(rng).__name__}")
-        # a checkpoint loaded with map_location="cuda" has its generator state on the GPU
-        rng = rng.detach().to("cpu", torch.uint8)
         try:
+            # a checkpoint loaded with map_location="cuda" has its generator state on the GPU
+            rng = rng.detach().to("cpu", torch.uint8)
             torch.Generator().set_state(rng)
         except (RuntimeError, TypeError, ValueError) as e:
             raise ValueError(f"checkpoint's random-generator state is not valid: {e}") from None
@@ -205,8 +260,8 @@ class CheckpointMixin:
         if self._ch is None:
             present = None
         else:
-            present = self._check_channel_state(chs)
-            mine_recs, theirs_recs = self._ch.slim_records, list(entry(chs, "slim_records", "channels"))
+            present, chs = self._check_channel_state(chs)
+            mine_recs, theirs_recs = self._ch.slim_records, chs["slim_records"]
             if theirs_recs[: len(mine_recs)] != mine_recs:
                 raise ValueError("checkpoint's slim records do not extend this model's (cannot un-slim a model)")
             replay = theirs_recs[len(mine_recs):]
@@ -216,8 +271,6 @@ class CheckpointMixin:
             cur = [p.tolist() for p in self._ch.present]
             for j, rec in enumerate(replay):
                 where = f"checkpoint's slim record {len(mine_recs) + j}"
-                if not isinstance(rec, (list, tuple)) or len(rec) != len(cur):
-                    raise ValueError(f"{where} must hold one entry per channel group ({len(cur)})")
                 for g, k in enumerate(rec):
                     if k is not None:
                         try:
@@ -230,44 +283,52 @@ class CheckpointMixin:
         masks = entry(cs, "masks")
         exp = self._expected_shapes(present) if present is not None else list(self._orig_shapes)
         if not isinstance(masks, (list, tuple)) or len(masks) != len(exp):
-            raise ValueError(f"checkpoint's 'masks' must be a list of {len(exp)} tensors")
+            raise ValueError(f"checkpoint's 'masks' must be a list of {len(exp)} tensors, got {_what(masks)}")
         for n, m, e in zip(self._names, masks, exp):
-            if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != e:
-                got = f"{m.dtype} {tuple(m.shape)}" if isinstance(m, torch.Tensor) else type(m).__name__
-                raise ValueError(f"checkpoint's mask of {n!r} must be a bool tensor of shape {e}, got {got}")
+            if not _is_tensor(m, torch.bool, e):
+                raise ValueError(f"checkpoint's mask of {n!r} must be a bool tensor of shape {e}, got {_what(m)}")
         groups = inner["param_groups"]
         if len(groups) != len(self.optimizer.param_groups) or any(
-            not isinstance(a, dict) or len(a.get("params", ())) != len(b["params"])
+            not isinstance(a, dict) or not isinstance(a.get("params"), (list, tuple))
+            or len(a["params"]) != len(b["params"])
             for a, b in zip(groups, self.optimizer.param_groups)
         ):
             raise ValueError("checkpoint's optimizer param_groups do not match the wrapped optimizer's")
+        if changed:  # all checked: only now warn about the settings a resume changes
+            warnings.warn("resuming with changed settings (the run will differ from the uninterrupted one): "
+                          + ", ".join(f"{k} {a!r:.80} -> {b!r}" for k, (a, b) in changed.items()), stacklevel=3)
         return cs, inner, rng, chs, replay
 
-    def _check_channel_state(self, chs) -> list[torch.Tensor]:
-        """The checkpoint's channel state fits the groups; returns its present channels."""
+    def _check_channel_state(self, chs) -> tuple[list[torch.Tensor], dict]:
+        """The checkpoint's channel state fits the groups; returns its present channels and
+        a copy of the state with its slim records as lists (``None`` or a list of ints per
+        group)."""
         ch = self._ch
         if not isinstance(chs, dict):
             raise ValueError("checkpoint has no channel state, but this run has channel groups")
         for key in ("channels", "alive", "present", "events", "done", "slim_records"):
             if key not in chs:
                 raise ValueError(f"checkpoint's channel state has no {key!r}")
-        if list(chs["channels"]) != ch.channels:
+        G = len(ch.channels)
+        channels = _list_of(chs["channels"], "channel 'channels'", "ints >= 0", lambda x: _is_int(x) and x >= 0)
+        if channels != ch.channels:
             raise ValueError("checkpoint does not match: channel counts of the groups differ")
         _check_count(chs["events"], "events")
         if not isinstance(chs["done"], bool):
             raise ValueError(f"checkpoint's channel 'done' must be a bool, got {chs['done']!r:.80}")
         alive, present = chs["alive"], chs["present"]
-        G = len(ch.channels)
         if not isinstance(alive, (list, tuple)) or not isinstance(present, (list, tuple)) or len(alive) != G \
                 or len(present) != G:
             raise ValueError(f"checkpoint's channel 'alive' and 'present' must hold one tensor per group ({G})")
         out = []
         for g, (C, a, p) in enumerate(zip(ch.channels, alive, present)):
             name = self.groups[g].name
-            if not isinstance(a, torch.Tensor) or a.dtype != torch.bool or tuple(a.shape) != (C,):
-                raise ValueError(f"checkpoint's alive channels of group {name!r} must be a bool tensor of {C}")
-            if not isinstance(p, torch.Tensor) or p.dtype != torch.int64 or p.dim() != 1 or p.numel() == 0:
-                raise ValueError(f"checkpoint's present channels of group {name!r} must be a non-empty int64 vector")
+            if not _is_tensor(a, torch.bool, (C,)):
+                raise ValueError(f"checkpoint's alive channels of group {name!r} must be a bool tensor of {C}, "
+                                 f"got {_what(a)}")
+            if not _is_tensor(p, torch.int64) or p.dim() != 1 or p.numel() == 0:
+                raise ValueError(f"checkpoint's present channels of group {name!r} must be a non-empty int64 vector, "
+                                 f"got {_what(p)}")
             p = p.detach().cpu()
             if int(p.min()) < 0 or int(p.max()) >= C or (p.numel() > 1 and not bool((p[1:] > p[:-1]).all())):
                 raise ValueError(f"checkpoint's present channels of group {name!r} must be increasing in [0, {C})")
@@ -276,7 +337,17 @@ class CheckpointMixin:
             if bool(a.detach().cpu()[gone].any()):
                 raise ValueError(f"checkpoint's group {name!r} has channels alive that were slimmed away")
             out.append(p)
-        return out
+        recs = []
+        for i, rec in enumerate(_list_of(chs["slim_records"], "channel 'slim_records'", "slim records",
+                                         lambda r: True)):
+            where = f"checkpoint's slim record {i}"
+            if not isinstance(rec, (list, tuple)) or len(rec) != G:
+                raise ValueError(f"{where} must hold one entry per channel group ({G}), got {_what(rec)}")
+            for g, k in enumerate(rec):
+                if k is not None and not (isinstance(k, (list, tuple)) and all(_is_int(x) for x in k)):
+                    raise ValueError(f"{where}, group {g}: keep must be None or a list of ints, got {_what(k)}")
+            recs.append([None if k is None else [int(x) for x in k] for k in rec])
+        return out, dict(chs, channels=channels, slim_records=recs)
 
     def _expected_shapes(self, present: list[torch.Tensor]) -> list[tuple[int, ...]]:
         out = []

@@ -6,7 +6,9 @@ producer (``nn.Conv1d/2d/3d`` with ``groups == 1``, or ``nn.Linear``), it follow
 producer's output forward through channel-wise ops until it meets consumers:
 
 * **channel-wise ops** (pass the channel through): BatchNorm1d/2d/3d, SyncBatchNorm,
-  InstanceNorm1d/2d/3d (followers: their per-channel tensors go with the channel);
+  InstanceNorm1d/2d/3d (followers: their per-channel tensors go with the channel, and
+  their ``num_features``; a norm without tensors is a follower when it is called once
+  and its ``num_features`` is the channel count);
   depthwise convs (``groups == in_channels == out_channels``; followers too);
   activations (modules, ``torch.*``/``F.*`` functions and tensor methods), dropout,
   max/avg/adaptive/LP pooling and ``interpolate``/``Upsample`` (channel at dim 1 of a
@@ -36,9 +38,12 @@ Rules that keep groups correct rather than maximal (documented choices):
 * A module **with parameters or buffers** called more than once (a shared conv/BN), or a
   parameter shared by several modules, cannot be a producer, follower or consumer: any
   path reaching it blocks. Parameter-free modules (torchvision's one ``relu`` per block)
-  may be called any number of times. Such layers, and conv/linear weights used
-  functionally (``F.conv2d(x, self.weight)``, seen as ``get_attr``), are named in one
-  warning.
+  may be called any number of times. The same holds for a conv, linear or norm whose
+  weight, bias or statistics are computed rather than registered tensors
+  (``torch.nn.utils.parametrize`` parametrizations such as ``weight_norm``,
+  ``spectral_norm`` or ``orthogonal``; the hook-based ``torch.nn.utils.weight_norm``):
+  slimming cannot narrow them. Such layers, and conv/linear weights used functionally
+  (``F.conv2d(x, self.weight)``, seen as ``get_attr``), are named in one warning.
 * ``exclude``: weights (names or ``fnmatch`` globs, e.g. ``"fc.weight"``) kept dense. A
   producer or consumer whose weight is excluded blocks its group (followers don't).
 * ``exclude_channels``: globs matched against a producer's module name or weight name;
@@ -51,8 +56,11 @@ Rules that keep groups correct rather than maximal (documented choices):
   If ``example_inputs`` (a tensor, or a tuple/list of positional inputs, on the model's
   device) do not run through the traced model, ``ValueError`` is raised; its message
   starts with the model's own error (e.g. a conv's channel mismatch) and names the layer.
-  Shape propagation runs in eval mode under ``torch.no_grad`` and restores every
-  module's training flag afterwards (no BatchNorm statistics are touched).
+* The model is traced in train mode, whatever its mode: groups serve training, so a
+  branch under ``if self.training`` (an auxiliary head) counts. Shape propagation runs
+  the layers in eval mode under ``torch.no_grad`` (a batch of one passes a BatchNorm).
+  Every module's training flag and every buffer (BatchNorm statistics included) are
+  put back exactly as they were, even on error.
 * Groups are ordered by their first producer's position in ``model.named_parameters()``;
   followers and consumers are in graph (execution) order.
 
@@ -71,8 +79,8 @@ from typing import Any, Sequence
 from torch import fx, nn
 
 from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM, ChannelGroup, Consumer
-from .tracing import (_Closure, _closure, _is_depthwise, _is_producer_module, _match, _nodes_in, _norm_patterns,
-                      _shape_prop, _Trace)
+from .tracing import (_Closure, _closure, _computed_tensor, _is_depthwise, _is_producer_module, _match, _nodes_in,
+                      _norm_patterns, _shape_prop, _Trace, _train_mode)
 
 __all__ = ["find_channel_groups", "explicit_groups", "group_to_dict", "group_from_dict"]
 
@@ -111,18 +119,19 @@ def find_channel_groups(
     excl = _norm_patterns(exclude)
     excl_ch = _norm_patterns(exclude_channels)
     _warn_unmatched_channels(model, excl_ch)
-    try:
-        gm = fx.symbolic_trace(model)
-    except Exception as e:  # noqa: BLE001 - any tracing failure
-        warnings.warn(
-            f"chase_ext: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); "
-            "no channel groups found, channel pruning is off. Pass explicit channel groups "
-            "(chase_ext.graph.explicit_groups / channel_groups=...) to enable it.",
-            stacklevel=2,
-        )
-        return []
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
-    _shape_prop(model, gm, args)
+    with _train_mode(model):
+        try:
+            gm = fx.symbolic_trace(model)
+        except Exception as e:  # noqa: BLE001 - any tracing failure
+            warnings.warn(
+                f"chase_ext: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); "
+                "no channel groups found, channel pruning is off. Pass explicit channel groups "
+                "(chase_ext.graph.explicit_groups / channel_groups=...) to enable it.",
+                stacklevel=2,
+            )
+            return []
+        _shape_prop(model, gm, args)
     tr = _Trace(model, gm)
 
     closures: list[_Closure] = []
@@ -281,7 +290,11 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
     model's current shapes. A module's output channels (as producer or follower) belong
     to at most one group, and so do its input channels (as consumer): a layer may consume
     one group and produce the next, as every inner layer of a chain does, but not both
-    within one group. Groups come back ordered by their first producer's position in
+    within one group, unless the group has several producers (a coupled group where a
+    residual branch reads the sum it adds to, as ``find_channel_groups(coupled=True)``
+    returns for a pre-activation ResNet). A layer whose weight, bias or statistics are
+    computed (``torch.nn.utils.parametrize``, the hook-based ``weight_norm``) is refused.
+    Groups come back ordered by their first producer's position in
     ``model.named_parameters()``. Raises ``ValueError``/``TypeError`` naming the entry.
     """
     if isinstance(spec, (dict, ChannelGroup)):
@@ -291,7 +304,7 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
     used: dict[tuple[str, str], str] = {}  # (module, "out" | "in") -> where it appeared
     out: list[tuple[int, ChannelGroup]] = []
 
-    def get(i, role, name):
+    def get(i, role, name, coupled=False):
         if not isinstance(name, str):
             raise TypeError(f"channel_groups[{i}].{role}: module names must be strings, got {name!r}")
         if name not in mods:
@@ -301,9 +314,16 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
         if key is not None:
             raise ValueError(f"channel_groups[{i}].{role}: module {name!r} already appears in {key}")
         other = used.get((name, "out" if side == "in" else "in"), "")
-        if other.startswith(f"channel_groups[{i}]."):
+        # a residual block's conv may read a coupled group and add its output to it
+        # (pre-activation ResNet: x + conv(relu(bn(x)))); a lone producer cannot
+        own = coupled and role == "consumers" and other == f"channel_groups[{i}].producers"
+        if other.startswith(f"channel_groups[{i}].") and not own:
             raise ValueError(f"channel_groups[{i}].{role}: module {name!r} already appears in {other} "
                              "of the same group")
+        attr = _computed_tensor(mods[name])
+        if attr is not None:
+            raise ValueError(f"channel_groups[{i}].{role}: the {attr} of {name!r} is computed (a parametrization "
+                             "such as weight_norm, or a weight_norm/spectral_norm hook); slimming cannot narrow it")
         used[(name, side)] = f"channel_groups[{i}].{role}"
         return mods[name]
 
@@ -372,7 +392,7 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
                 raise TypeError(f"channel_groups[{i}].consumers: expected a name or (name, repeat), got {c!r}")
             if not isinstance(rep, int) or isinstance(rep, bool) or rep < 1:
                 raise ValueError(f"channel_groups[{i}].consumers: repeat of {name!r} must be a positive int, got {rep!r}")
-            m = get(i, "consumers", name)
+            m = get(i, "consumers", name, coupled=len(prods) > 1)
             if isinstance(m, nn.Linear):
                 if m.in_features != C * rep:
                     raise ValueError(

@@ -37,8 +37,9 @@ class ChannelGroup:
 
     producers: Conv(groups=1)/Linear module names whose weight dim 0 are the channels
         (several only for residual-coupled groups); a channel's score is the sum over them.
-    followers: channel-wise modules with per-channel tensors between producers and
-        consumers (BatchNorm/InstanceNorm, depthwise convs), in model order.
+    followers: channel-wise modules between producers and consumers whose per-channel
+        tensors and width go with the channel (BatchNorm/InstanceNorm, also one without
+        tensors, whose ``num_features`` follows; depthwise convs), in model order.
     consumers: modules whose input slice of each channel goes with it.
     channels: original channel count C_l.
     """

@@ -10,11 +10,14 @@
   blocked);
 * :func:`_closure` walks the graph forward from a producer; :func:`_step` decides one
   use of a tensor in the producer's channel space (pass, consume or block);
-* :func:`_shape_prop` runs the example inputs through the trace (shapes for the walk)
+* :func:`_train_mode` holds the model in train mode while it is traced (the groups serve
+  training) and puts every training flag and buffer back afterwards;
+  :func:`_shape_prop` runs the example inputs through the trace (shapes for the walk)
   and turns a failure into an error that names the layer.
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
 import operator
@@ -23,6 +26,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM
 
@@ -76,6 +80,21 @@ def _is_depthwise(m: nn.Module) -> bool:
 
 def _is_producer_module(m: nn.Module) -> bool:
     return (isinstance(m, _CONV) and m.groups == 1) or isinstance(m, nn.Linear)
+
+
+def _computed_tensor(m: nn.Module) -> str | None:
+    """The first per-channel tensor of ``m`` (``weight``, ``bias``, norm statistics) that is
+    computed rather than registered on ``m`` (a ``torch.nn.utils.parametrize``
+    parametrization such as ``weight_norm``/``spectral_norm``/``orthogonal``, or the
+    hook-based ``torch.nn.utils.weight_norm``/``spectral_norm``, which keep the weight as
+    a plain attribute): slimming cannot narrow it, so ``m`` cannot be in a group."""
+    for attr in ("weight", "bias", "running_mean", "running_var"):
+        if parametrize.is_parametrized(m, attr):
+            return attr
+        t = getattr(m, attr, None)
+        if t is not None and t is not m._parameters.get(attr, m._buffers.get(attr)):
+            return attr
+    return None
 
 
 def _has_state(m: nn.Module) -> bool:
@@ -142,11 +161,16 @@ class _Trace:
             if node.op == "call_module" and node.target in self.modules:
                 k = id(self.modules[node.target])
                 calls[k] = calls.get(k, 0) + 1
+        self.calls = calls  # id(module) -> calls in the graph
         self.bad: dict[str, str] = {}
         for name, m in self.modules.items():
             c = calls.get(id(m), 0)
             if c > 1 and _has_state(m):
                 self.bad[name] = f"called {c} times"
+            if isinstance(m, (*_CONV, nn.Linear, *_NORM)):
+                attr = _computed_tensor(m)
+                if attr is not None:
+                    self.bad.setdefault(name, f"its {attr} is computed, e.g. by weight_norm: slimming cannot narrow it")
         owner: dict[int, str] = {}
         for mname, m in self.modules.items():
             for pname, p in list(m.named_parameters(recurse=False)) + list(m.named_buffers(recurse=False)):
@@ -269,7 +293,10 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
             if _is_depthwise(m) and nd != m.weight.dim():
                 cl.block(f"{name}: unexpected rank")
                 return None
-            if _has_state(m):
+            # a norm without tensors still has a num_features to follow the slim (an
+            # InstanceNorm warns on a mismatch); used several times or at another width,
+            # it cannot follow one group and is left out (then only that warning reads it)
+            if _has_state(m) or (tr.calls.get(id(m)) == 1 and m.num_features == shp_in[cdim]):
                 cl.followers[name] = user
             return (cdim, rep, nd)
         if isinstance(m, _ACT_MODULES):
@@ -468,8 +495,34 @@ def _describe_inputs(args: tuple) -> str:
     return ", ".join(parts) if parts else "no inputs"
 
 
+@contextlib.contextmanager
+def _train_mode(model: nn.Module):
+    """Trace the training forward (groups serve training: a branch under
+    ``if self.training`` counts), then put every module's training flag and every buffer
+    (the same tensor object, the same values) back, even on error: ops baked into the
+    train-mode graph (``F.batch_norm(..., training=True)``) may update statistics."""
+    flags = [(m, m.training) for m in model.modules()]
+    bufs = [
+        (m, n, b, None if b is None else b.detach().clone())
+        for m in model.modules()
+        for n, b in m._buffers.items()
+    ]
+    try:
+        model.train()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, n, b, saved in bufs:
+                m._buffers[n] = b
+                if b is not None:
+                    b.copy_(saved)
+        for m, f in flags:
+            m.training = f
+
+
 def _shape_prop(model: nn.Module, gm: fx.GraphModule, args: tuple) -> None:
-    import contextlib
+    """Shapes of every node of ``gm`` from ``args``. Layers run in eval mode (the same
+    shapes, and a batch of one passes a BatchNorm); training flags are restored."""
     import io
 
     from torch.fx.passes.shape_prop import ShapeProp

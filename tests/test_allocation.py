@@ -11,7 +11,7 @@ from torch import nn
 
 from chase_ext import ChaseConfig, ChaseOptimizer
 from chase_ext.allocation import (LatencyTable, allocate, measure_latency_table, pick_in_groups,
-                                  resolve_latency_table)
+                                  resolve_latency_table, signature)
 from chase_ext.graph import find_channel_groups
 
 from models import example_input, resnet_bottleneck, vgg_small
@@ -166,3 +166,16 @@ def test_config_knobs():
     with pytest.raises(ValueError, match="example_inputs"):
         ChaseConfig(density=0.5, total_steps=10, channel_sparsity=0.5, channel_allocation="latency",
                     channel_groups=[{"producers": ["a"], "consumers": []}])
+
+
+def test_signature_takes_norms_without_affine_weights():
+    """A BatchNorm(affine=False) follower has weight None: the signature still forms, and
+    still tells the widths apart."""
+    def net(c):
+        return nn.Sequential(nn.Conv2d(3, c, 3), nn.BatchNorm2d(c, affine=False), nn.ReLU(), nn.Conv2d(c, 4, 3))
+
+    x = torch.randn(2, 3, 8, 8)
+    a, b = net(8), net(6)
+    ga, gb = find_channel_groups(a, x), find_channel_groups(b, x)
+    assert ga[0].followers == ["1"]
+    assert signature(a, ga) == signature(net(8), ga) != signature(b, gb)

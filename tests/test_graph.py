@@ -11,7 +11,8 @@ from torch import nn
 from chase_ext.graph import explicit_groups, find_channel_groups, group_from_dict, group_to_dict
 from chase_ext.groups import ChannelGroup, Consumer
 
-from models import MODELS, example_input, mlp, mobilenet_v2_small, resnet_basic, resnet_bottleneck, vgg_small
+from models import (MODELS, example_input, mlp, mobilenet_v2_small, perturb_bn, resnet_basic, resnet_bottleneck,
+                    vgg_small)
 
 
 def _by_producer(groups):
@@ -414,3 +415,200 @@ def test_unbatched_conv_producer_blocks():
     assert _find(Conv2dFlat(16), (torch.randn(3, 4, 4),)) == []
     (g,) = _find(Conv2dFlat(64), (torch.randn(2, 3, 4, 4),))  # batched: the group is real
     assert g.producers == ["c"]
+
+
+# --------------------------------------------------------------------------- computed weights
+def chain_model():
+    """0 -> bn 1 -> relu -> 3 -> depthwise 4 -> bn 5 -> relu -> 7 -> pool -> flatten -> 10."""
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 6, 1),
+        nn.Conv2d(6, 6, 3, padding=1, groups=6), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )
+
+
+_P = torch.nn.utils.parametrizations
+_COMPUTE = {
+    "weight_norm": lambda m: _P.weight_norm(m),
+    "spectral_norm": lambda m: _P.spectral_norm(m),
+    "orthogonal": lambda m: _P.orthogonal(m),
+    "hook_weight_norm": lambda m: torch.nn.utils.weight_norm(m),
+    "hook_spectral_norm": lambda m: torch.nn.utils.spectral_norm(m),
+    "bias_parametrized": lambda m: torch.nn.utils.parametrize.register_parametrization(m, "bias", nn.Tanh()),
+}
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm. is deprecated:FutureWarning")
+@pytest.mark.parametrize("how", sorted(_COMPUTE))
+@pytest.mark.parametrize(
+    "layer, left",
+    [
+        ("0", [["3"], ["7"]]),  # producer: its own group goes
+        ("3", [["7"]]),  # producer of one group, consumer of the other
+        ("4", [["0"], ["7"]]),  # depthwise follower
+        ("1", [["3"], ["7"]]),  # norm follower
+        ("10", [["0"], ["3"]]),  # consumer
+    ],
+)
+def test_computed_weight_blocks_its_groups(layer, how, left):
+    """A layer whose weight is computed (parametrize, weight_norm hooks) cannot be slimmed:
+    the groups it touches are blocked with one warning naming it, the others stay."""
+    if how == "orthogonal" and layer in ("1", "4"):
+        pytest.skip("orthogonal needs a matrix weight")
+    m = chain_model()
+    _COMPUTE[how](m.get_submodule(layer))
+    with pytest.warns(UserWarning, match=rf"cannot be handled .*: {layer} \(its (weight|bias) is computed") as rec:
+        gs = find_channel_groups(m, torch.randn(2, 3, 8, 8))
+    assert len([w for w in rec if "cannot be handled" in str(w.message)]) == 1
+    assert [g.producers for g in gs] == left
+    entry = {"producers": ["0"], "followers": ["1"], "consumers": ["3"]}
+    if layer in ("0", "1", "3"):
+        with pytest.raises(ValueError, match=rf"'{layer}' is computed"):
+            explicit_groups(m, [entry])
+    else:
+        assert explicit_groups(m, [entry])[0].producers == ["0"]
+
+
+def test_computed_weight_model_trains():
+    """The optimizer takes a weight-normed model (the other groups are pruned)."""
+    import chase_ext
+
+    torch.manual_seed(0)
+    m = chain_model()
+    _P.weight_norm(m[0])
+    x = torch.randn(2, 3, 8, 8)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05)
+    with pytest.warns(UserWarning, match="0 .its weight is computed"):
+        chase = chase_ext.ChaseOptimizer(opt, m, density=0.5, channel_sparsity=0.5, total_steps=20,
+                                         update_interval=2, channel_end=0.5, example_inputs=x,
+                                         slim_during_training=True)
+    assert [g.producers for g in chase.groups] == [["3"], ["7"]]
+    for _ in range(12):
+        loss = m(x).pow(2).mean()
+        chase.zero_grad()
+        loss.backward()
+        chase.step()
+    assert m[3].out_channels < 6 and m[0].out_channels == 8
+
+
+# --------------------------------------------------------------------------- train-mode tracing
+class AuxHead(nn.Module):
+    """An extra head in the training forward only; a functional BatchNorm whose
+    ``training`` flag is baked into the trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.b = nn.Conv2d(8, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+        self.aux = nn.Linear(8, 2)
+        self.register_buffer("rm", torch.randn(4))
+        self.register_buffer("rv", torch.rand(4) + 0.5)
+
+    def forward(self, x):
+        f = F.relu(self.bn(self.a(x)))
+        h = F.batch_norm(self.b(f), self.rm, self.rv, training=self.training)
+        out = self.fc(h.mean((2, 3)))
+        if self.training:
+            return out + self.aux(f.mean((2, 3)))
+        return out
+
+
+def test_traced_in_train_mode_and_state_restored():
+    torch.manual_seed(0)
+    m = AuxHead()
+    perturb_bn(m)
+    m.eval()
+    m.bn.train()  # mixed flags come back as they were
+    flags = [(n, mod.training) for n, mod in m.named_modules()]
+    before = {k: v.clone() for k, v in m.state_dict(keep_vars=True).items()}
+    objs = {k: v for k, v in m.named_buffers()}
+    (g,) = _find(m, torch.randn(2, 3, 8, 8))
+    assert g.producers == ["a"] and g.consumers == [Consumer("b"), Consumer("aux")]
+    assert [(n, mod.training) for n, mod in m.named_modules()] == flags
+    for k, v in m.state_dict(keep_vars=True).items():
+        assert torch.equal(v, before[k]) and v.dtype == before[k].dtype, k
+    assert all(b is objs[k] for k, b in m.named_buffers())
+    # on error too
+    with pytest.raises(ValueError, match="example_inputs"):
+        find_channel_groups(m, torch.randn(2, 5, 8, 8))
+    assert [(n, mod.training) for n, mod in m.named_modules()] == flags
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+# --------------------------------------------------------------------------- norms without tensors
+class BareNorms(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.inorm = nn.InstanceNorm2d(width)  # affine=False, no running stats
+        self.b = nn.Conv2d(8, 6, 1)
+        self.bn = nn.BatchNorm2d(6, affine=False, track_running_stats=False)
+        self.c = nn.Conv2d(6, 6, 1)
+        self.shared = nn.InstanceNorm2d(6)
+        self.d = nn.Conv2d(6, 6, 1)
+        self.fc = nn.Linear(6, 2)
+
+    def forward(self, x):
+        x = self.b(F.relu(self.inorm(self.a(x))))
+        x = self.d(self.shared(self.c(F.relu(self.bn(x)))))
+        x = self.shared(x)  # called twice (groups c and d): cannot follow one group
+        return self.fc(x.mean((2, 3)))
+
+
+def test_norm_without_tensors_follows():
+    m = BareNorms()
+    x = torch.randn(2, 3, 8, 8)
+    gs = _find(m, x)
+    assert gs == [
+        ChannelGroup(["a"], [Consumer("b")], ["inorm"], 8),
+        ChannelGroup(["b"], [Consumer("c")], ["bn"], 6),
+        ChannelGroup(["c"], [Consumer("d")], [], 6),
+        ChannelGroup(["d"], [Consumer("fc")], [], 6),
+    ]
+    assert [group_from_dict(group_to_dict(g)) for g in gs] == gs
+    assert explicit_groups(m, [group_to_dict(g) for g in gs]) == gs
+    # a num_features that is not the width means nothing here: not a follower
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # InstanceNorm warns about it at every forward
+        gs = find_channel_groups(BareNorms(width=3), x)
+    assert gs[0] == ChannelGroup(["a"], [Consumer("b")], [], 8)
+
+
+# --------------------------------------------------------------------------- round trip
+class PreAct(nn.Module):
+    """Pre-activation residual: with coupled=True, ``c1`` produces and consumes one group."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.sq = nn.Conv2d(8, 8, 1)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        x = x + self.c1(F.relu(self.bn(x)))
+        return self.fc(self.sq(x).mean((2, 3)))
+
+
+def test_explicit_round_trip_of_traced_groups():
+    m = PreAct()
+    gs = _find(m, torch.randn(2, 3, 8, 8), coupled=True)
+    g = gs[0]
+    assert g.producers == ["stem", "c1"] and [c.module for c in g.consumers] == ["c1", "sq"]
+    assert explicit_groups(m, gs) == gs
+    assert explicit_groups(m, [group_to_dict(g) for g in gs]) == gs
+    # real duplicates are still refused
+    bad = [
+        ({"producers": ["stem", "c1"], "consumers": ["c1", "c1", "sq"]}, r"already appears in channel_groups\[0\]"),
+        ({"producers": ["stem", "stem"], "consumers": ["sq"]}, r"already appears in channel_groups\[0\]"),
+        ({"producers": ["sq"], "consumers": ["sq"]}, "of the same group"),  # a lone producer
+        ({"producers": ["stem", "c1"], "consumers": ["sq"], "followers": ["c1"]}, "already appears"),
+    ]
+    for entry, match in bad:
+        with pytest.raises(ValueError, match=match):
+            explicit_groups(m, [entry])

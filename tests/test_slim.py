@@ -4,12 +4,13 @@ from __future__ import annotations
 import copy
 import functools
 import io
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from chase_ext.graph import find_channel_groups
+from chase_ext.graph import explicit_groups, find_channel_groups, group_to_dict
 from chase_ext.slim import export_dense, replay_, slim_
 
 from models import MODELS, example_input, mlp, perturb_bn, resnet_bottleneck, vgg_small
@@ -400,3 +401,69 @@ def test_slim_self_coupled_group():
     slim.eval()
     with torch.no_grad():
         torch.testing.assert_close(slim(x), model(x))
+
+
+def _weight_norm_chain():
+    from test_graph import chain_model
+
+    m = chain_model()
+    torch.nn.utils.parametrizations.weight_norm(m[0])
+    return m
+
+
+def _traced(model, x, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the weight-normed layer is named in a warning
+        return find_channel_groups(model, x, **kw)
+
+
+def _explicit_preact(model, x):
+    return explicit_groups(model, [group_to_dict(g) for g in find_channel_groups(model, x, coupled=True)])
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "weight_norm",  # the other groups of a model with a computed weight
+        "aux_head",  # traced in eval mode: the training-only head is a consumer
+        "bare_norms",  # norms without tensors follow with their num_features
+        "preact_explicit",  # coupled groups of tracing, given back explicitly
+    ],
+)
+def test_slim_equals_masked_traced_cases(case):
+    from test_graph import AuxHead, BareNorms, PreAct
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    build, find = {
+        "weight_norm": (_weight_norm_chain, _traced),
+        "aux_head": (lambda: perturb_bn(AuxHead()).eval(), _traced),
+        # the groups of c and d share a norm that cannot follow (PyTorch would warn)
+        "bare_norms": (BareNorms, lambda m, x: _traced(m, x)[:2]),
+        "preact_explicit": (lambda: perturb_bn(PreAct()), _explicit_preact),
+    }[case]
+    model = build()
+    groups = find(model, x)
+    assert groups
+    keep = _random_keep(groups, torch.Generator().manual_seed(3))
+    _mask_channels(model, groups, keep)
+    state = copy.deepcopy(model.state_dict())
+    slim = copy.deepcopy(model)
+    rec = slim_(slim, groups, keep)
+    for train in (False, True):  # the aux head runs in train mode only
+        model.load_state_dict(state)
+        slim.train(train)
+        model.train(train)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("error")  # e.g. an InstanceNorm whose num_features did not follow
+            torch.testing.assert_close(slim(x), model(x))
+    if case == "bare_norms":
+        assert slim.inorm.num_features == len(keep[0]) and slim.bn.num_features == len(keep[1])
+    fresh = replay_(build(), rec)
+    fresh.load_state_dict(slim.state_dict())
+    assert [(n, tuple(p.shape)) for n, p in fresh.named_parameters()] == [
+        (n, tuple(p.shape)) for n, p in slim.named_parameters()
+    ]
+    assert [m.num_features for m in fresh.modules() if isinstance(m, nn.modules.batchnorm._NormBase)] == [
+        m.num_features for m in slim.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+    ]
