@@ -154,15 +154,17 @@ class MaskingMixin:
         self._versions = None  # a new tensor's counter may equal the old one's: a write all the same
 
     def _note_versions(self) -> None:
-        """Remember the weights' and masks' version counters as ChaseOptimizer leaves them."""
-        self._versions = [t._version for t in self._params] + [self._mask_dict[n]._version for n in self._names]
+        """Remember the version counters of the weights, and of the masks once ``masks``
+        has handed them out (``_masks_out``), as ChaseOptimizer leaves them (about 0.2 us a
+        tensor: the masks are left out until a user can reach them)."""
+        self._watched = self._params + ([self._mask_dict[n] for n in self._names] if self._masks_out else [])
+        self._versions = [t._version for t in self._watched]
 
     def _written_since(self) -> bool:
         """Whether a weight or mask was written in place (``model.load_state_dict``, an
         in-place op under ``no_grad``, a mask edited through ``masks``) since
         ``_note_versions``. Writes through ``.data`` bump no counter and go unseen."""
-        now = [t._version for t in self._params] + [self._mask_dict[n]._version for n in self._names]
-        return now != self._versions
+        return self._versions is None or [t._version for t in self._watched] != self._versions
 
     def _rebuild_live(self) -> None:
         """Live row/col vectors and bias masks from the channel state (after any change).

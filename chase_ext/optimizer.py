@@ -263,6 +263,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         self._rebuild_live()
         with torch.no_grad():
             self._masked_apply()
+        self._masks_out = False  # ``masks`` handed out: their version counters are watched too
         self._note_versions()
 
     # ------------------------------------------------------------------ step (SPEC §3.0, §4)
@@ -430,6 +431,12 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         again); entries cannot be added or removed (:class:`chase_ext.masking.MaskView`)."""
         self._align_masks()
         self._forget_counts()
+        if not self._masks_out:  # from now on the masks' counters count too
+            self._masks_out = True
+            if self._versions is not None:
+                masks = [self._mask_dict[n] for n in self._names]
+                self._watched = self._watched + masks
+                self._versions = self._versions + [m._version for m in masks]
         return MaskView(self)
 
     @property
