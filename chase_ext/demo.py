@@ -156,7 +156,8 @@ def _settings(args, parser: argparse.ArgumentParser | None = None) -> dict[str, 
     """Resolve the quick/full defaults and validate every flag (``parser.error``: exit 2)."""
     error = (parser or build_parser()).error
     epochs = args.epochs if args.epochs is not None else (2 if args.quick else 12)
-    train_size = args.train_size if args.train_size is not None else (2000 if args.quick else None)
+    left = N_DIGITS - N_CLASSES * (args.test_size // N_CLASSES) if 0 <= args.test_size else N_DIGITS
+    train_size = args.train_size if args.train_size is not None else (min(2000, left) if args.quick else None)
     rounds = args.bench_rounds if args.bench_rounds is not None else (3 if args.quick else 9)
     if epochs < 1:
         error(f"--epochs must be >= 1, got {epochs}")
@@ -180,7 +181,6 @@ def _settings(args, parser: argparse.ArgumentParser | None = None) -> dict[str, 
     if not N_CLASSES <= args.test_size < N_DIGITS:
         error(f"--test-size must lie in {N_CLASSES}..{N_DIGITS - 1} (at least one digit per class "
               f"on each side of the split), got {args.test_size}")
-    left = N_DIGITS - N_CLASSES * (args.test_size // N_CLASSES)
     if args.train_size is not None and not 1 <= args.train_size <= left:
         error(f"--train-size must lie in 1..{left} (the digits left after --test-size {args.test_size}), "
               f"got {args.train_size}")
@@ -190,6 +190,16 @@ def _settings(args, parser: argparse.ArgumentParser | None = None) -> dict[str, 
         error(f"--bench-batch must be >= 1, got {args.bench_batch}")
     if rounds < 1:
         error(f"--bench-rounds must be >= 1, got {rounds}")
+    steps = epochs * math.ceil((train_size or left) / args.batch_size)
+    why = T.schedule_error(steps, density=args.density, channel_sparsity=args.channel_sparsity)
+    if why:
+        error(f"{why} (raise --epochs or --train-size, or lower --batch-size)")
+    try:  # made last, once all else is valid: a folder that cannot be written fails before training
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        error(f"--out {args.out!r}: cannot create that folder ({e.strerror or e})")
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        error(f"--out {args.out!r}: that folder is not writable")
     return dict(epochs=epochs, train_size=train_size, bench_rounds=rounds)
 
 
@@ -281,6 +291,10 @@ def write_report(res: dict[str, Any], out_dir: str, *, plots: bool = True, t_sta
         except ImportError:
             print("matplotlib is not installed: writing results.json without plots", file=sys.stderr)
             plots = False
+    if not plots:  # an earlier report's pictures would sit beside results.json they do not show
+        for name in REPORT_FILES[1:]:
+            if os.path.isfile(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
     if plots:
         t0 = time.perf_counter()
         res["plots"] = plot_report(res, out_dir)

@@ -40,6 +40,7 @@ __all__ = [
     "live_channels",
     "run_comparison",
     "summarize_channel_density",
+    "schedule_error",
 ]
 
 
@@ -352,6 +353,23 @@ def live_channels(opt: Any) -> dict[str, tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- the three-way comparison
+def schedule_error(total_steps: int, **knobs: Any) -> str | None:
+    """Why ChaseOptimizer would refuse a run of ``total_steps`` optimizer steps with these
+    knobs (the schedule checks of :class:`chase_ext.ChaseConfig`; ``backend`` ignored), or
+    None: command-line tools call it before training anything, so a run too short for its
+    channel schedule is refused up front, not after the dense and DST runs."""
+    from .config import ChaseConfig
+
+    kw = {k: v for k, v in knobs.items() if k != "backend"}
+    if kw.get("channel_sparsity", 0) > 0 and kw.get("channel_groups") is None:
+        kw.setdefault("example_inputs", torch.zeros(()))  # only its presence is checked here
+    try:
+        ChaseConfig(total_steps=total_steps, **kw)
+    except ValueError as e:
+        return f"a run of {total_steps} optimizer steps cannot hold the Chase schedule: {e}"
+    return None
+
+
 def run_comparison(
     model_fn: Callable[[], nn.Module],
     train_loader_fn: Callable[[], Iterable],
@@ -399,6 +417,11 @@ def run_comparison(
         ("dst", dict(sparse_kw, channel_sparsity=0.0)),
         ("chase", dict(sparse_kw, channel_sparsity=channel_sparsity)),
     ]
+    total = len(train_loader_fn()) * epochs  # type: ignore[arg-type]
+    for name, kw in plan[1:]:  # before the dense run: a schedule that cannot fit fails now
+        why = schedule_error(total, **kw)
+        if why:
+            raise ValueError(f"run_comparison ({name} run): {why}")
     erk_stats: dict = {}
     live_hist: dict[str, Any] = {"steps": [], "groups": {}}
 

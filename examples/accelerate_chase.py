@@ -36,8 +36,10 @@ from accelerate import Accelerator
 
 import chase_ext.accelerate as chase_accelerate
 from chase_ext import ChaseOptimizer
+from chase_ext.training import schedule_error
 
 IN, HIDDEN, CLASSES = 32, 64, 8
+DENSITY, SC = 0.2, 0.5  # kept weights; channel sparsity S_c
 
 
 def teacher_data(n: int, seed: int = 0) -> TensorDataset:
@@ -75,11 +77,14 @@ def main(argv=None) -> None:
                       mixed_precision=args.mixed_precision)
     data = DataLoader(teacher_data(args.samples), batch_size=64, shuffle=False)
     batches = -(-len(data) // acc.num_processes)  # per process: prepare() shards the loader
-    steps_per_epoch = batches // args.accumulate
+    steps_per_epoch = -(-batches // args.accumulate)  # accelerate steps on the last, partial accumulation too
+    why = schedule_error(args.epochs * steps_per_epoch, density=DENSITY, channel_sparsity=SC)
+    if why:
+        p.error(f"{why} (raise --epochs or --samples)")
     torch.manual_seed(0)
     net = mlp()
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    chase = ChaseOptimizer(opt, net, density=0.2, channel_sparsity=0.5, total_steps=args.epochs * steps_per_epoch,
+    chase = ChaseOptimizer(opt, net, density=DENSITY, channel_sparsity=SC, total_steps=args.epochs * steps_per_epoch,
                            example_inputs=torch.randn(2, IN), slim_during_training=True)
     model, optimizer, loader = acc.prepare(net, chase, data)
     chase_accelerate.enable_slimmed_resume(acc, chase)

@@ -109,7 +109,21 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--bench-batch must be >= 1, got {args.bench_batch}"
     if args.bench_rounds < 1:
         return f"--bench-rounds must be >= 1, got {args.bench_rounds}"
+    try:  # made last, once all else is valid: a folder that cannot be written fails before training
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        return f"--out {args.out!r}: cannot create that folder ({e.strerror or e})"
+    if not os.access(args.out, os.W_OK | os.X_OK):
+        return f"--out {args.out!r}: that folder is not writable"
     return None
+
+
+def check_steps(args: argparse.Namespace, n_train: int) -> str | None:
+    """Whether ``n_train`` images at ``args``' batch size and epochs give the Chase run
+    enough optimizer steps for its channel schedule, or what is wrong."""
+    per_epoch = n_train // args.batch_size if n_train > args.batch_size else 1  # drop_last, as _run's loader
+    why = T.schedule_error(args.epochs * per_epoch, density=args.density, channel_sparsity=args.channel_sparsity)
+    return f"{why} (raise --epochs or the number of images, or lower --batch-size)" if why else None
 
 
 def run(train_ds: Dataset, test_ds: Dataset, args: argparse.Namespace) -> dict[str, Any]:
@@ -118,7 +132,7 @@ def run(train_ds: Dataset, test_ds: Dataset, args: argparse.Namespace) -> dict[s
     Raises ``ValueError`` for invalid settings in ``args`` or images smaller than
     ``MIN_SIZE`` (32) pixels a side.
     """
-    why = check_args(args)
+    why = check_args(args) or check_steps(args, len(train_ds))
     if why:
         raise ValueError(why)
     old_threads = torch.get_num_threads()
@@ -173,7 +187,7 @@ def _run(train_ds: Dataset, test_ds: Dataset, args: argparse.Namespace) -> dict[
     )
     res["config"] = {**vars(args), "model": f"vgg{cfg}, hidden {hidden}", "backend": res["backend"],
                      "torch": torch.__version__, "cpu_threads": torch.get_num_threads()}
-    res["data"] = {"source": args.data_source, "n_train": len(train_ds), "n_test": len(test_ds),
+    res["data"] = {"source": getattr(args, "data_source", "datasets given to run()"), "n_train": len(train_ds), "n_test": len(test_ds),
                    "image_shape": list(x0.shape[1:])}
     out = write_report(res, args.out, plots=not args.no_plots, t_start=t_start)
     print()
@@ -236,6 +250,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
             raise SystemExit(f"{e}\nCIFAR-10 not found in {args.data_dir!r}: pass --download (or --fake-data N)")
         args.data_source = f"CIFAR-10 (torchvision) from {os.path.abspath(args.data_dir)}"
+    why = check_steps(args, len(train_ds))
+    if why:
+        parser.error(why)
     return run(train_ds, test_ds, args)
 
 

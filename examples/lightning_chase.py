@@ -20,6 +20,7 @@ weights into the main process's full-width model, which the narrower tensors do 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -37,8 +38,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from chase_ext import ChaseOptimizer
 from chase_ext.lightning import ChaseCallback
+from chase_ext.training import schedule_error
 
 IN, HIDDEN, CLASSES = 32, 64, 8
+DENSITY, SC = 0.2, 0.5  # kept weights; channel sparsity S_c
 
 
 def teacher_data(n: int, seed: int = 0) -> TensorDataset:
@@ -71,7 +74,7 @@ class LitMLP(pl.LightningModule):
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
         return ChaseOptimizer(
-            opt, self, density=0.2, channel_sparsity=0.5, total_steps=self.hparams.total_steps,
+            opt, self, density=DENSITY, channel_sparsity=SC, total_steps=self.hparams.total_steps,
             example_inputs=torch.randn(2, IN), slim_during_training=True,
         )
 
@@ -106,7 +109,11 @@ def main(argv=None) -> None:
         p.error(f"--stop-after must be in [1, --epochs={args.epochs}]")
 
     data = DataLoader(teacher_data(args.samples), batch_size=64, shuffle=False)
-    steps_per_epoch = -(-len(data) // args.devices) // args.accumulate  # Lightning shards by rank
+    # Lightning shards by rank, and steps on the last, partial accumulation of an epoch too
+    steps_per_epoch = math.ceil(math.ceil(len(data) / args.devices) / args.accumulate)
+    why = schedule_error(args.epochs * steps_per_epoch, density=DENSITY, channel_sparsity=SC)
+    if why:
+        p.error(f"{why} (raise --epochs or --samples)")
     torch.manual_seed(0)
     model = LitMLP(total_steps=args.epochs * steps_per_epoch, report_dir=args.report_dir)
     trainer = pl.Trainer(

@@ -195,11 +195,12 @@ def test_demo_rejects_cuda_without_cuda(capsys):
     assert ei.value.code == 2 and "no usable CUDA device" in capsys.readouterr().err
 
 
-def test_demo_accepts_good_flags():
+def test_demo_accepts_good_flags(tmp_path):
     p = demo.build_parser()
-    s = demo._settings(p.parse_args(["--quick", "--threads", "1", "--device", "cpu", "--test-size", "4999"]), p)
-    assert s == dict(epochs=2, train_size=2000, bench_rounds=3)
-    s = demo._settings(p.parse_args(["--train-size", "4000"]), p)
+    out = ["--out", str(tmp_path / "report")]  # _settings makes the folder
+    s = demo._settings(p.parse_args(["--quick", "--threads", "1", "--device", "cpu", "--test-size", "4000", *out]), p)
+    assert s == dict(epochs=2, train_size=1000, bench_rounds=3)  # --quick's 2000, cut to the digits left
+    s = demo._settings(p.parse_args(["--train-size", "4000", *out]), p)
     assert s == dict(epochs=12, train_size=4000, bench_rounds=9)
 
 
@@ -235,7 +236,8 @@ def test_cifar_example_validates_flags(capsys):
 def test_cifar_example_rejects_small_images(tmp_path):
     ex = _example()
     ds = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28), torch.zeros(8, dtype=torch.long))
-    args = ex.build_parser().parse_args(["--epochs", "1", "--out", str(tmp_path), "--device", "cpu", "--workers", "0"])
+    args = ex.build_parser().parse_args(["--epochs", "4", "--batch-size", "4", "--out", str(tmp_path), "--device",
+                                         "cpu", "--workers", "0"])
     with pytest.raises(ValueError, match=r"at least 32 x 32 pixels.*\[1, 28, 28\]"):
         ex.run(ds, ds, args)
 

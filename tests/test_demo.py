@@ -9,6 +9,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -231,6 +232,27 @@ def test_cli_flags_and_entry_points():
     assert r.returncode == 0 and "--channel-sparsity" in r.stdout and "--quick" in r.stdout
 
 
+def test_cli_refuses_what_would_fail_after_training(tmp_path, capsys):
+    """A run too short for the Chase schedule and an --out that cannot be made are refused
+    with exit status 2 before any training (they used to fail after the dense and DST runs)."""
+    (tmp_path / "afile").write_text("")
+    for argv, why in [(["--epochs", "1", "--train-size", "128", "--out", str(tmp_path / "r")],
+                       "a run of 2 optimizer steps cannot hold the Chase schedule.*raise --epochs"),
+                      (["--quick", "--out", str(tmp_path / "afile" / "report")], "cannot create that folder")]:
+        with pytest.raises(SystemExit) as e:
+            demo.run(argv)
+        assert e.value.code == 2 and re.search(why, capsys.readouterr().err), argv
+    args = demo.build_parser().parse_args(["--quick", "--test-size", "4000", "--out", str(tmp_path / "q")])
+    assert demo._settings(args)["train_size"] == 1000  # the quick default, cut to the digits left
+
+
+def test_report_without_plots_drops_an_earlier_reports_pictures(tmp_path):
+    for name in demo.REPORT_FILES[1:]:
+        (tmp_path / name).write_bytes(b"old")
+    demo.write_report({"timings": {}}, str(tmp_path), plots=False)
+    assert sorted(os.listdir(tmp_path)) == ["results.json"]
+
+
 # --------------------------------------------------------------------------- CIFAR-10 example
 def _load_example():
     spec = importlib.util.spec_from_file_location("cifar10_example", os.path.join(ROOT, "examples", "cifar10.py"))
@@ -258,10 +280,12 @@ def test_cifar_example_runs_on_any_dataset(tmp_path):
     args = ex.build_parser().parse_args(["--epochs", "2", "--width", "0.0625", "--batch-size", "16", "--workers", "0",
                                          "--out", str(tmp_path), "--no-progress", "--bench-rounds", "1",
                                          "--bench-batch", "8", "--no-plots", "--device", "cpu"])
-    args.data_source = "random tensors"
-    res = ex.run(ds, torch.utils.data.Subset(ds, range(32)), args)
+    res = ex.run(ds, torch.utils.data.Subset(ds, range(32)), args)  # as the README calls it
     _check_example_report(res, tmp_path)
-    assert res["data"]["image_shape"] == [3, 32, 32]
+    assert res["data"]["image_shape"] == [3, 32, 32] and res["data"]["source"] == "datasets given to run()"
+    short = ex.build_parser().parse_args(["--epochs", "1", "--batch-size", "64", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="a run of 1 optimizer steps cannot hold the Chase schedule"):
+        ex.run(ds, ds, short)  # refused before any training
 
 
 def test_cifar_example_fake_data_end_to_end(tmp_path):
