@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import numbers
 import sys
 
 __all__ = ["retain_cpu_memory", "cpu_memory_retained"]
@@ -61,8 +62,9 @@ def retain_cpu_memory(max_block_bytes: int = _INT_MAX) -> dict:
     ``RuntimeError`` where the C library is not glibc (use jemalloc or tcmalloc through
     ``LD_PRELOAD`` there) or glibc refuses a setting."""
     global _retained
-    if isinstance(max_block_bytes, bool) or not isinstance(max_block_bytes, int):
+    if isinstance(max_block_bytes, bool) or not isinstance(max_block_bytes, numbers.Integral):
         raise ValueError(f"max_block_bytes must be an int, got {type(max_block_bytes).__name__}")
+    max_block_bytes = int(max_block_bytes)  # numpy.int64 and other integrals too
     if not _MIN_BLOCK <= max_block_bytes <= _INT_MAX:
         raise ValueError(f"max_block_bytes must be in [{_MIN_BLOCK}, {_INT_MAX}] (mallopt takes an int), "
                          f"got {max_block_bytes}")

@@ -90,3 +90,22 @@ def test_a_refused_setting_is_reported(monkeypatch):
     with pytest.raises(RuntimeError, match=r"glibc 2.x refused mallopt\(M_TRIM_THRESHOLD"):
         cpu_memory.retain_cpu_memory()
     assert cpu_memory.cpu_memory_retained() is None
+
+
+def test_numpy_integers_are_taken(monkeypatch):
+    np = pytest.importorskip("numpy")
+    calls = []
+
+    class Recording:
+        glibc_version = "2.x"
+
+        @staticmethod
+        def mallopt(param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(cpu_memory, "_glibc", lambda: Recording)
+    monkeypatch.setattr(cpu_memory, "_retained", None)
+    got = cpu_memory.retain_cpu_memory(np.int64(1 << 20))
+    assert got["mmap_threshold"] == 1 << 20 and type(got["mmap_threshold"]) is int
+    assert all(type(v) is int for _, v in calls)
