@@ -34,13 +34,7 @@ KNOBS = dict(density=0.3, total_steps=40, update_interval=5, channel_sparsity=0.
 SAVED_AT = 30  # steps run before the checkpoint is written (several channel events and their slims)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models on shared 2-core machines: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _make(seed=0):

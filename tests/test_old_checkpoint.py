@@ -84,13 +84,7 @@ def _compare(model_a, chase_a, model_b, chase_b):
             _close(torch.as_tensor(oa[k][kk]), torch.as_tensor(ob[k][kk]), f"state {k} {kk}")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # the fixture was written with one intra-op thread; tiny models only lose by more
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_old_checkpoint_resumes_like_a_fresh_replay():

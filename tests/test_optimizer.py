@@ -28,13 +28,7 @@ except Exception:  # pragma: no cover - extension not built
 BACKEND = "native" if HAVE_NATIVE else "reference"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models on shared 2-core machines: intra-op threads only add contention
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --------------------------------------------------------------------------- helpers
