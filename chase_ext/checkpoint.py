@@ -165,14 +165,13 @@ class CheckpointMixin:
             raise ValueError(
                 f"checkpoint's optimizer state does not load into the wrapped {type(self.optimizer).__name__}: {e!r}"
             ) from e
-        if replay and self._wrapped_in_ddp:
-            warnings.warn("load_state_dict shrank parameters under DistributedDataParallel: re-wrap the model "
-                          "before the next forward, e.g. ddp = chase_ext.rewrap_ddp(ddp, chase)", stacklevel=2)
         with torch.no_grad():
             for rec in replay:  # the loaded optimizer state already has the slim shapes
                 self._apply_slim([None if k is None else torch.as_tensor(k, dtype=torch.int64) for k in rec],
                                  with_state=False)
         self._t = int(cs["t"])
+        if replay:
+            self._note_slim_under_ddp(self._t)
         for n, p, m in zip(self._names, self._params, cs["masks"]):
             self._mask_dict[n] = m.detach().clone().to(device=p.device)
         self._k = [int(x) for x in cs["k"]]

@@ -17,6 +17,7 @@ the same step, as DDP's constructor (a collective) requires.
 from __future__ import annotations
 
 import inspect
+import warnings
 
 from torch import nn
 
@@ -48,24 +49,45 @@ def rewrap_ddp(ddp: nn.Module, chase=None) -> nn.Module:
 
         if chase.model is not unwrap_model(ddp.module):  # DDP(torch.compile(model)) holds the model too
             raise ValueError("chase does not drive ddp.module (it was built for another model)")
-        chase._rewraps_ddp = True  # the loop re-wraps: slims need not warn
+        chase._unwrapped_slim = None  # the loop re-wraps: the next step need not warn
         slims = chase.slim_count
         if getattr(ddp, "_chase_slim_count", 0) == slims:
             return ddp
+    params = inspect.signature(DDP.__init__).parameters
+    if getattr(ddp, "mixed_precision", None) is not None:
+        raise ValueError("rewrap_ddp: a DistributedDataParallel built with its experimental mixed_precision cannot "
+                         "be rebuilt around the same module (its casts are already installed there)")
     kwargs = dict(
         device_ids=ddp.device_ids,
         output_device=ddp.output_device,
         dim=ddp.dim,
-        process_group=ddp.process_group,
         bucket_cap_mb=ddp.bucket_bytes_cap / _MiB,
         find_unused_parameters=ddp.find_unused_parameters,
         gradient_as_bucket_view=ddp.gradient_as_bucket_view,
         static_graph=ddp.static_graph,
     )
-    params = inspect.signature(DDP.__init__).parameters
+    if getattr(ddp, "device_mesh", None) is not None:  # DDP takes one of the two
+        kwargs["device_mesh"] = ddp.device_mesh
+    else:
+        kwargs["process_group"] = ddp.process_group
+    for name in ("skip_all_reduce_unused_params", "batched_grad_copy"):  # newer torch only
+        if name in params and hasattr(ddp, name):
+            kwargs[name] = getattr(ddp, name)
+    sync = getattr(ddp, "forward_sync_buffers", None)
+    sync = ddp.broadcast_buffers if sync is None else sync
     # newer torch renamed broadcast_buffers (and warns on the old name)
-    key = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"
-    kwargs[key] = ddp.broadcast_buffers
+    kwargs["forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"] = sync
+    if not sync and "init_sync" in params:
+        # rank-local buffers (BatchNorm statistics) stay as they are: no sync at construction,
+        # which forward_sync_buffers=False would still do; parameters are equal on every rank
+        kwargs["init_sync"] = False
+    not_carried = [f"communication hook {getattr(h, '__name__', h)!r}" for h, _ in getattr(ddp, "_comm_hooks", [])]
+    if getattr(ddp, "_delay_all_reduce_params", None):
+        not_carried.append("delay_all_reduce_named_params / param_to_hook_all_reduce")
+    if not_carried:
+        warnings.warn(f"rewrap_ddp: not carried over to the new wrapper: {', '.join(not_carried)}; register or "
+                      "pass them again on the wrapper it returns (a hook's state may be sized for the old "
+                      "parameters)", stacklevel=2)
     if hasattr(ddp, "_remove_autograd_hooks"):
         ddp._remove_autograd_hooks()  # the old reducer must not see the next backward
     new = DDP(ddp.module, **kwargs)

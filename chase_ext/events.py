@@ -34,6 +34,12 @@ from .channels import ChannelState, channel_floor, group_scores, select_channels
 from .density import erk_counts
 from .wrappers import forget_compiled
 
+
+def _several_processes() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
 __all__ = ["ChannelEventsMixin"]
 
 
@@ -208,6 +214,25 @@ class ChannelEventsMixin:
                         m.index_fill_(dim, dead.to(m.device), False)
         self._masked_apply()
 
+    def _note_slim_under_ddp(self, t: int) -> None:
+        """Parameters shrank at step ``t``: under DistributedDataParallel (the wrapper given
+        to ChaseOptimizer, or any run of several processes, where the model may have been
+        wrapped after the ChaseOptimizer was built) the wrapper must be rebuilt before the
+        next backward; ``rewrap_ddp(ddp, chase)`` clears this, else the next step warns."""
+        if self._wrapped_in_ddp or _several_processes():
+            self._unwrapped_slim = t
+
+    def _warn_if_not_rewrapped(self) -> None:
+        """Said at the step after a slim, not at the slim: the documented loop re-wraps
+        right after ``step()``, so only a step that comes without it is a problem."""
+        if self._unwrapped_slim is not None:
+            warnings.warn(
+                f"ChaseOptimizer: parameters shrank at step {self._unwrapped_slim} and rewrap_ddp(ddp, chase) was not "
+                "called since: if the model runs under DistributedDataParallel, the old wrapper reduced none of this "
+                "step's gradients (each rank applies its own, and the ranks drift apart); call "
+                "ddp = chase_ext.rewrap_ddp(ddp, chase) after every chase.step()", stacklevel=3)
+            self._unwrapped_slim = None
+
     def _slim(self, scores):
         ch = self._ch
         if ch is None:
@@ -217,9 +242,7 @@ class ChannelEventsMixin:
             return scores
         idx = self._gather_index(keep)
         self._apply_slim(keep)
-        if self._wrapped_in_ddp and not self._rewraps_ddp:  # rewrap_ddp(ddp, self) was never called
-            warnings.warn("parameters shrank under DistributedDataParallel: re-wrap the model before the next "
-                          "forward, e.g. ddp = chase_ext.rewrap_ddp(ddp, chase)", stacklevel=3)
+        self._note_slim_under_ddp(self._t)
         if scores is not None:
             out = []
             for s, (ri, ci) in zip(scores, idx):

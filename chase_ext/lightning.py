@@ -14,7 +14,7 @@ and :class:`ChaseCallback` does both::
   after every training batch that slimmed, the callback replaces ``trainer.strategy.model``
   by a new wrapper (``chase_ext.rewrap_ddp``; every rank slims at the same step, so every
   rank re-wraps together). DDP communication hooks registered through the strategy are not
-  carried over.
+  carried over (the re-wrap names them in a warning).
 * **Weight averaging** (Lightning's ``WeightAveraging`` / ``EMAWeightAveraging`` callbacks,
   or any callback keeping a ``torch.optim.swa_utils.AveragedModel`` in ``_average_model``):
   the averaged copy is slimmed like the model right after every step that slimmed

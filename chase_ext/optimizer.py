@@ -67,7 +67,8 @@ Choices where SPEC is vague:
   seeded CPU generator, so every rank takes the same ones without communication.
   Slimming changes parameter shapes, which a built DDP wrapper cannot follow: re-wrap with
   ``ddp = chase_ext.rewrap_ddp(ddp, chase)`` after ``chase.step()`` (a no-op on steps that
-  did not slim); a slim under DDP warns while ``rewrap_ddp`` has never been called.
+  did not slim); the step after a slim warns when no ``rewrap_ddp`` came in between (built
+  on a DDP wrapper, or with several processes running).
 * **Explicit groups**: ``channel_groups`` is any spec accepted by
   ``chase_ext.graph.explicit_groups`` (``ChannelGroup`` objects or dicts); it wins over
   tracing when both it and ``example_inputs`` are given.
@@ -198,7 +199,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         self.model = unwrap_model(model)
         check_not_sharded(self.model)
         self._wrapped_in_ddp = is_ddp(model)
-        self._rewraps_ddp = False  # set by chase_ext.rewrap_ddp(ddp, self): the loop re-wraps after slims
+        self._unwrapped_slim: int | None = None  # step of a slim under DDP not yet followed by rewrap_ddp
 
         # --- torch.optim.Optimizer plumbing, shared with the wrapped optimizer
         self.defaults = optimizer.defaults
@@ -273,6 +274,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         if closure is not None:
             closure = _RanFirst(closure)
         cfg = self.config
+        self._warn_if_not_rewrapped()
         self._align_masks()
         t = self._t + 1
         upd = is_update_step(t, cfg.update_steps, cfg.t_end_steps)

@@ -106,3 +106,86 @@ def test_rewrap_ddp_rejects_non_ddp():
 
     with pytest.raises(TypeError, match="ddp must be a torch.nn.parallel.DistributedDataParallel"):
         rewrap_ddp(nn.Linear(2, 2))
+
+
+def _rewrap_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """The documented loop with a slim at step 1 (no warning); a ChaseOptimizer on the bare
+    model under DDP whose loop never re-wraps (a warning at the step after the slim); what
+    rewrap_ddp carries over (settings, rank-local buffers) and what it says it drops."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    from dist_teardown import end_process_group
+
+    ddp = opt = chase = loss = new = None
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    out = {}
+    try:
+        from chase_ext import rewrap_ddp
+        from chase_ext.optimizer import ChaseOptimizer
+        from models import example_input
+
+        g = torch.Generator().manual_seed(1000 + rank)
+
+        def run(ddp, chase, steps, rewrap):
+            for _ in range(steps):
+                x = torch.randn(4, 3, 32, 32, generator=g)
+                loss = nn.functional.cross_entropy(ddp(x), torch.randint(0, 10, (4,), generator=g))
+                chase.zero_grad()
+                loss.backward()
+                chase.step()
+                if rewrap:
+                    ddp = rewrap_ddp(ddp, chase)
+            return ddp
+
+        kw = dict(density=0.3, total_steps=12, update_interval=2, channel_sparsity=0.4, channel_end=0.5,
+                  example_inputs=example_input("vgg_small"), slim_during_training=True)
+        for case, on_ddp, rewrap in (("documented", True, True), ("bare_forgotten", False, False)):
+            torch.manual_seed(0)
+            model = vgg_small()
+            ddp = nn.parallel.DistributedDataParallel(model, find_unused_parameters=not rewrap)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            chase = ChaseOptimizer(opt, ddp if on_ddp else model, **kw)
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always")
+                ddp = run(ddp, chase, 1 if rewrap else 2, rewrap)  # the first slim is at step 1
+                if rewrap:
+                    ddp = run(ddp, chase, 3, rewrap)
+            out[case] = {"slims": chase.slim_count,
+                         "warnings": [str(w.message) for w in seen if "rewrap_ddp(ddp, chase)" in str(w.message)]}
+            ddp = opt = chase = loss = None
+
+        torch.manual_seed(0)
+        model = vgg_small()
+        ddp = nn.parallel.DistributedDataParallel(model, skip_all_reduce_unused_params=True, batched_grad_copy=True,
+                                                  forward_sync_buffers=False)
+        ddp.register_comm_hook(None, lambda state, bucket: torch.futures.Future().set_result(bucket.buffer()))
+        bn = model.features[1]
+        with torch.no_grad():
+            bn.running_mean.fill_(float(rank))  # rank-local statistics, which DDP leaves alone here
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            new = rewrap_ddp(ddp)
+        out["settings"] = {"skip": new.skip_all_reduce_unused_params, "batched": new.batched_grad_copy,
+                           "sync": new.forward_sync_buffers, "mean": float(bn.running_mean[0]),
+                           "warned": [str(w.message) for w in seen if "not carried over" in str(w.message)]}
+        torch.save(out, os.path.join(out_dir, f"wrap{rank}.pt"))
+    finally:
+        ddp = opt = chase = new = loss = None
+        end_process_group()
+
+
+def test_rewrap_warnings_and_settings(tmp_path):
+    params = __import__("inspect").signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    if not {"skip_all_reduce_unused_params", "batched_grad_copy", "forward_sync_buffers"} <= set(params):
+        pytest.skip("this torch's DistributedDataParallel predates the settings checked here")
+    mp.spawn(_rewrap_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = torch.load(tmp_path / f"wrap{rank}.pt", weights_only=False)
+        assert r["documented"]["slims"] >= 1 and r["documented"]["warnings"] == []
+        assert r["bare_forgotten"]["slims"] >= 1
+        assert len(r["bare_forgotten"]["warnings"]) == 1 and "shrank at step 1" in r["bare_forgotten"]["warnings"][0]
+        s = r["settings"]
+        assert s["skip"] and s["batched"] and s["sync"] is False
+        assert s["mean"] == float(rank)  # not overwritten by rank 0's at the re-wrap
+        assert len(s["warned"]) == 1 and "communication hook" in s["warned"][0]
