@@ -18,8 +18,10 @@ checks each, with every option below):
   ``buf = μ·0 + (1-d)·0``, ``w = 0 - lr·0``;
 * ``Adam``, ``AdamW``, ``NAdam``, ``RAdam`` (amsgrad, weight decay, maximize), ``RMSprop``
   (momentum, centered), ``Adadelta``: ``eps > 0``, as the step divides 0 by
-  ``sqrt(0) + eps`` (``eps = 0`` makes it 0/0);
-* ``Adagrad``: ``eps > 0`` and ``initial_accumulator_value == 0`` (its state starts there).
+  ``sqrt(0) + eps`` (``eps = 0`` makes it 0/0); ``eps`` must stay above 0 in the weights'
+  dtype, where that sum is computed: float16 rounds Adam's default 1e-8 to 0;
+* ``Adagrad``: ``eps > 0`` (the same way) and ``initial_accumulator_value == 0`` (its state
+  starts there).
 
 Not listed because a zero slot moves: ``Adamax`` (its infinity norm becomes ``eps``),
 ``Rprop`` (its step sizes start at ``lr``), ``LBFGS`` and ``SparseAdam`` (not elementwise
@@ -39,6 +41,7 @@ weight decay. ChaseOptimizer still checks the gradients' version counters after 
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -60,17 +63,24 @@ _ZERO_SAFE: dict[type, tuple[str, ...]] = {
 }
 
 
-def _positive(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0
+def _positive(v, dtype: torch.dtype | None) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 and (dtype is None or _survives(v, dtype))
 
 
-def keeps_zero_slots(opt: torch.optim.Optimizer) -> bool:
-    """A slot with weight, gradient and state exactly 0 stays exactly 0 through ``opt.step()``."""
+@functools.lru_cache(maxsize=64)
+def _survives(v: float, dtype: torch.dtype) -> bool:
+    """``v`` (> 0) is still > 0 as a ``dtype`` number (float16 rounds 1e-8 to 0)."""
+    return float(torch.tensor(v, dtype=dtype)) > 0
+
+
+def keeps_zero_slots(opt: torch.optim.Optimizer, dtype: torch.dtype | None = None) -> bool:
+    """A slot with weight, gradient and state exactly 0 stays exactly 0 through ``opt.step()``,
+    for weights of ``dtype`` (None: settings checked as numbers only)."""
     need = _ZERO_SAFE.get(type(opt))
     if need is None:
         return False
     for g in opt.param_groups:
-        if not all(_positive(g.get(k)) for k in need):
+        if not all(_positive(g.get(k), dtype) for k in need):
             return False
         if type(opt) is _O.Adagrad and g.get("initial_accumulator_value", 0) != 0:
             return False

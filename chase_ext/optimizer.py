@@ -15,7 +15,9 @@ update counts), :mod:`chase_ext.density`, :mod:`chase_ext.schedules` and
 
 Step order (SPEC §3.0, §4): ``t`` counts the steps that actually ran (``GradScaler`` calls
 ``step()`` only when the gradients are finite, so a skipped step never reaches us and
-does not count). On step ``t``:
+does not count; ``grad_scale`` / ``found_inf`` set by hand on a wrapped fused Adam are not
+read: that optimizer skips its step, but ChaseOptimizer counts it, so scale through
+``GradScaler.step(chase)``). On step ``t``:
 
 1. if ``t`` is an update step (``t % update_interval == 0 and t < t_end``): the sparse
    weights (and, for gradient growth, their gradients) are checked finite with a single
@@ -310,7 +312,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         # may hold non-zeros at masked slots: this step masks weights and state after it.
         plain = not upd and not ev and not self._written_since()
         with torch.no_grad():
-            zero_safe = plain and keeps_zero_slots(self.optimizer)
+            zero_safe = plain and keeps_zero_slots(self.optimizer, self._params[0].dtype)
             fused = _fused_step.plan(self) if zero_safe and not capturing else None
             if fused is not None and not self._mask_gradients(sparse=False):
                 fused = None

@@ -158,7 +158,7 @@ def test_gradient_masking_equals_post_step_masking_bit_for_bit(name, factory):
         _train(mA, cA, 40, check=_masked_slots_zero)
     assert counter.masked > 20 and cA.slim_count > 0
     mB, cB = _chase(factory)
-    with mock.patch.object(chase_optimizer, "keeps_zero_slots", lambda opt: False):
+    with mock.patch.object(chase_optimizer, "keeps_zero_slots", lambda *a: False):
         _train(mB, cB, 40, check=_masked_slots_zero)
     for (n, a), b in zip(mA.named_parameters(), mB.parameters()):
         assert torch.equal(_bits(a), _bits(b)), n
@@ -397,3 +397,24 @@ def test_an_update_step_that_fails_still_leaves_masked_slots_zero():
             _one_update_step(chase, model)
     assert chase.t == 1
     _masked_slots_zero(chase)
+
+
+def test_an_eps_that_float16_rounds_to_zero_is_not_zero_safe():
+    """Adam's default eps 1e-8 (Adagrad's 1e-10) is 0 in float16, where the single-tensor
+    rules add it: 0 / (sqrt(0) + 0) = NaN. Such a step masks weights and state after it."""
+    w = torch.nn.Parameter(torch.zeros(3))
+    for opt in (O.Adam([w]), O.Adagrad([w]), O.RMSprop([w])):
+        assert keeps_zero_slots(opt) and keeps_zero_slots(opt, torch.bfloat16)
+        assert not keeps_zero_slots(opt, torch.float16), type(opt).__name__
+    assert keeps_zero_slots(O.Adam([w], eps=1e-4), torch.float16)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3)).half()
+    chase = ChaseOptimizer(O.Adam(model.parameters(), lr=1e-3), model, density=0.3, total_steps=50,
+                           update_interval=25, t_explore_end=0.5)
+    x = torch.randn(16, 8).half()
+    for _ in range(3):
+        chase.zero_grad()
+        model(x).float().square().mean().backward()
+        chase.step()
+    for n, p in zip(chase.sparse_names(), chase._params):  # NaN reads as non-zero here
+        assert not bool(p.detach()[~chase.masks[n]].any()), n  # (active slots: torch's own fp16 Adam)
