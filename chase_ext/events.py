@@ -50,9 +50,11 @@ class ChannelEventsMixin:
         cfg = self.config
         spec = cfg.channel_groups
         if spec is not None:
-            from .graph import explicit_groups
+            from .graph import check_against_trace, explicit_groups
 
             groups = explicit_groups(self.model, spec)
+            if cfg.example_inputs is not None:
+                check_against_trace(self.model, groups, cfg.example_inputs)
         else:
             from .graph import find_channel_groups
 

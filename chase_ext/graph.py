@@ -82,7 +82,7 @@ from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM, ChannelGroup, Cons
 from .tracing import (_Closure, _closure, _computed_tensor, _is_depthwise, _is_producer_module, _match, _nodes_in,
                       _norm_patterns, _shape_prop, _Trace, _train_mode)
 
-__all__ = ["find_channel_groups", "explicit_groups", "group_to_dict", "group_from_dict"]
+__all__ = ["find_channel_groups", "explicit_groups", "check_against_trace", "group_to_dict", "group_from_dict"]
 
 
 # --------------------------------------------------------------------------- found by tracing
@@ -258,6 +258,37 @@ def _check_sizes(tr: _Trace, C: int, fol, cons) -> bool:
 
 
 # --------------------------------------------------------------------------- explicit
+def check_against_trace(model: nn.Module, groups: Sequence[ChannelGroup], example_inputs: Any) -> None:
+    """Explicit groups against the traced graph, where ``model`` traces with
+    ``example_inputs``: every norm or depthwise conv that tracing finds in a producer's
+    channel space must be among its group's followers, and every conv / linear reading that
+    space among its consumers; slimming would leave it at the old width (the next forward
+    fails, after the model changed). ``ValueError`` naming the layers otherwise. A model
+    that does not trace is not checked (explicit groups are its way in)."""
+    args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    with _train_mode(model):
+        try:
+            gm = fx.symbolic_trace(model)
+            _shape_prop(model, gm, args)
+        except Exception:  # noqa: BLE001 - not traceable here: nothing to check against
+            return
+    tr = _Trace(model, gm)
+    nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    for i, g in enumerate(groups):
+        for p in g.producers:
+            if p not in nodes or p in tr.bad:
+                continue
+            cl = _closure(tr, p, nodes[p], ())
+            missing = [f"follower {f!r}" for f in cl.followers if f not in g.followers]
+            missing += [f"consumer {c!r}" for c in cl.consumers if c not in {x.module for x in g.consumers}]
+            if missing:
+                it = "it" if len(missing) == 1 else "them"
+                raise ValueError(
+                    f"channel_groups[{i}] ({g.name}): the traced model shows {', '.join(missing)} reading the "
+                    f"channels of producer {p!r}; list {it} in the group, or slimming would leave {it} at the "
+                    "old width")
+
+
 def group_to_dict(g: ChannelGroup) -> dict:
     """A plain (picklable, JSON-able) description of a group."""
     return {

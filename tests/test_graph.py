@@ -612,3 +612,32 @@ def test_explicit_round_trip_of_traced_groups():
     for entry, match in bad:
         with pytest.raises(ValueError, match=match):
             explicit_groups(m, [entry])
+
+
+def test_explicit_groups_are_checked_against_the_trace_when_inputs_are_given():
+    """An explicit group that leaves out a norm or a consumer reading its producer's channels
+    would slim into a broken model; with example_inputs ChaseOptimizer refuses it, naming them.
+    Without example_inputs (a model that does not trace) only widths are checked."""
+    from chase_ext import ChaseOptimizer
+
+    def build(**kw):
+        torch.manual_seed(0)
+        model = vgg_small()
+        return ChaseOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), model, density=0.5, total_steps=40,
+                              update_interval=4, channel_sparsity=0.5, **kw)
+
+    x = example_input("vgg_small")
+    traced = find_channel_groups(vgg_small(), x)
+    g0 = traced[0]
+    assert g0.followers == ["features.1"] and [c.module for c in g0.consumers] == ["features.4"]
+    no_bn = {"producers": g0.producers, "consumers": ["features.4"]}
+    with pytest.raises(ValueError, match=r"channel_groups\[0\].*follower 'features.1'.*list it in the group"):
+        build(channel_groups=[no_bn], example_inputs=x)
+    build(channel_groups=[no_bn])  # not checked without inputs
+    no_consumer = {"producers": g0.producers, "followers": ["features.1"], "consumers": []}
+    with pytest.raises(ValueError, match=r"consumer 'features.4'"):
+        from chase_ext.graph import check_against_trace
+
+        check_against_trace(vgg_small(), [group_from_dict({**no_consumer, "name": "g", "channels": 8})], x)
+    chase = build(channel_groups=traced, example_inputs=x)  # what tracing returns passes
+    assert [r["group"] for r in chase.channel_report()] == [g.name for g in traced]
