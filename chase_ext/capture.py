@@ -65,8 +65,11 @@ class CaptureMixin:
 
     def plain_steps_ahead(self) -> int | None:
         """How many of the next steps are plain (no update, no channel event), i.e. may
-        be replayed from a captured graph: 0 when the next step must run eagerly, None
+        be replayed from a captured graph: 0 when the next step must run eagerly (also after
+        weights or masks were written from outside, which a replay would not mask), None
         when every remaining step is plain."""
+        if self._written_since():  # weights or masks written since: the next step masks them, eagerly
+            return 0
         nxt = self._next_eager_step()
         return None if nxt is None else nxt - (self._t + 1)
 

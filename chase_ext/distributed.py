@@ -49,9 +49,9 @@ def rewrap_ddp(ddp: nn.Module, chase=None) -> nn.Module:
 
         if chase.model is not unwrap_model(ddp.module):  # DDP(torch.compile(model)) holds the model too
             raise ValueError("chase does not drive ddp.module (it was built for another model)")
-        chase._unwrapped_slim = None  # the loop re-wraps: the next step need not warn
         slims = chase.slim_count
         if getattr(ddp, "_chase_slim_count", 0) == slims:
+            chase._unwrapped_slim = None  # the loop re-wraps: the next step need not warn
             return ddp
     params = inspect.signature(DDP.__init__).parameters
     if getattr(ddp, "mixed_precision", None) is not None:
@@ -92,4 +92,6 @@ def rewrap_ddp(ddp: nn.Module, chase=None) -> nn.Module:
         ddp._remove_autograd_hooks()  # the old reducer must not see the next backward
     new = DDP(ddp.module, **kwargs)
     new._chase_slim_count = slims  # None (unknown) when re-wrapped without chase
+    if chase is not None:
+        chase._unwrapped_slim = None  # the loop re-wraps: the next step need not warn
     return new

@@ -217,17 +217,19 @@ class ChannelEventsMixin:
         self._masked_apply()
 
     def _note_slim_under_ddp(self, t: int) -> None:
-        """Parameters shrank at step ``t``: under DistributedDataParallel (the wrapper given
-        to ChaseOptimizer, or any run of several processes, where the model may have been
-        wrapped after the ChaseOptimizer was built) the wrapper must be rebuilt before the
-        next backward; ``rewrap_ddp(ddp, chase)`` clears this, else the next step warns."""
-        if self._wrapped_in_ddp or _several_processes():
+        """Parameters shrank at step ``t``: under DistributedDataParallel the wrapper must be
+        rebuilt before the next backward; ``rewrap_ddp(ddp, chase)`` clears this, else the
+        next step warns. Known DDP (the wrapper was given to ChaseOptimizer): at every such
+        slim. Several processes and a bare model (DDP may have been built around it after
+        the ChaseOptimizer, as accelerate does; or there is no DDP at all): once a run."""
+        if self._wrapped_in_ddp or (not self._warned_unwrapped and _several_processes()):
             self._unwrapped_slim = t
 
     def _warn_if_not_rewrapped(self) -> None:
         """Said at the step after a slim, not at the slim: the documented loop re-wraps
         right after ``step()``, so only a step that comes without it is a problem."""
         if self._unwrapped_slim is not None:
+            self._warned_unwrapped = True
             warnings.warn(
                 f"ChaseOptimizer: parameters shrank at step {self._unwrapped_slim} and rewrap_ddp(ddp, chase) was not "
                 "called since: if the model runs under DistributedDataParallel, the old wrapper reduced none of this "
@@ -276,6 +278,8 @@ class ChannelEventsMixin:
         gather = self.ops.gather_channels_
         opt = self.optimizer if with_state else None
         _slim_model(self.model, self.groups, list(keep), optimizer=opt, masks=self._mask_dict, gather=gather)
+        if isinstance(self.optimizer, torch.optim.LBFGS):  # also when its state came slimmed from a checkpoint
+            self.optimizer._numel_cache = None
         self._ch.commit_slim(keep)
         self._rebuild_live()
         forget_compiled(self.model)  # torch.compile's graphs of the old shapes never run again

@@ -79,8 +79,8 @@ from typing import Any, Sequence
 from torch import fx, nn
 
 from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM, ChannelGroup, Consumer
-from .tracing import (_Closure, _closure, _computed_tensor, _is_depthwise, _is_producer_module, _match, _nodes_in,
-                      _norm_patterns, _shape_prop, _Trace, _train_mode)
+from .tracing import (_Closure, _closure, _computed_tensor, _has_state, _is_depthwise, _is_producer_module, _match,
+                      _nodes_in, _norm_patterns, _shape_prop, _Trace, _train_mode)
 
 __all__ = ["find_channel_groups", "explicit_groups", "check_against_trace", "group_to_dict", "group_from_dict"]
 
@@ -260,8 +260,8 @@ def _check_sizes(tr: _Trace, C: int, fol, cons) -> bool:
 # --------------------------------------------------------------------------- explicit
 def check_against_trace(model: nn.Module, groups: Sequence[ChannelGroup], example_inputs: Any) -> None:
     """Explicit groups against the traced graph, where ``model`` traces with
-    ``example_inputs``: every norm or depthwise conv that tracing finds in a producer's
-    channel space must be among its group's followers, and every conv / linear reading that
+    ``example_inputs``: every norm with tensors or depthwise conv that tracing finds in a
+    producer's channel space must be among its group's followers, and every conv / linear reading that
     space among its consumers; slimming would leave it at the old width (the next forward
     fails, after the model changed). ``ValueError`` naming the layers otherwise. A model
     that does not trace is not checked (explicit groups are its way in)."""
@@ -279,7 +279,8 @@ def check_against_trace(model: nn.Module, groups: Sequence[ChannelGroup], exampl
             if p not in nodes or p in tr.bad:
                 continue
             cl = _closure(tr, p, nodes[p], ())
-            missing = [f"follower {f!r}" for f in cl.followers if f not in g.followers]
+            # a norm without tensors only warns at a width mismatch: groups may leave it out
+            missing = [f"follower {f!r}" for f in cl.followers if f not in g.followers and _has_state(tr.modules[f])]
             missing += [f"consumer {c!r}" for c in cl.consumers if c not in {x.module for x in g.consumers}]
             if missing:
                 it = "it" if len(missing) == 1 else "them"

@@ -80,6 +80,10 @@ class MaskView(MutableMapping):
     def __reduce__(self):
         return (dict, (dict(self._owner._mask_dict),))
 
+    def copy(self) -> dict:
+        """A plain dict of the masks (the tensors themselves, as ``dict.copy``)."""
+        return dict(self._owner._mask_dict)
+
 
 class MaskingMixin:
     """Masks, liveness and masked state of the sparse tensors (module docstring)."""
@@ -102,9 +106,11 @@ class MaskingMixin:
             m = self._mask_dict[n]
             if m.device != p.device:
                 m = self._mask_dict[n] = m.to(p.device)
+                self._versions = None  # new mask tensors: the watched counters are not theirs
             # the cheap test first: a flat layout match (size-1 dims aside) is all that counts
             if not _layout.same_flat_layout(m, p) and not _layout.same_layout(m, p):
                 self._mask_dict[n] = _layout.like(m, p)
+                self._versions = None
         if moved:  # the liveness vectors and bias masks follow (they are built per device)
             self._rebuild_live()
 
@@ -149,7 +155,8 @@ class MaskingMixin:
                    else type(mask).__name__)
             raise ValueError(f"ChaseOptimizer.masks[{name!r}]: expected a torch.bool tensor of shape "
                              f"{tuple(p.shape)} (the parameter's), got {got}")
-        self._mask_dict[name] = _layout.like(mask.detach().to(p.device), p)
+        # a copy: the entry must not share memory with another mask (or anything the kernels write)
+        self._mask_dict[name] = _layout.like(mask.detach().to(p.device, copy=True), p)
         self._forget_counts()
         self._versions = None  # a new tensor's counter may equal the old one's: a write all the same
 

@@ -202,6 +202,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         check_not_sharded(self.model)
         self._wrapped_in_ddp = is_ddp(model)
         self._unwrapped_slim: int | None = None  # step of a slim under DDP not yet followed by rewrap_ddp
+        self._warned_unwrapped = False  # said once for a bare model in a run of several processes
 
         # --- torch.optim.Optimizer plumbing, shared with the wrapped optimizer
         self.defaults = optimizer.defaults
@@ -427,7 +428,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
 
     # ------------------------------------------------------------------ public API
     @property
-    def masks(self) -> dict[str, torch.Tensor]:
+    def masks(self) -> MaskView:
         """Parameter name -> bool mask (True = active), current physical shapes, on each
         parameter's device and in its memory layout. The masks may be written through this,
         in place or by replacing an entry with a bool tensor of the parameter's shape (the

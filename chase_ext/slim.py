@@ -20,9 +20,10 @@
       ``p``'s rank that broadcasts to it and spans the gathered dim (Adafactor's factored
       ``row_var`` / ``col_var``); one of size 1 there (a mean over that dim) is left as it
       is, as are scalars (``step``) and other shapes. ``p.grad`` is gathered too.
-      ``torch.optim.LBFGS`` keeps its history as flat vectors over all its parameters
-      (``d``, ``prev_flat_grad``, ``old_dirs``, ``old_stps``): the entries of removed
-      slots are dropped from each, so it goes on with the history of the kept slots.
+      ``torch.optim.LBFGS`` keeps flat vectors over all its parameters: ``d`` and
+      ``prev_flat_grad`` lose the entries of removed slots; its curvature pairs
+      (``old_dirs``, ``old_stps``, ``ro``) are dropped, since their products were taken
+      over the removed slots too, so it rebuilds them from the next step on.
       Any other state tensor that fits none of these is left as it is, with a warning
       naming it (the wrapped optimizer would likely fail at its next step).
 
@@ -127,7 +128,7 @@ def _expand(idx: Tensor, repeat: int) -> Tensor:
 
 
 _LBFGS_FLAT = ("d", "prev_flat_grad")  # one flat vector over all parameters
-_LBFGS_FLAT_LISTS = ("old_dirs", "old_stps")  # lists of such vectors
+_LBFGS_PAIRS = ("old_dirs", "old_stps", "ro")  # curvature pairs and their 1 / (y . s)
 
 
 class _Slimmer:
@@ -181,7 +182,8 @@ class _Slimmer:
         p.grad = new_grad
 
     def finish(self) -> None:
-        """Narrow LBFGS's flat state to the surviving slots; warn about state left as is."""
+        """Narrow LBFGS's flat vectors to the surviving slots and drop its curvature pairs;
+        warn about state left as is."""
         if isinstance(self.optimizer, torch.optim.LBFGS):
             self.optimizer._numel_cache = None  # its cached total size, asserted at every step
         if self.flat_pos is not None:
@@ -191,9 +193,9 @@ class _Slimmer:
             for k in _LBFGS_FLAT:
                 if isinstance(st.get(k), Tensor):
                     st[k] = st[k].index_select(0, kept.to(st[k].device))
-            for k in _LBFGS_FLAT_LISTS:
+            for k in _LBFGS_PAIRS:
                 if isinstance(st.get(k), list):
-                    st[k] = [v.index_select(0, kept.to(v.device)) for v in st[k]]
+                    st[k] = []
         if self.unfit:
             warnings.warn(
                 f"slim_: optimizer state that fits neither its parameter's shape nor a known layout was left as it "

@@ -353,14 +353,18 @@ def live_channels(opt: Any) -> dict[str, tuple[int, int]]:
 
 
 # --------------------------------------------------------------------------- the three-way comparison
-def schedule_error(total_steps: int, **knobs: Any) -> str | None:
+def schedule_error(total_steps: int, /, **knobs: Any) -> str | None:
     """Why ChaseOptimizer would refuse a run of ``total_steps`` optimizer steps with these
     knobs (the schedule checks of :class:`chase_ext.ChaseConfig`; ``backend`` ignored), or
     None: command-line tools call it before training anything, so a run too short for its
     channel schedule is refused up front, not after the dense and DST runs."""
+    import dataclasses
+
     from .config import ChaseConfig
 
-    kw = {k: v for k, v in knobs.items() if k != "backend"}
+    fields = {f.name for f in dataclasses.fields(ChaseConfig)}
+    kw = {k: v for k, v in knobs.items() if k in fields}  # ChaseOptimizer's own (backend, config) aside
+    total_steps = kw.pop("total_steps", total_steps)  # a knob given explicitly wins, as in train()
     if kw.get("channel_sparsity", 0) > 0 and kw.get("channel_groups") is None:
         kw.setdefault("example_inputs", torch.zeros(()))  # only its presence is checked here
     try:

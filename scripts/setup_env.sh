@@ -16,7 +16,9 @@ TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 # recompile the kernels, a minute or two, on every run of the two commands).
 key=$(python3 - "$TORCH_SPEC" "${TORCH_INDEX:-}" <<'PY'
 import hashlib, os, sys
-h = hashlib.sha256("\n".join(sys.argv[1:]).encode())
+# the build switches and toolchain the kernels were compiled with count too
+env = [f"{k}={os.environ.get(k, '')}" for k in ("CHASE_EXT_CUDA", "TORCH_CUDA_ARCH_LIST", "CUDA_HOME", "CC", "CXX")]
+h = hashlib.sha256("\n".join(sys.argv[1:] + env).encode())
 files = ["pyproject.toml", "setup.py", "chase_ext/_build.py"]
 for top in ("csrc", "build_backend"):
     files += [os.path.join(d, f) for d, _, fs in os.walk(top) for f in fs]
@@ -29,7 +31,8 @@ PY
 )
 STAMP=$VENV/.chase_ext_build_inputs
 if [ -x "$VENV/bin/python" ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$key" ] \
-    && "$VENV/bin/python" -c "import chase_ext._ops" 2>/dev/null; then
+    && CHASE_EXT_BUILD_ON_IMPORT=0 "$VENV/bin/python" -c "import chase_ext._ops" 2>/dev/null; then
+  # (=0: a library built for another torch than the one installed fails here, not recompiles)
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"

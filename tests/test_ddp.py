@@ -155,6 +155,17 @@ def _rewrap_worker(rank: int, world: int, port: int, out_dir: str) -> None:
                          "warnings": [str(w.message) for w in seen if "rewrap_ddp(ddp, chase)" in str(w.message)]}
             ddp = opt = chase = loss = None
 
+        # several processes, no DDP at all (each rank trains its own model): said once a run
+        torch.manual_seed(0)
+        model = vgg_small()
+        chase = ChaseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, **kw)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            run(model, chase, 6, False)
+        out["no_ddp"] = {"slims": chase.slim_count,
+                         "warnings": [str(w.message) for w in seen if "rewrap_ddp(ddp, chase)" in str(w.message)]}
+        chase = None
+
         torch.manual_seed(0)
         model = vgg_small()
         ddp = nn.parallel.DistributedDataParallel(model, skip_all_reduce_unused_params=True, batched_grad_copy=True,
@@ -185,6 +196,7 @@ def test_rewrap_warnings_and_settings(tmp_path):
         assert r["documented"]["slims"] >= 1 and r["documented"]["warnings"] == []
         assert r["bare_forgotten"]["slims"] >= 1
         assert len(r["bare_forgotten"]["warnings"]) == 1 and "shrank at step 1" in r["bare_forgotten"]["warnings"][0]
+        assert r["no_ddp"]["slims"] >= 2 and len(r["no_ddp"]["warnings"]) == 1
         s = r["settings"]
         assert s["skip"] and s["batched"] and s["sync"] is False
         assert s["mean"] == float(rank)  # not overwritten by rank 0's at the re-wrap

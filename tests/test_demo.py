@@ -302,3 +302,12 @@ def test_cifar_example_fake_data_end_to_end(tmp_path):
         return
     for name in demo.REPORT_FILES:
         assert (tmp_path / name).is_file(), name
+
+
+def test_schedule_error_takes_chase_kwargs_as_run_comparison_gets_them():
+    """total_steps among the knobs wins (as in train()); keys that are not config fields
+    (backend, config) are left to ChaseOptimizer."""
+    kw = dict(density=0.1, channel_sparsity=0.5, backend="native", config=None)
+    assert T.schedule_error(2, total_steps=300, **kw) is None
+    assert "a run of 2 optimizer steps" in T.schedule_error(300, total_steps=2, **kw)
+    assert T.schedule_error(2, density=0.1, channel_sparsity=0.0) is None  # no channel schedule to fit

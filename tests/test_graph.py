@@ -641,3 +641,21 @@ def test_explicit_groups_are_checked_against_the_trace_when_inputs_are_given():
         check_against_trace(vgg_small(), [group_from_dict({**no_consumer, "name": "g", "channels": 8})], x)
     chase = build(channel_groups=traced, example_inputs=x)  # what tracing returns passes
     assert [r["group"] for r in chase.channel_report()] == [g.name for g in traced]
+
+
+def test_the_trace_check_lets_groups_leave_out_norms_without_tensors():
+    """An InstanceNorm2d(C) (no affine, no running stats) only warns at a width mismatch: an
+    explicit group that leaves it out is not refused."""
+    from chase_ext.graph import check_against_trace
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.n1, self.c2 = nn.Conv2d(3, 8, 3), nn.InstanceNorm2d(8), nn.Conv2d(8, 4, 3)
+
+        def forward(self, x):
+            return self.c2(torch.relu(self.n1(self.c1(x))))
+
+    model, x = Net(), torch.randn(2, 3, 12, 12)
+    assert find_channel_groups(model, x)[0].followers == ["n1"]
+    check_against_trace(model, explicit_groups(model, [{"producers": ["c1"], "consumers": ["c2"]}]), x)

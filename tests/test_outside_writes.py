@@ -146,8 +146,9 @@ def test_updates_ending_in_phase_a_warn_when_weights_stay_above_the_budget():
 
 @pytest.mark.parametrize("during_training", [True, False])
 def test_lbfgs_goes_on_after_a_slim(during_training):
-    """LBFGS's flat history (d, prev_flat_grad, old_dirs, old_stps) loses the removed
-    slots' entries at a slim, in step with its parameters, and its cached size is reset."""
+    """LBFGS's flat vectors (d, prev_flat_grad) lose the removed slots' entries at a slim, in
+    step with its parameters, its curvature pairs are dropped and rebuilt, and its cached
+    size is reset."""
     torch.manual_seed(0)
     model = MODELS["vgg_small"]()
     x = example_input("vgg_small", batch=4)
@@ -170,9 +171,72 @@ def test_lbfgs_goes_on_after_a_slim(during_training):
     params = opt.param_groups[0]["params"]
     n = sum(p.numel() for p in params)
     st = opt.state[params[0]]
-    assert st["d"].numel() == n and st["prev_flat_grad"].numel() == n and len(st["old_dirs"]) > 0
-    assert all(v.numel() == n for v in st["old_dirs"] + st["old_stps"])
+    assert st["d"].numel() == n and st["prev_flat_grad"].numel() == n
+    assert all(v.numel() == n for v in st["old_dirs"] + st["old_stps"]) and len(st["ro"]) == len(st["old_dirs"])
     for _ in range(12):
         loss = chase.step(closure)
         _masked_zero(chase)
-    assert torch.isfinite(loss)
+    n = sum(p.numel() for p in params)
+    assert torch.isfinite(loss) and len(st["old_dirs"]) > 0 and all(v.numel() == n for v in st["old_dirs"])
+
+
+def test_a_mask_edited_after_the_model_changed_layout_is_masked_at_the_next_step():
+    """model.to(channels_last) bumps no weight counter; the masks realigned to the new
+    layout are new tensors, so the watch starts again from them."""
+    model = _net()
+    chase = ChaseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), model, density=0.5,
+                           total_steps=100, update_interval=50, t_explore_end=0.5)
+    _ = chase.masks  # handed out before: the masks' counters are watched
+    _step(model, chase)
+    name = chase.sparse_names()[1]
+    model.to(memory_format=torch.channels_last)
+    chase.masks[name][:4] = False  # the property realigns the mask first: a new tensor
+    _step(model, chase, 1)
+    _masked_zero(chase)
+
+
+def test_a_replaced_mask_is_copied():
+    model = _net()
+    chase = ChaseOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), model, density=0.5, total_steps=100,
+                           update_interval=50, t_explore_end=0.5)
+    name = chase.sparse_names()[1]
+    mine = torch.ones(chase.masks[name].shape, dtype=torch.bool)
+    chase.masks[name] = mine
+    mine[0] = False  # the user's tensor, not the mask (which may not alias anything the kernels write)
+    assert bool(chase.masks[name][0].all()) and chase.masks[name].data_ptr() != mine.data_ptr()
+    assert chase.masks.copy().keys() == dict(chase.masks).keys()
+
+
+def test_lbfgs_goes_on_after_loading_a_slimmed_checkpoint():
+    """The replay of a checkpoint's slims resets LBFGS's cached size too (its state comes
+    from the checkpoint already slimmed), also after it stepped at full width."""
+    x = example_input("vgg_small", batch=4)
+    y = torch.tensor([1, 2, 3, 4])
+
+    def build():
+        torch.manual_seed(0)
+        model = MODELS["vgg_small"]()
+        opt = torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2, history_size=3)
+        return model, ChaseOptimizer(opt, model, density=0.5, total_steps=24, update_interval=4,
+                                     channel_sparsity=0.5, channel_end=0.5, slim_during_training=True,
+                                     example_inputs=x)
+
+    def run(model, chase, n):
+        for _ in range(n):
+            def closure():
+                chase.zero_grad()
+                loss = nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+            chase.step(closure)
+
+    ma, ca = build()
+    run(ma, ca, 12)
+    assert ca.slim_count > 0
+    saved = {"chase": copy.deepcopy(ca.state_dict()), "model": copy.deepcopy(ma.state_dict())}
+    mb, cb = build()
+    run(mb, cb, 1)  # LBFGS caches its full-width size here
+    cb.load_state_dict(saved["chase"])
+    mb.load_state_dict(saved["model"])
+    run(mb, cb, 3)
+    _masked_zero(cb)
