@@ -34,6 +34,15 @@ def rewrap_ddp(ddp: nn.Module, chase=None) -> nn.Module:
     the call can sit in the training loop after every ``chase.step()``. Without
     ``chase`` it always re-wraps. The old wrapper's gradient hooks are removed, so it
     must not be used afterwards.
+
+    Carried over: devices, ``dim``, the process group (or device mesh), the bucket size
+    (the default one with its small first bucket), ``find_unused_parameters``,
+    ``gradient_as_bucket_view``, ``static_graph``, buffer syncing (rank-local buffers stay
+    rank-local: no sync at construction when the old wrapper did not sync them), and where
+    the running torch has them ``skip_all_reduce_unused_params`` and ``batched_grad_copy``.
+    Not carried, with a warning naming them: communication hooks and delayed all-reduce
+    parameters (register or pass them again on the returned wrapper). Not supported: DDP's
+    experimental ``mixed_precision`` (``ValueError``, nothing changed).
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -61,11 +70,12 @@ def rewrap_ddp(ddp: nn.Module, chase=None) -> nn.Module:
         device_ids=ddp.device_ids,
         output_device=ddp.output_device,
         dim=ddp.dim,
-        bucket_cap_mb=ddp.bucket_bytes_cap / _MiB,
         find_unused_parameters=ddp.find_unused_parameters,
         gradient_as_bucket_view=ddp.gradient_as_bucket_view,
         static_graph=ddp.static_graph,
     )
+    if not getattr(ddp, "bucket_bytes_cap_default", False):  # the default keeps its small first bucket
+        kwargs["bucket_cap_mb"] = ddp.bucket_bytes_cap / _MiB
     if getattr(ddp, "device_mesh", None) is not None:  # DDP takes one of the two
         kwargs["device_mesh"] = ddp.device_mesh
     else:
