@@ -178,7 +178,7 @@ def _rewrap_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             warnings.simplefilter("always")
             new = rewrap_ddp(ddp)
         out["settings"] = {"skip": new.skip_all_reduce_unused_params, "batched": new.batched_grad_copy,
-                           "buckets": (new.bucket_bytes_cap_list, ddp.bucket_bytes_cap_list),
+                           "buckets": (new.bucket_bytes_cap_default, new.bucket_bytes_cap),
                            "sync": new.forward_sync_buffers, "mean": float(bn.running_mean[0]),
                            "warned": [str(w.message) for w in seen if "not carried over" in str(w.message)]}
         torch.save(out, os.path.join(out_dir, f"wrap{rank}.pt"))
@@ -200,6 +200,6 @@ def test_rewrap_warnings_and_settings(tmp_path):
         assert r["no_ddp"]["slims"] >= 2 and len(r["no_ddp"]["warnings"]) == 1
         s = r["settings"]
         assert s["skip"] and s["batched"] and s["sync"] is False
-        assert s["buckets"][0] == s["buckets"][1]  # the default bucket sizes, small first bucket included
+        assert s["buckets"] == (True, 25 * 2**20)  # DDP's default sizes, its small first bucket included
         assert s["mean"] == float(rank)  # not overwritten by rank 0's at the re-wrap
         assert len(s["warned"]) == 1 and "communication hook" in s["warned"][0]
