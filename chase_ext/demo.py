@@ -134,6 +134,18 @@ def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
     return p
 
 
+def _make_out_dir(out: str) -> str | None:
+    """Makes the report folder ``--out`` now, so that one that cannot be written fails
+    before the training; returns why it cannot be used, or None."""
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        return f"--out {out!r}: cannot create that folder ({e.strerror or e})"
+    if not os.access(out, os.W_OK | os.X_OK):
+        return f"--out {out!r}: that folder is not writable"
+    return None
+
+
 def _check_device(spec: str) -> str | None:
     """Why ``--device spec`` cannot be used, or None."""
     try:
@@ -194,12 +206,9 @@ def _settings(args, parser: argparse.ArgumentParser | None = None) -> dict[str, 
     why = T.schedule_error(steps, density=args.density, channel_sparsity=args.channel_sparsity)
     if why:
         error(f"{why} (raise --epochs or --train-size, or lower --batch-size)")
-    try:  # made last, once all else is valid: a folder that cannot be written fails before training
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        error(f"--out {args.out!r}: cannot create that folder ({e.strerror or e})")
-    if not os.access(args.out, os.W_OK | os.X_OK):
-        error(f"--out {args.out!r}: that folder is not writable")
+    why = _make_out_dir(args.out)  # last, once all else is valid
+    if why:
+        error(why)
     return dict(epochs=epochs, train_size=train_size, bench_rounds=rounds)
 
 

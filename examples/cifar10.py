@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover
 
 from chase_ext import measure as M
 from chase_ext import training as T
-from chase_ext.demo import _check_device, _HelpFormatter, format_table, write_report
+from chase_ext.demo import _check_device, _HelpFormatter, _make_out_dir, format_table, write_report
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -109,13 +109,7 @@ def check_args(args: argparse.Namespace) -> str | None:
         return f"--bench-batch must be >= 1, got {args.bench_batch}"
     if args.bench_rounds < 1:
         return f"--bench-rounds must be >= 1, got {args.bench_rounds}"
-    try:  # made last, once all else is valid: a folder that cannot be written fails before training
-        os.makedirs(args.out, exist_ok=True)
-    except OSError as e:
-        return f"--out {args.out!r}: cannot create that folder ({e.strerror or e})"
-    if not os.access(args.out, os.W_OK | os.X_OK):
-        return f"--out {args.out!r}: that folder is not writable"
-    return None
+    return _make_out_dir(args.out)  # last, once all else is valid
 
 
 def check_steps(args: argparse.Namespace, n_train: int) -> str | None:
