@@ -11,6 +11,13 @@ the RNG state must be equal exactly; weights and optimizer moments too, up to fl
 rounding (CPU float kernels differ by CPU model; on the machine that wrote the fixture
 they are equal bit for bit). Both then run on past another update step and channel
 event and must take the same decisions.
+
+Two entries are compared for shape only: the bias of the linear layer that feeds the
+batch norm, and that norm's running mean. The norm takes the mean out in training, so
+that bias's gradient is zero up to rounding, and Adam divides it by its own root mean
+square: each step moves the bias by about lr in the direction of the rounding noise.
+Under torch 2.11 the noise has other signs than under 2.13 (same CPU), and after 18
+steps the bias differs by 7e-3 while every other weight agrees within 3e-8.
 """
 from __future__ import annotations
 
@@ -59,6 +66,10 @@ def run(model, chase, start: int, stop: int) -> None:
         chase.step()
 
 
+# set by the rounding noise of a gradient that is zero in exact arithmetic (docstring)
+NOISE_ONLY = {"0.bias", "1.running_mean"}
+
+
 def _close(a, b, what):
     assert a.shape == b.shape and a.dtype == b.dtype, what
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
@@ -76,7 +87,10 @@ def _compare(model_a, chase_a, model_b, chase_b):
     for key in ("alive", "present"):
         assert all(torch.equal(x, y) for x, y in zip(sa[key], sb[key])), key
     for (n, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
-        _close(a, b, n)
+        if n in NOISE_ONLY:
+            assert a.shape == b.shape, n
+        else:
+            _close(a, b, n)
     oa, ob = chase_a.optimizer.state_dict()["state"], chase_b.optimizer.state_dict()["state"]
     assert oa.keys() == ob.keys()
     for k in oa:
