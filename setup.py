@@ -2,8 +2,10 @@
 
 The recipe (sources, flags, when CUDA kernels are built) is ``chase_ext/_build.py``,
 shared with the on-import build of ``chase_ext/_loader.py``. CPU kernels are always built;
-CUDA kernels when torch has CUDA and nvcc is found (a GPU is not needed). Overrides:
-CHASE_EXT_CUDA=0 forces a CPU-only build, CHASE_EXT_CUDA=1 makes a missing toolkit an error.
+CUDA kernels when torch has CUDA and a toolkit of its CUDA major version is found (a GPU is
+not needed); otherwise why not is printed and kept in the build record. Overrides:
+CHASE_EXT_CUDA=0 forces a CPU-only build, CHASE_EXT_CUDA=1 makes a missing or mismatched
+toolkit an error.
 
 Which torch: the backend in ``build_backend/`` makes the target environment's torch the one
 compiled against, also in pip's isolated builds. Next to the library goes a record of that
@@ -42,7 +44,7 @@ def _extension_setup():
     """(ext_modules, cmdclass) for a build that compiles, with the record writer."""
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda, _ = _build.want_cuda()
+    with_cuda, _, why_not = _build.want_cuda()
     fl = _build.flags(with_cuda)
     csrc = os.path.join(ROOT, "csrc")
     sources = [os.path.relpath(p, ROOT) for p in _build.sources(csrc, with_cuda)]
@@ -55,9 +57,10 @@ def _extension_setup():
         def run(self):
             super().run()
             for e in self.extensions:
-                _build.write_record(self.get_ext_fullpath(e.name), with_cuda, fl["archs"])
+                _build.write_record(self.get_ext_fullpath(e.name), with_cuda, fl["archs"], why_not)
 
-    print(f"chase_ext: building {'CPU+CUDA' if with_cuda else 'CPU-only'} kernels", file=sys.stderr)
+    print(f"chase_ext: building {'CPU+CUDA kernels' if with_cuda else f'CPU-only kernels (no CUDA: {why_not})'}",
+          file=sys.stderr)
     return [ext], {"build_ext": BuildExtWithRecord}
 
 

@@ -15,7 +15,9 @@ import glob
 import hashlib
 import json
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 VERSION = "0.1.0"
@@ -23,45 +25,91 @@ RECORD_NAME = "_C.build.json"
 # CUDA archs when no GPU is visible: sm_80 and sm_90 machine code, plus PTX that newer
 # GPUs (sm_100, sm_120) JIT-compile.
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+# where toolkits are installed side by side (cuda-12.8, cuda-13.0, ...)
+TOOLKIT_GLOB = "/usr/local/cuda-*"
 
 
 def _env_flag(name: str) -> str:
     return os.environ.get(name, "auto").strip().lower()
 
 
-def find_cuda_home() -> str | None:
-    """The CUDA toolkit root. The ``nvcc`` first on PATH may be a wrapper script (it is on
-    the project's CPU machines), so the toolkit is looked up by its real layout first."""
+def toolkit_version(cuda_home: str) -> str | None:
+    """The toolkit's ``"major.minor"``: from its ``version.json`` (CUDA 11.1 and later),
+    else from ``nvcc --version``; None when neither tells."""
+    try:
+        with open(os.path.join(cuda_home, "version.json")) as f:
+            return ".".join(json.load(f)["cuda"]["version"].split(".")[:2])
+    except (OSError, KeyError, TypeError, ValueError, AttributeError):
+        pass
+    try:
+        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else None
+
+
+def _major(version: str | None) -> str | None:
+    return version.split(".")[0] if version else None
+
+
+def find_cuda_home(torch_cuda: str | None = None) -> str | None:
+    """The CUDA toolkit root: ``CUDA_HOME`` / ``CUDA_PATH`` when set, else the installed
+    toolkit whose major version is ``torch_cuda``'s (the newest such), else the newest.
+    The ``nvcc`` first on PATH may be a wrapper script (it is on the project's CPU
+    machines), so toolkits are looked up by their real layout first."""
     for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
             return cand
-    roots = sorted(glob.glob("/usr/local/cuda-*"), reverse=True) + ["/usr/local/cuda"]
+    roots = sorted(glob.glob(TOOLKIT_GLOB), key=_version_key, reverse=True) + [os.path.join(os.path.dirname(TOOLKIT_GLOB), "cuda")]
+    found = []
     for cand in roots:
         if os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.exists(
             os.path.join(cand, "include", "cuda_runtime.h")
         ):
-            return os.path.realpath(cand)
+            real = os.path.realpath(cand)
+            if real not in found:
+                found.append(real)
+    matching = [c for c in found if torch_cuda and _major(toolkit_version(c)) == _major(torch_cuda)]
+    if matching or found:
+        return (matching or found)[0]
     nvcc = shutil.which("nvcc")
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
 
 
-def want_cuda() -> tuple[bool, str | None]:
-    """(build CUDA kernels?, toolkit root). Yes when the torch compiled against has CUDA and
-    a toolkit is found -- a GPU is not needed. ``CHASE_EXT_CUDA=0`` forces a CPU-only build,
-    ``CHASE_EXT_CUDA=1`` makes a missing toolkit (or a CPU torch) an error."""
+def _version_key(path: str) -> tuple:
+    """/usr/local/cuda-12.10 after /usr/local/cuda-12.9."""
+    return tuple(int(x) if x.isdigit() else -1 for x in re.split(r"[.-]", os.path.basename(path))[1:])
+
+
+def want_cuda() -> tuple[bool, str | None, str | None]:
+    """(build CUDA kernels?, toolkit root, why not). Yes when the torch compiled against
+    has CUDA and a toolkit of the same major version is found -- a GPU is not needed
+    (torch refuses to compile against a toolkit of another major version).
+    ``CHASE_EXT_CUDA=0`` forces a CPU-only build, ``CHASE_EXT_CUDA=1`` makes any reason
+    not to build them an error."""
     import torch
 
     flag = _env_flag("CHASE_EXT_CUDA")
     if flag in ("0", "off", "false", "no"):
-        return False, None
-    cuda_home = find_cuda_home()
-    ok = torch.version.cuda is not None and cuda_home is not None
-    if flag in ("1", "on", "true", "yes") and not ok:
-        raise RuntimeError(
-            "CHASE_EXT_CUDA=1 but CUDA kernels cannot be built: "
-            f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit={cuda_home!r}"
-        )
-    return ok, cuda_home
+        return False, None, "CHASE_EXT_CUDA=0"
+    torch_cuda = torch.version.cuda
+    cuda_home = find_cuda_home(torch_cuda)
+    why = None
+    if torch_cuda is None:
+        why = f"this torch ({torch.__version__}) has no CUDA"
+    elif cuda_home is None:
+        why = "no CUDA toolkit (nvcc) was found: set CUDA_HOME to one"
+    else:
+        tv = toolkit_version(cuda_home)
+        if tv is not None and _major(tv) != _major(torch_cuda):
+            why = (f"the CUDA toolkit at {cuda_home} is {tv} and this torch was built with CUDA "
+                   f"{torch_cuda}; torch compiles extensions only with a toolkit of the same major "
+                   f"version: set CUDA_HOME to a CUDA {_major(torch_cuda)}.x toolkit")
+    if flag in ("1", "on", "true", "yes") and why:
+        raise RuntimeError(f"CHASE_EXT_CUDA=1 but CUDA kernels cannot be built: {why}")
+    return why is None, (cuda_home if why is None else None), why
 
 
 def source_root(package_dir: str) -> str | None:
@@ -93,7 +141,7 @@ def flags(with_cuda: bool) -> dict:
     nvcc: list[str] = []
     archs = None
     if with_cuda:
-        _, cuda_home = want_cuda()
+        _, cuda_home, _ = want_cuda()
         os.environ["CUDA_HOME"] = cuda_home
         import torch.utils.cpp_extension as cpp_ext
 
@@ -119,10 +167,13 @@ def torch_identity() -> dict:
     }
 
 
-def write_record(ext_path: str, with_cuda: bool, archs: str | None) -> str:
-    """Writes ``_C.build.json`` beside the compiled library at ``ext_path``."""
+def write_record(ext_path: str, with_cuda: bool, archs: str | None, cuda_skipped: str | None = None) -> str:
+    """Writes ``_C.build.json`` beside the compiled library at ``ext_path``; without CUDA
+    kernels it keeps why (``cuda_skipped``), for the error a CUDA model then meets."""
     rec = dict(torch_identity(), chase_ext=VERSION, with_cuda=with_cuda, cuda_archs=archs,
                library=os.path.basename(ext_path))
+    if not with_cuda and cuda_skipped:
+        rec["cuda_skipped"] = cuda_skipped
     path = os.path.join(os.path.dirname(ext_path), RECORD_NAME)
     with open(path, "w") as f:
         json.dump(rec, f, indent=1, sort_keys=True)

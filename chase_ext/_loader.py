@@ -78,15 +78,16 @@ def _cache_root() -> str:
     return root
 
 
-def _plan(package_dir: str = PKG_DIR) -> tuple[str | None, bool, str]:
-    """(source folder, with CUDA, cache folder) of an on-import build for the running torch."""
+def _plan(package_dir: str = PKG_DIR) -> tuple[str | None, bool, str, str | None]:
+    """(source folder, with CUDA, cache folder, why no CUDA) of an on-import build for the
+    running torch."""
     csrc = _build.source_root(package_dir)
-    with_cuda, _ = _build.want_cuda()
+    with_cuda, _, why_not = _build.want_cuda()
     ident = _build.torch_identity()
     tag = f"{ident['torch']}-{'cu' + ident['torch_cuda'] if with_cuda else 'cpu'}-{ident['python']}"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     digest = _build.sources_digest(_build.sources(csrc, with_cuda), f"{tag}|{archs}") if csrc else "nosrc"
-    return csrc, with_cuda, os.path.join(_cache_root(), f"{tag}-{digest}".replace("+", "_"))
+    return csrc, with_cuda, os.path.join(_cache_root(), f"{tag}-{digest}".replace("+", "_")), why_not
 
 
 def build_for_running_torch(package_dir: str = PKG_DIR, verbose: bool = False) -> str:
@@ -95,7 +96,7 @@ def build_for_running_torch(package_dir: str = PKG_DIR, verbose: bool = False) -
     lock)."""
     from torch.utils import cpp_extension
 
-    csrc, with_cuda, folder = _plan(package_dir)
+    csrc, with_cuda, folder, why_not = _plan(package_dir)
     if csrc is None:
         raise ImportError(
             "chase_ext: cannot compile chase_ext._C here: its C++ sources are not installed "
@@ -124,7 +125,7 @@ def build_for_running_torch(package_dir: str = PKG_DIR, verbose: bool = False) -
     lib = _library_in(folder)
     if lib is None:  # torch names it <name>.so in the build folder
         raise ImportError(f"chase_ext: the on-import build left no library in {folder}")
-    _build.write_record(lib, with_cuda, fl["archs"])
+    _build.write_record(lib, with_cuda, fl["archs"], why_not)
     return lib
 
 
@@ -155,7 +156,7 @@ def locate(package_dir: str = PKG_DIR, policy: str | None = None, build=None) ->
         return installed  # built before records existed (or by CMake): try it, see load_extension
     why = "it was compiled for another torch" if installed else "it was not built"
     try:
-        csrc, with_cuda, folder = _plan(package_dir)
+        csrc, with_cuda, folder, _ = _plan(package_dir)
     except Exception as e:  # e.g. CHASE_EXT_CUDA=1 without a toolkit
         raise ImportError(_mismatch_message(rec, ident, f"{why}, and no build is possible here: {e}")) from e
     cached = _library_in(folder)

@@ -5,10 +5,12 @@ Every function here has the name, arguments and results of its twin in
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
 
-from ._loader import load_extension
+from ._loader import _read_record, load_extension
 
 # registers the schemas and the CPU/CUDA kernels; refuses a library built for another torch
 _C = load_extension()
@@ -31,13 +33,18 @@ KEY_MAX = 2**32 - 1
 
 
 def build_info() -> dict:
-    """Version, whether CUDA kernels are compiled in, their CUDA version and archs."""
-    return {
+    """Version, whether CUDA kernels are compiled in, their CUDA version and archs; without
+    them, ``cuda_skipped`` says why, as the build recorded it (None when it did not)."""
+    info = {
         "version": _C.__version__,
         "has_cuda": bool(_C.has_cuda),
         "cuda_version": _C.cuda_version,
         "cuda_archs": _C.cuda_archs,
     }
+    if not info["has_cuda"]:
+        rec = _read_record(os.path.dirname(os.path.abspath(_C.__file__)))
+        info["cuda_skipped"] = (rec or {}).get("cuda_skipped")
+    return info
 
 
 def cpu_isa() -> str:

@@ -147,9 +147,12 @@ def _mkldnn_fusable(x: torch.Tensor, weight: torch.Tensor, z: torch.Tensor | Non
     While ``torch.compile``/``torch.export``/ONNX export or ``torch.jit.trace`` trace the
     model the plain ops are used instead, so exported graphs stay portable (Inductor fuses
     them by itself)."""
+    # is_compiling first: torch 2.6's Dynamo cannot trace mkldnn.is_available()
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
     if x.device.type != "cpu" or x.dim() != 4 or not torch.backends.mkldnn.is_available():
         return False
-    if not torch.backends.mkldnn.enabled or torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if not torch.backends.mkldnn.enabled:
         return False
     if x.dtype != torch.float32 or weight.dtype != x.dtype or (z is not None and z.dtype != x.dtype):
         return False

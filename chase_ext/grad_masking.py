@@ -41,8 +41,8 @@ weight decay. ChaseOptimizer still checks the gradients' version counters after 
 """
 from __future__ import annotations
 
-import functools
 import numbers
+import struct
 
 import torch
 import torch.optim.optimizer as _optim_module  # the global step hooks
@@ -67,10 +67,17 @@ def _positive(v, dtype: torch.dtype | None) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and v > 0 and (dtype is None or _survives(v, dtype))
 
 
-@functools.lru_cache(maxsize=64)
 def _survives(v: float, dtype: torch.dtype) -> bool:
-    """``v`` (> 0) is still > 0 as a ``dtype`` number (float16 rounds 1e-8 to 0)."""
-    return float(torch.tensor(v, dtype=dtype)) > 0
+    """``v`` (> 0) is still > 0 as a ``dtype`` number (float16 rounds 1e-8 to 0). A number
+    reaches float16 / bfloat16 through float32 (torch's arithmetic type for them), and
+    survives when that float32 is above half the smallest subnormal of ``dtype`` (half
+    rounds to 0, ties to even). Computed without a tensor, so that plain steps read no
+    scalar off any device."""
+    fi = torch.finfo(dtype)
+    if v >= fi.max:
+        return True
+    v32 = struct.unpack("f", struct.pack("f", v))[0]
+    return v32 > fi.tiny * fi.eps / 2
 
 
 def keeps_zero_slots(opt: torch.optim.Optimizer, dtype: torch.dtype | None = None) -> bool:

@@ -122,9 +122,11 @@ class MaskingMixin:
                 f"ChaseOptimizer: the sparse weights are on several devices ({', '.join(devices)}); every "
                 "kernel call covers the whole model on one device: put the model on one device"
             )
-        if self.backend == "native" and self._params[0].device.type == "cuda" and not self.ops.build_info()["has_cuda"]:
+        info = self.ops.build_info() if self.backend == "native" else {}
+        if self.backend == "native" and self._params[0].device.type == "cuda" and not info["has_cuda"]:
+            why = f" ({info['cuda_skipped']})" if info.get("cuda_skipped") else ""
             raise RuntimeError(
-                "ChaseOptimizer: the model is on CUDA but chase_ext._C was built without CUDA kernels; "
+                f"ChaseOptimizer: the model is on CUDA but chase_ext._C was built without CUDA kernels{why}; "
                 "rebuild it with CHASE_EXT_CUDA=1 (pip install --no-build-isolation .) or pass backend='reference'"
             )
 

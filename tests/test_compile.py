@@ -34,13 +34,18 @@ dynamo = pytest.importorskip("torch._dynamo")
 
 
 
+# the names before torch 2.7: fail_on_cache_limit_hit, cache_size_limit
+FAIL_AT_LIMIT = next(n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit") if hasattr(dynamo.config, n))
+RECOMPILE_LIMIT = next(n for n in ("recompile_limit", "cache_size_limit") if hasattr(dynamo.config, n))
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     dynamo.reset()
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     # a run that reaches the recompile limit fails instead of silently falling back to eager
-    with mock.patch.object(dynamo.config, "fail_on_recompile_limit_hit", True):
+    with mock.patch.object(dynamo.config, FAIL_AT_LIMIT, True):
         yield
     torch.set_num_threads(n)
     dynamo.reset()
@@ -101,7 +106,7 @@ def test_compiled_many_slims_stay_compiled(order, device):
     # more slims than Dynamo's recompile limit (8): without dropping the stale graphs the
     # 9th recompile would fail here (fail_on_recompile_limit_hit)
     model, chase, slims, entries = _train(order, "aot_eager", steps=40, update_interval=1, device=device)
-    assert slims[-1] > dynamo.config.recompile_limit, slims
+    assert slims[-1] > getattr(dynamo.config, RECOMPILE_LIMIT), slims
     assert entries == 1
     assert sum(r["live"] for r in chase.channel_report()) < 48
 

@@ -418,3 +418,15 @@ def test_an_eps_that_float16_rounds_to_zero_is_not_zero_safe():
         chase.step()
     for n, p in zip(chase.sparse_names(), chase._params):  # NaN reads as non-zero here
         assert not bool(p.detach()[~chase.masks[n]].any()), n  # (active slots: torch's own fp16 Adam)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_eps_survival_is_the_dtypes_rounding(dtype):
+    """The check is arithmetic on torch.finfo (no tensor, so plain steps read no scalar);
+    it agrees with converting the number to a tensor of the dtype, around the boundary too."""
+    from chase_ext.grad_masking import _survives
+
+    fi = torch.finfo(dtype)
+    sub = fi.tiny * fi.eps  # the smallest positive subnormal
+    for v in (sub / 4, sub / 2, sub / 2 * (1 + 2**-20), sub * 0.75, sub, 1e-10, 1e-8, 1e-4, 1.0, 1e300):
+        assert _survives(v, dtype) == (float(torch.tensor(v, dtype=dtype)) > 0), v

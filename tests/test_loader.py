@@ -63,7 +63,7 @@ def test_other_torch_is_compiled_once_into_the_cache(tmp_path, capfd):
 
     def fake_build(package_dir):  # what build_for_running_torch leaves behind
         calls.append(package_dir)
-        _, _, folder = _loader._plan(package_dir)
+        _, _, folder, _ = _loader._plan(package_dir)
         os.makedirs(folder, exist_ok=True)
         lib = os.path.join(folder, "_C.so")
         shutil.copy(LIB, lib)
@@ -81,10 +81,10 @@ def test_other_torch_is_compiled_once_into_the_cache(tmp_path, capfd):
 
 def test_changed_sources_get_their_own_cache_entry(tmp_path):
     pkg = _package(tmp_path, _record(torch="1.0.0"))
-    _, _, before = _loader._plan(str(pkg))
+    _, _, before, _ = _loader._plan(str(pkg))
     with open(pkg / "_csrc" / "ops.cpp", "a") as f:
         f.write("\n// edited\n")
-    _, _, after = _loader._plan(str(pkg))
+    _, _, after, _ = _loader._plan(str(pkg))
     assert before != after
 
 
