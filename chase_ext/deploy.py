@@ -173,7 +173,8 @@ def conv_add_relu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if z is None:
             return torch.cudnn_convolution_relu(x, weight, bias, stride, padding, dilation, groups)
         return torch.cudnn_convolution_add_relu(x, weight, z, 1.0, bias, stride, padding, dilation, groups)
-    if _mkldnn_fusable(x, weight, z):
+    # a broadcast residual takes the plain ops (torch 2.5's oneDNN refuses it)
+    if _mkldnn_fusable(x, weight, z) and (z is None or z.shape == _conv_out_shape(x, weight, stride, padding, dilation)):
         if z is None:
             return torch.ops.mkldnn._convolution_pointwise(x, weight, bias, padding, stride, dilation, groups,
                                                            "relu", [], "")

@@ -404,7 +404,10 @@ def test_accelerate_ddp_rewraps_after_slims(tmp_path):
 
 # =========================================================================== FSDP2
 def test_fsdp2_sharded_model_is_refused_clearly():
-    fully_shard = pytest.importorskip("torch.distributed.fsdp").fully_shard
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    if not hasattr(fsdp, "fully_shard"):  # before torch 2.6 it lived here
+        fsdp = pytest.importorskip("torch.distributed._composable.fsdp")
+    fully_shard = fsdp.fully_shard
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     net = None
