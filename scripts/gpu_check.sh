@@ -6,6 +6,10 @@
 # gpu_logs), packed as gpu_check.tgz so that they come back as one file.
 #
 #   bash scripts/gpu_check.sh [all|build|probe|test|step|bench|speed|errors|demo|recipes|rest]  (default: all)
+#   bash scripts/gpu_check.sh demo,recipes,rest   (several stages, in the order below)
+#
+# A second call on the still-warm machine (the build stays) can take the stages the first
+# one had no time for: GPU_CHECK_BUDGET_S=<seconds left> bash scripts/gpu_check.sh errors,demo,recipes
 #
 # Some images crash (SIGSEGV) on any C++ exception raised by an extension, ours or not.
 # `probe` builds a one-op control extension that fails a TORCH_CHECK and calls it in a
@@ -38,7 +42,7 @@ mkdir -p "$LOG" benchmarks/results
 LOG=$(cd "$LOG" && pwd)  # absolute: the benchmark stages run from benchmarks/
 T0=$SECONDS
 rc=0
-want() { [[ $STAGE == all || $STAGE == "$1" ]]; }
+want() { [[ $STAGE == all || ",$STAGE," == *",$1,"* ]]; }
 # cap CAP: seconds a stage may take, at most what is left of the budget (20 s kept back)
 cap() { local left=$((BUDGET - (SECONDS - T0) - 20)); ((left < $1)) && echo $((left > 10 ? left : 10)) || echo "$1"; }
 stage() { echo "== [$((SECONDS - T0))s] $*" | tee -a "$LOG/summary.txt"; }
