@@ -42,11 +42,11 @@ def toolkit_version(cuda_home: str) -> str | None:
     except (OSError, KeyError, TypeError, ValueError, AttributeError):
         pass
     try:
-        out = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
-                             capture_output=True, text=True, timeout=60).stdout
+        run = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"],
+                             capture_output=True, text=True, errors="replace", timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
-    m = re.search(r"release (\d+\.\d+)", out)
+    m = re.search(r"release (\d+\.\d+)", run.stdout) if run.returncode == 0 else None
     return m.group(1) if m else None
 
 
@@ -54,39 +54,48 @@ def _major(version: str | None) -> str | None:
     return version.split(".")[0] if version else None
 
 
+def _is_toolkit(root: str) -> bool:
+    return os.path.exists(os.path.join(root, "bin", "nvcc")) and os.path.exists(
+        os.path.join(root, "include", "cuda_runtime.h"))
+
+
 def find_cuda_home(torch_cuda: str | None = None) -> str | None:
-    """The CUDA toolkit root: ``CUDA_HOME`` / ``CUDA_PATH`` when set, else the installed
-    toolkit whose major version is ``torch_cuda``'s (the newest such), else the newest.
+    """The CUDA toolkit root: ``CUDA_HOME`` / ``CUDA_PATH`` when set, else among the
+    installed toolkits (``/usr/local/cuda-*`` newest first, ``/usr/local/cuda``, the one of
+    the ``nvcc`` on PATH) the first of ``torch_cuda``'s major version, else the first.
     The ``nvcc`` first on PATH may be a wrapper script (it is on the project's CPU
-    machines), so toolkits are looked up by their real layout first."""
+    machines), so a candidate must have a toolkit's layout (``bin/nvcc`` and
+    ``include/cuda_runtime.h``)."""
     for cand in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
         if cand and os.path.exists(os.path.join(cand, "bin", "nvcc")):
             return cand
-    roots = sorted(glob.glob(TOOLKIT_GLOB), key=_version_key, reverse=True) + [os.path.join(os.path.dirname(TOOLKIT_GLOB), "cuda")]
+    nvcc = shutil.which("nvcc")
+    on_path = os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    roots = sorted(glob.glob(TOOLKIT_GLOB), key=_version_key, reverse=True)
+    roots += [os.path.join(os.path.dirname(TOOLKIT_GLOB), "cuda")] + ([on_path] if on_path else [])
     found = []
     for cand in roots:
-        if os.path.exists(os.path.join(cand, "bin", "nvcc")) and os.path.exists(
-            os.path.join(cand, "include", "cuda_runtime.h")
-        ):
-            real = os.path.realpath(cand)
-            if real not in found:
-                found.append(real)
+        real = os.path.realpath(cand)
+        if _is_toolkit(cand) and real not in found:
+            found.append(real)
     matching = [c for c in found if torch_cuda and _major(toolkit_version(c)) == _major(torch_cuda)]
     if matching or found:
         return (matching or found)[0]
-    nvcc = shutil.which("nvcc")
-    return os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None
+    return on_path
 
 
 def _version_key(path: str) -> tuple:
-    """/usr/local/cuda-12.10 after /usr/local/cuda-12.9."""
-    return tuple(int(x) if x.isdigit() else -1 for x in re.split(r"[.-]", os.path.basename(path))[1:])
+    """The version numbers of a ``cuda-12.10`` folder name ((12, 10): after 12.9); names
+    without one sort first."""
+    m = re.match(r"cuda-(\d+(?:\.\d+)*)", os.path.basename(path))
+    return tuple(int(x) for x in m.group(1).split(".")) if m else (-1,)
 
 
 def want_cuda() -> tuple[bool, str | None, str | None]:
     """(build CUDA kernels?, toolkit root, why not). Yes when the torch compiled against
     has CUDA and a toolkit of the same major version is found -- a GPU is not needed
-    (torch refuses to compile against a toolkit of another major version).
+    (torch refuses to compile against a toolkit of another major version, and fails on
+    one whose version it cannot read).
     ``CHASE_EXT_CUDA=0`` forces a CPU-only build, ``CHASE_EXT_CUDA=1`` makes any reason
     not to build them an error."""
     import torch
@@ -103,7 +112,10 @@ def want_cuda() -> tuple[bool, str | None, str | None]:
         why = "no CUDA toolkit (nvcc) was found: set CUDA_HOME to one"
     else:
         tv = toolkit_version(cuda_home)
-        if tv is not None and _major(tv) != _major(torch_cuda):
+        if tv is None:
+            why = (f"the CUDA version of the toolkit at {cuda_home} cannot be read (no version.json, "
+                   f"and `nvcc --version` failed): set CUDA_HOME to a CUDA {_major(torch_cuda)}.x toolkit")
+        elif _major(tv) != _major(torch_cuda):
             why = (f"the CUDA toolkit at {cuda_home} is {tv} and this torch was built with CUDA "
                    f"{torch_cuda}; torch compiles extensions only with a toolkit of the same major "
                    f"version: set CUDA_HOME to a CUDA {_major(torch_cuda)}.x toolkit")

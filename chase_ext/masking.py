@@ -124,10 +124,13 @@ class MaskingMixin:
             )
         info = self.ops.build_info() if self.backend == "native" else {}
         if self.backend == "native" and self._params[0].device.type == "cuda" and not info["has_cuda"]:
-            why = f" ({info['cuda_skipped']})" if info.get("cuda_skipped") else ""
+            why = info.get("cuda_skipped")
+            fix = (f"the build said why: {why}; fix that and reinstall (pip install --no-build-isolation .)"
+                   if why and why != "CHASE_EXT_CUDA=0" else
+                   "rebuild it with CHASE_EXT_CUDA=1 (pip install --no-build-isolation .)")
             raise RuntimeError(
-                f"ChaseOptimizer: the model is on CUDA but chase_ext._C was built without CUDA kernels{why}; "
-                "rebuild it with CHASE_EXT_CUDA=1 (pip install --no-build-isolation .) or pass backend='reference'"
+                f"ChaseOptimizer: the model is on CUDA but chase_ext._C was built without CUDA kernels; "
+                f"{fix}, or pass backend='reference'"
             )
 
     def _check_dtypes(self) -> None:

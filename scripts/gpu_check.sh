@@ -33,6 +33,13 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 STAGE=${1:-all}
+STAGE=${STAGE// /}
+for s_ in ${STAGE//,/ }; do  # a misspelt stage would otherwise run nothing and end with rc=0
+  case $s_ in
+    all|build|probe|test|step|bench|speed|errors|demo|recipes|rest) ;;
+    *) echo "gpu_check.sh: unknown stage '$s_' (all build probe test step bench speed errors demo recipes rest)" >&2; exit 2 ;;
+  esac
+done
 BUDGET=${GPU_CHECK_BUDGET_S:-540}
 export CHASE_EXT_CUDA=1 PYTHONUNBUFFERED=1 PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 export CUDA_HOME=${CUDA_HOME:-$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")}

@@ -113,5 +113,39 @@ def test_a_cuda_model_on_a_cpu_only_build_names_the_reason():
 
     chase = MaskingMixin.__new__(MaskingMixin)
     chase.backend, chase.ops, chase._params = "native", FakeOps, [Weight()]
-    with pytest.raises(RuntimeError, match=r"built without CUDA kernels \(the CUDA toolkit at /x is 13\.0"):
+    with pytest.raises(RuntimeError, match=r"built without CUDA kernels; the build said why: the CUDA toolkit "
+                                           r"at /x is 13\.0 and \.\.\.; fix that and reinstall"):
         chase._check_devices()
+
+
+def test_a_toolkit_whose_version_cannot_be_read_is_not_used(tmp_path, env):
+    """No version.json and an nvcc that fails: torch's own check would fail the build."""
+    env.setattr(torch.version, "cuda", "12.4")
+    root = tmp_path / "cuda-12.4"
+    _toolkit(root, "12.4", version_json=False)
+    (root / "bin" / "nvcc").write_text("#!/bin/sh\nexit 1\n")
+    assert _build.toolkit_version(str(root)) is None
+    ok, home, why = _build.want_cuda()
+    assert not ok and home is None and "cannot be read" in why and "12.x" in why
+    env.setenv("CHASE_EXT_CUDA", "1")
+    with pytest.raises(RuntimeError, match="cannot be read"):
+        _build.want_cuda()
+
+
+def test_the_toolkit_of_the_nvcc_on_path_is_a_candidate(tmp_path, env):
+    env.setattr(torch.version, "cuda", "12.4")
+    _toolkit(tmp_path / "cuda-13.0", "13.0")
+    conda = _toolkit(tmp_path / "conda" / "env", "12.4")  # not under the toolkit folder
+    env.setattr(_build.shutil, "which", lambda name: os.path.join(conda, "bin", "nvcc"))
+    assert _build.want_cuda() == (True, os.path.realpath(conda), None)
+    wrapper = tmp_path / "wrapper" / "bin"  # an nvcc without a toolkit beside it is skipped
+    wrapper.mkdir(parents=True)
+    (wrapper / "nvcc").write_text("#!/bin/sh\n")
+    env.setattr(_build.shutil, "which", lambda name: str(wrapper / "nvcc"))
+    assert _build.find_cuda_home("12.4") == os.path.realpath(tmp_path / "cuda-13.0")
+
+
+def test_folder_names_order_by_their_version_numbers():
+    names = ["cuda-12.9", "cuda-rc", "cuda-12.10", "cuda-13.0-beta", "cuda-11", "cuda-12.4.1"]
+    assert sorted(names, key=_build._version_key) == ["cuda-rc", "cuda-11", "cuda-12.4.1", "cuda-12.9",
+                                                      "cuda-12.10", "cuda-13.0-beta"]

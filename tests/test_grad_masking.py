@@ -420,7 +420,7 @@ def test_an_eps_that_float16_rounds_to_zero_is_not_zero_safe():
         assert not bool(p.detach()[~chase.masks[n]].any()), n  # (active slots: torch's own fp16 Adam)
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_eps_survival_is_the_dtypes_rounding(dtype):
     """The check is arithmetic on torch.finfo (no tensor, so plain steps read no scalar);
     it agrees with converting the number to a tensor of the dtype, around the boundary too."""
