@@ -34,13 +34,13 @@ from .channels import ChannelState, channel_floor, group_scores, select_channels
 from .density import erk_counts
 from .wrappers import forget_compiled
 
+__all__ = ["ChannelEventsMixin"]
+
 
 def _several_processes() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-__all__ = ["ChannelEventsMixin"]
 
 
 class ChannelEventsMixin:

@@ -122,8 +122,10 @@ class MaskingMixin:
                 f"ChaseOptimizer: the sparse weights are on several devices ({', '.join(devices)}); every "
                 "kernel call covers the whole model on one device: put the model on one device"
             )
-        info = self.ops.build_info() if self.backend == "native" else {}
-        if self.backend == "native" and self._params[0].device.type == "cuda" and not info["has_cuda"]:
+        if self.backend != "native" or self._params[0].device.type != "cuda":
+            return
+        info = self.ops.build_info()
+        if not info["has_cuda"]:
             why = info.get("cuda_skipped")
             fix = (f"the build said why: {why}; fix that and reinstall (pip install --no-build-isolation .)"
                    if why and why != "CHASE_EXT_CUDA=0" else
