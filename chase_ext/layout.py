@@ -11,12 +11,18 @@ for convolutions on GPUs, gives a conv weight (O, I, kh, kw) the strides
   their flat storage, so a weight, its mask and its optimizer state that share one dense
   layout (channels_last, say) are handed over as they are. Only a tensor laid out unlike
   its mask (or a mask that is not dense) goes through a copy, written back.
-- ``mask_update_`` and ``channel_stats`` run at updates and channel events only. Their
-  results depend on the row-major order (tie-breaks; the summation order of Σ|w|), so
-  each non-contiguous tensor is copied to a contiguous one, and the written ones are
-  copied back after the kernel returned. A kernel that raises has written nothing, and
-  then nothing is copied back either. The extra memory is one contiguous copy of each
-  non-contiguous tensor the op reads, for the duration of the call.
+- ``mask_update_`` breaks ties by the row-major index, whatever the memory order: it
+  takes each weight laid out with dim 0 outermost (each output channel one block of
+  memory: contiguous, channels_last, any order of the other dims) and its score, mask and
+  states laid out like it. The CPU kernel walks such tensors in place (the row-major
+  index of each slot from a per-tensor table); on CUDA the op copies the non-contiguous
+  ones itself. Other layouts (a transposed Linear weight, a gradient laid out unlike its
+  weight) go through contiguous copies here, written back after the kernel returned.
+- ``channel_stats`` runs at channel events only. Its Σ|w| depends on the summation
+  order, so non-contiguous inputs are copied to contiguous ones first.
+
+A kernel that raises has written nothing, and then nothing is copied back either. The
+extra memory is one contiguous copy of each staged tensor, for the duration of the call.
 
 With everything contiguous (the default layout) each wrapper is a plain call.
 """
@@ -27,8 +33,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["dense_order", "same_layout", "same_flat_layout", "maskable_by", "like", "masked_apply_",
-           "mask_update_", "channel_stats"]
+__all__ = ["dense_order", "same_layout", "same_flat_layout", "rows_dense", "maskable_by", "like",
+           "masked_apply_", "mask_update_", "channel_stats"]
 
 
 def dense_order(t: Tensor) -> list[int] | None:
@@ -67,6 +73,15 @@ def maskable_by(t: Tensor, mask: Tensor) -> bool:
     """``mask`` can mask ``t`` in place through the flat-storage ops: same shape, same
     device, same flat layout."""
     return t.shape == mask.shape and t.device == mask.device and same_flat_layout(t, mask)
+
+
+def rows_dense(t: Tensor) -> bool:
+    """Covers its memory densely with dim 0 outermost, so each row (output channel) is one
+    block of memory, its slots in any order (contiguous, channels_last, ...): the weight
+    layouts ``mask_update_`` takes."""
+    if t.numel() == 0 or t.dim() == 0:
+        return True
+    return _dense(t) and (t.shape[0] == 1 or t.stride(0) * t.shape[0] == t.numel())
 
 
 def _dense(t: Tensor) -> bool:
@@ -139,10 +154,29 @@ def channel_stats(ops, weights: list[Tensor], masks: list[Tensor]) -> tuple[Tens
     return ops.channel_stats(_Staged(weights).ts, _Staged(masks).ts)
 
 
+def _written_as_is(weights, masks, states, state_owner) -> bool:
+    """``mask_update_`` takes the written tensors as they are: each weight rows-dense, its
+    mask and states laid out like it."""
+    if not all(rows_dense(w) for w in weights):
+        return False
+    pairs = list(zip(masks, weights)) + [(t, weights[o]) for t, o in zip(states, state_owner) if 0 <= o < len(weights)]
+    return all(t.shape == w.shape and same_flat_layout(t, w) for t, w in pairs)
+
+
 def mask_update_(ops, weights, masks, scores, live_rows, live_cols, states, state_owner,
                  prune_counts, grow_counts) -> None:
-    """``ops.mask_update_`` on contiguous copies; weights, masks and states written back."""
+    """``ops.mask_update_``, directly when it takes the written tensors' layouts (the usual
+    case: masks and optimizer state follow their parameter's layout), with any score laid
+    out unlike its weight (random growth scores) copied into the weight's layout;
+    otherwise on contiguous copies, weights, masks and states written back."""
     if _all_contiguous(weights, masks, scores, states):
+        ops.mask_update_(weights, masks, scores, live_rows, live_cols, states, state_owner,
+                         prune_counts, grow_counts)
+        return
+    if _written_as_is(weights, masks, states, state_owner):
+        # bad arguments (another shape, a list too short) go to the op as they are: it names them
+        scores = [like(s, w) if s.shape == w.shape and not same_flat_layout(s, w) else s
+                  for s, w in zip(scores, weights)] + list(scores[len(weights):])
         ops.mask_update_(weights, masks, scores, live_rows, live_cols, states, state_owner,
                          prune_counts, grow_counts)
         return

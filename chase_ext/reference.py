@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .layout import dense_order, same_flat_layout
+from .layout import dense_order, rows_dense, same_flat_layout
 
 __all__ = [
     "sortable_key",
@@ -62,13 +62,14 @@ def _check_list(op: str, name: str, ts) -> None:
         raise _err(op, f"{name} must be a list of tensors", TypeError)
 
 
-def _check_float_list(op: str, name: str, ts) -> None:
-    """float32/float16/bfloat16, contiguous, one dtype for the whole list."""
+def _check_float_list(op: str, name: str, ts, contiguous: bool = True) -> None:
+    """float32/float16/bfloat16, contiguous (unless told otherwise: mask_update_ checks
+    its layouts apart), one dtype for the whole list."""
     _check_list(op, name, ts)
     for i, t in enumerate(ts):
         if t.dtype not in _KEY_DTYPES:
             raise _err(op, f"{name}[{i}] must be float32, float16 or bfloat16, got {t.dtype}", TypeError)
-        if not t.is_contiguous():
+        if contiguous and not t.is_contiguous():
             raise _err(op, f"{name}[{i}] must be contiguous")
         if t.dtype != ts[0].dtype:
             raise _err(op, f"{name}[{i}] has dtype {t.dtype} but {name}[0] has {ts[0].dtype} (one dtype per list)",
@@ -101,9 +102,35 @@ def _check_like(op: str, name: str, ts, ref_name: str, ref) -> None:
             raise _err(op, f"{name}[{i}] is on {t.device} but {ref_name}[{i}] is on {r.device}")
 
 
-def _check_masks(op: str, masks, ref, ref_name: str) -> None:
+def _check_rows_dense(op: str, name: str, ts) -> None:
+    for i, t in enumerate(ts):
+        if not rows_dense(t):
+            raise _err(op, f"{name}[{i}] must cover its memory densely with dim 0 outermost (contiguous, "
+                           f"channels_last or another order of the other dims), got strides {t.stride()} for shape "
+                           f"{list(t.shape)}")
+
+
+_LIKE_WEIGHT = "each score, mask and state must be laid out in memory like its weight"
+
+
+def _check_laid_out_like(op: str, name: str, t: Tensor, i: int, ref_name: str, ref: Tensor, r: int) -> None:
+    if not same_flat_layout(t, ref):
+        raise _err(op, f"{name}[{i}] has strides {t.stride()} but {ref_name}[{r}] has strides {ref.stride()}; "
+                       f"{_LIKE_WEIGHT}")
+
+
+def _check_masks(op: str, masks, ref, ref_name: str, like_ref: bool = False) -> None:
+    """Bool masks of the shapes of ``ref``: contiguous, or with ``like_ref`` laid out like
+    their ``ref`` tensor."""
     _check_like(op, "masks", masks, ref_name, ref)
-    _check_bool_list(op, "masks", masks)
+    if not like_ref:
+        _check_bool_list(op, "masks", masks)
+        return
+    _check_list(op, "masks", masks)
+    for i, (m, r) in enumerate(zip(masks, ref)):
+        if m.dtype != torch.bool:
+            raise _err(op, f"masks[{i}] must be bool, got {m.dtype}", TypeError)
+        _check_laid_out_like(op, "masks", m, i, ref_name, r, i)
 
 
 def _check_one_device(op: str, name: str, ts) -> None:
@@ -141,8 +168,9 @@ def _check_counts(op: str, name: str, counts, n: int) -> None:
 def _check_owned(op: str, name: str, ts, owner_name: str, owner, owned_name: str, owned,
                  like_owner: bool = False) -> None:
     """``ts[j]`` belongs to ``owned[owner[j]]``: owner in range (no -1 wrap), same shape
-    and device, and ``ts[j]`` a contiguous float tensor we can zero bit-wise (with
-    ``like_owner``: laid out in memory like its owner instead of contiguous)."""
+    and device, laid out in memory like its owner, and a float tensor we can zero bit-wise.
+    ``like_owner`` words the layout rule for masks as owners (masked_apply_ and the fused
+    steps), otherwise for weights (mask_update_'s states)."""
     _check_list(op, name, ts)
     if len(owner) != len(ts):
         raise _err(op, f"{owner_name} has {len(owner)} entries but there are {len(ts)} {name}")
@@ -157,8 +185,8 @@ def _check_owned(op: str, name: str, ts, owner_name: str, owner, owned_name: str
         if like_owner and not same_flat_layout(t, owned[o]):
             raise _err(op, f"{name}[{j}] has strides {t.stride()} but {owned_name}[{o}] has strides "
                            f"{owned[o].stride()}; a tensor must be laid out in memory like its mask")
-        if not like_owner and not t.is_contiguous():
-            raise _err(op, f"{name}[{j}] must be contiguous")
+        if not like_owner:
+            _check_laid_out_like(op, name, t, j, owned_name, owned[o], o)
         if not t.is_floating_point() or t.element_size() not in _SAME_WIDTH_INT:
             raise _err(op, f"{name}[{j}] must be floating point of 1, 2, 4 or 8 bytes, got {t.dtype}", TypeError)
 
@@ -166,7 +194,8 @@ def _check_owned(op: str, name: str, ts, owner_name: str, owner, owned_name: str
 def _check_no_alias(op: str, written: dict, read: dict) -> None:
     """No written tensor shares a byte with another argument (read-only ones may overlap
     each other): with aliases, what one tensor's write does would change what the next
-    one reads. Byte ranges suffice: every tensor was checked contiguous."""
+    one reads. Byte ranges suffice: every tensor was checked dense (strides >= 0), so its
+    bytes are one range from its data pointer."""
     spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), f"{name}[{i}]", w)
              for w, group in ((True, written), (False, read)) for name, ts in group.items()
              for i, t in enumerate(ts) if t.numel() > 0]
@@ -326,12 +355,20 @@ def mask_update_(
     other slot (and its state entries) becomes exactly 0.
     Returns per-row active counts (int64) and per-row Σ|w| (float32), concatenated over
     the weights in order.
+
+    Layouts: each weight covers its memory densely with dim 0 outermost (contiguous,
+    channels_last, ...; ``chase_ext.layout.rows_dense``), and its score, mask and states are laid out like
+    it. The layout never changes the result: global indices are row-major whatever the
+    memory order.
     """
     op = "mask_update_"
-    _check_float_list(op, "weights", weights)
-    _check_float_list(op, "scores", scores)
+    _check_float_list(op, "weights", weights, contiguous=False)
+    _check_rows_dense(op, "weights", weights)
+    _check_float_list(op, "scores", scores, contiguous=False)
     _check_like(op, "scores", scores, "weights", weights)
-    _check_masks(op, masks, weights, "weights")
+    for i, (sc, w) in enumerate(zip(scores, weights)):
+        _check_laid_out_like(op, "scores", sc, i, "weights", w, i)
+    _check_masks(op, masks, weights, "weights", like_ref=True)
     _check_live(op, "live_rows", live_rows, weights, 0)
     _check_live(op, "live_cols", live_cols, weights, 1)
     _check_owned(op, "states", states, "state_owner", state_owner, "weights", weights)
@@ -366,7 +403,7 @@ def mask_update_(
         m.copy_(nm)
     for s, owner in zip(states, state_owner):
         _zero_where_not(s, old[owner] & new[owner])
-    return channel_stats(weights, masks)
+    return channel_stats([w.contiguous() for w in weights], [m.contiguous() for m in masks])
 
 
 def channel_stats(weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:

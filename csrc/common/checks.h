@@ -11,13 +11,47 @@ namespace chase_ext {
 
 using TensorList = c10::ArrayRef<at::Tensor>;
 
-inline void check_float_list(const char* op, const char* name, TensorList ts) {
+// contiguous: each tensor must be contiguous (else any layout passes here; mask_update_
+// checks its layouts with check_rows_dense / check_laid_out_like)
+inline void check_float_list(const char* op, const char* name, TensorList ts, bool contiguous = true) {
   for (size_t i = 0; i < ts.size(); ++i) {
     auto dt = ts[i].scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name, "[", i,
                 "] must be float32, float16 or bfloat16, got ", dt);
-    TORCH_CHECK(ts[i].is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
+    TORCH_CHECK(!contiguous || ts[i].is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
   }
+}
+
+// Same strides on every dim of more than one entry (the stride of a size-1 dim is never
+// used): element (i, j, ...) sits at the same offset in both.
+inline bool same_flat_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.dim() != b.dim()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  return true;
+}
+
+// Covers its memory densely with dim 0 outermost, so each row (output channel) is one
+// block of memory, its slots in any order: contiguous, channels_last, or any other order
+// of the dims after the first.
+inline bool rows_dense(const at::Tensor& t) {
+  if (t.numel() == 0 || t.dim() == 0) return true;
+  return t.is_non_overlapping_and_dense() && (t.size(0) == 1 || t.stride(0) * t.size(0) == t.numel());
+}
+
+inline void check_rows_dense(const char* op, const char* name, TensorList ts) {
+  for (size_t i = 0; i < ts.size(); ++i)
+    TORCH_CHECK(rows_dense(ts[i]), op, ": ", name, "[", i, "] must cover its memory densely with dim 0 outermost "
+                "(contiguous, channels_last or another order of the other dims), got strides ", ts[i].strides(),
+                " for shape ", ts[i].sizes());
+}
+
+// ts[i] laid out in memory like ref[owner[i]] (shapes were checked equal before).
+inline void check_laid_out_like(const char* op, const char* name, const at::Tensor& t, size_t i,
+                                const char* ref_name, const at::Tensor& ref, size_t r) {
+  TORCH_CHECK(same_flat_layout(t, ref), op, ": ", name, "[", i, "] has strides ", t.strides(), " but ", ref_name,
+              "[", r, "] has strides ", ref.strides(), "; each score, mask and state must be laid out in memory ",
+              "like its weight");
 }
 
 inline void check_same_dtype(const char* op, const char* name, TensorList ts) {
@@ -39,12 +73,18 @@ inline void check_like(const char* op, const char* name, TensorList ts, const ch
   }
 }
 
-inline void check_masks(const char* op, TensorList masks, TensorList ref, const char* ref_name) {
+// like_ref: each mask laid out like its ref tensor (else contiguous)
+inline void check_masks(const char* op, TensorList masks, TensorList ref, const char* ref_name,
+                        bool like_ref = false) {
   check_like(op, "masks", masks, ref_name, ref);
   for (size_t i = 0; i < masks.size(); ++i) {
     TORCH_CHECK(masks[i].scalar_type() == at::kBool, op, ": masks[", i, "] must be bool, got ",
                 masks[i].scalar_type());
-    TORCH_CHECK(masks[i].is_contiguous(), op, ": masks[", i, "] must be contiguous");
+    if (like_ref) {
+      check_laid_out_like(op, "masks", masks[i], i, ref_name, ref[i], i);
+    } else {
+      TORCH_CHECK(masks[i].is_contiguous(), op, ": masks[", i, "] must be contiguous");
+    }
   }
 }
 
@@ -90,13 +130,13 @@ inline void check_owner(const char* op, TensorList states, c10::IntArrayRef owne
                 " but its owner has shape ", w.sizes());
     TORCH_CHECK(states[i].device() == w.device(), op, ": states[", i, "] is on ", states[i].device(),
                 " but its owner is on ", w.device());
-    TORCH_CHECK(states[i].is_contiguous(), op, ": states[", i, "] must be contiguous");
+    check_laid_out_like(op, "states", states[i], i, "weights", w, owner[i]);
     TORCH_CHECK(states[i].is_floating_point(), op, ": states[", i, "] must be floating point, got ",
                 states[i].scalar_type());
   }
 }
 
-// The bytes of one (contiguous) tensor argument, for the aliasing check.
+// The bytes of one dense tensor argument, for the aliasing check.
 struct Span {
   uintptr_t lo, hi;
   const char* name;
@@ -115,7 +155,8 @@ inline void add_spans(std::vector<Span>& spans, const char* name, TensorList ts,
 // A written argument may share no byte with any other argument: the kernels write tensor
 // by tensor, so an alias would let one tensor's writes change what the next one reads
 // (and make the result depend on the order). Read-only arguments may overlap each other.
-// Called after the contiguity checks, so each tensor's bytes are one range.
+// Called after the layout checks: each tensor is dense, so its bytes are one range from
+// data_ptr (strides are >= 0).
 inline void check_no_alias(const char* op, std::vector<Span> spans) {
   std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) { return a.lo < b.lo; });
   for (size_t a = 0; a < spans.size(); ++a)
@@ -126,16 +167,19 @@ inline void check_no_alias(const char* op, std::vector<Span> spans) {
 }
 
 // Every argument check of mask_update_ (CPU and CUDA), before anything is read or written.
+// Layouts: each weight rows-dense, its score, mask and states laid out like it.
 inline void check_mask_update_args(const char* op, TensorList weights, TensorList masks, TensorList scores,
                                    TensorList live_rows, TensorList live_cols, TensorList states,
                                    c10::IntArrayRef state_owner, c10::IntArrayRef prune_counts,
                                    c10::IntArrayRef grow_counts) {
-  check_float_list(op, "weights", weights);
+  check_float_list(op, "weights", weights, false);
+  check_rows_dense(op, "weights", weights);
   check_same_dtype(op, "weights", weights);
-  check_float_list(op, "scores", scores);
+  check_float_list(op, "scores", scores, false);
   check_same_dtype(op, "scores", scores);
   check_like(op, "scores", scores, "weights", weights);
-  check_masks(op, masks, weights, "weights");
+  for (size_t i = 0; i < scores.size(); ++i) check_laid_out_like(op, "scores", scores[i], i, "weights", weights[i], i);
+  check_masks(op, masks, weights, "weights", true);
   check_live(op, "live_rows", live_rows, weights, 0);
   check_live(op, "live_cols", live_cols, weights, 1);
   check_owner(op, states, state_owner, weights, "state_owner");

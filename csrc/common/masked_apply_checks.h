@@ -15,14 +15,6 @@
 
 namespace chase_ext {
 
-// Same strides on every dim of more than one entry (the stride of a size-1 dim is never used).
-inline bool same_flat_layout(const at::Tensor& a, const at::Tensor& b) {
-  if (a.dim() != b.dim()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d)
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  return true;
-}
-
 inline void check_masked_apply_args(const char* op, TensorList tensors, TensorList masks, c10::IntArrayRef owner) {
   for (size_t i = 0; i < masks.size(); ++i) {
     TORCH_CHECK(masks[i].scalar_type() == at::kBool, op, ": masks[", i, "] must be bool, got ",

@@ -60,7 +60,7 @@ inline std::optional<Selection> resolve(int64_t k, int64_t below, const std::vec
 
 // The deterministic sample: runs of kSampleRun consecutive slots (whole cache lines,
 // so few cache misses), one run every `stride * kSampleRun` slots of the global order.
-// Calls f(tensor, slot, live) for each sampled slot.
+// Calls f(tensor, storage index, live) for each sampled slot.
 constexpr int64_t kSampleRun = 16;
 
 inline void sample_slots(const std::vector<Layout>& L, const std::vector<int>& tensors, int64_t stride,
@@ -72,7 +72,7 @@ inline void sample_slots(const std::vector<Layout>& L, const std::vector<int>& t
     for (int64_t s = next - base; s < l.numel; s += step) {
       for (int64_t i = s, e = std::min(s + kSampleRun, l.numel); i < e; ++i) {
         bool live = !l.live_row || l.live_row[i / l.row_stride];
-        if (l.live_col && l.col_stride) live = live && l.live_col[(i / l.col_stride) % l.cols];
+        if (l.live_col) live = live && l.slot_live[i % l.row_stride];
         f(t, i, live);
       }
       next = base + s + step;

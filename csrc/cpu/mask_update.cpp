@@ -20,6 +20,46 @@ struct StateRef {
 constexpr const char* kOp = "chase_ext.mask_update_";
 constexpr int64_t kBlock = 2048;  // slots per inner block (per-block scratch stays in L1)
 
+// Calls f(j0, j1, ptie, gtie) for pieces [j0, j1) covering the n slots from storage
+// offset `at` of a row (whose first slot has global index `row_gidx`), where ptie / gtie
+// say whether the slots' global indices lie below the prune / grow cutoff. In row-major
+// memory the cutoffs split the block into at most 3 pieces. Otherwise (channels_last) a
+// row holding no cutoff is one piece, and the at most two rows that hold one are split
+// slot by slot into runs (about 2 per spatial position for channels_last).
+template <class F>
+void for_tie_pieces(const Layout& l, int64_t at, int64_t n, int64_t row_gidx, int64_t pcut, int64_t gcut, F&& f) {
+  if (l.perm.empty()) {
+    const int64_t g0 = row_gidx + at;
+    int64_t cuts[4] = {0, std::clamp<int64_t>(pcut - g0, 0, n), std::clamp<int64_t>(gcut - g0, 0, n), n};
+    if (cuts[1] > cuts[2]) std::swap(cuts[1], cuts[2]);
+    for (int piece = 0; piece < 3; ++piece) {
+      const int64_t j0 = cuts[piece], j1 = cuts[piece + 1];
+      if (j0 < j1) f(j0, j1, uint32_t(g0 + j0 < pcut), uint32_t(g0 + j0 < gcut));
+    }
+    return;
+  }
+  // cutoffs as row-major positions in this row: a slot is below when perm[slot] < cut
+  const int64_t pin = std::clamp<int64_t>(pcut - row_gidx, 0, l.row_stride);
+  const int64_t gin = std::clamp<int64_t>(gcut - row_gidx, 0, l.row_stride);
+  const bool psplit = pin > 0 && pin < l.row_stride, gsplit = gin > 0 && gin < l.row_stride;
+  if (!psplit && !gsplit) {
+    f(0, n, uint32_t(pin == l.row_stride), uint32_t(gin == l.row_stride));
+    return;
+  }
+  const int64_t* perm = l.perm.data() + at;
+  auto flags = [&](int64_t j) { return std::make_pair(uint32_t(perm[j] < pin), uint32_t(perm[j] < gin)); };
+  int64_t j0 = 0;
+  auto cur = flags(0);
+  for (int64_t j = 1; j <= n; ++j) {
+    if (j < n && flags(j) == cur) continue;
+    f(j0, j, cur.first, cur.second);
+    if (j < n) {
+      j0 = j;
+      cur = flags(j);
+    }
+  }
+}
+
 // Exact prune and grow selections by two multi-pass radix selects (the general path).
 template <class WV, class SV>
 std::pair<Selection, Selection> radix_pass(const std::vector<Layout>& L, const std::vector<Chunk>& chunks,
@@ -32,7 +72,7 @@ std::pair<Selection, Selection> radix_pass(const std::vector<Layout>& L, const s
       L, chunks, kp, false, kOp, pname, [&](int t, int64_t i, bool live) { return live && mp[t][i]; }, wkey,
       [&](int t, int64_t i) { return !std::isfinite(wval(t, i)); }, "weights");
   auto pruned = [&](int t, int64_t i, bool live) {
-    return live && mp[t][i] && in_selection(wkey(t, i), L[t].offset + i, p.key, p.cutoff, false);
+    return live && mp[t][i] && in_selection(wkey(t, i), L[t].offset + L[t].logical(i), p.key, p.cutoff, false);
   };
   const Selection g = radix_select(
       L, chunks, kg, true, kOp, gname,
@@ -96,8 +136,9 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
       const WU* __restrict w = reinterpret_cast<const WU*>(wp[u.t]);
       const SU* __restrict s = reinterpret_cast<const SU*>(sp[u.t]);
       const uint8_t* __restrict m = reinterpret_cast<const uint8_t*>(mp[u.t]);
-      const int64_t off = L[u.t].offset;
-      for_runs(L[u.t], u.r0, u.r1, [&](int64_t b, int64_t e, bool live, const uint8_t* lv) {
+      const Layout& lt = L[u.t];
+      const int64_t off = lt.offset;
+      for_runs(lt, u.r0, u.r1, [&](int64_t b, int64_t e, bool live, const uint8_t* lv) {
         const ScanFn scan = lv ? scan_slots : scan_run;
         for (int64_t b0 = b; b0 < e; b0 += kBlock) {
           const int64_t n = std::min<int64_t>(kBlock, e - b0);
@@ -123,7 +164,7 @@ std::optional<std::pair<Selection, Selection>> bracketed(const std::vector<Layou
               const int byte = __builtin_ctzll(word) >> 3;
               word &= ~(uint64_t{0xFF} << (byte * 8));
               const int64_t j = j8 + byte;
-              const int64_t gi = off + b0 + j;
+              const int64_t gi = off + lt.logical(b0 + j);
               if (flag[j] & 1) {
                 P.pbuf.push_back({abs_key(Bits<W>::f32(wb[j])), gi});
                 P.pbuf_g.push_back(~abs_key(Bits<S>::f32(sb[j])));
@@ -261,20 +302,15 @@ std::tuple<at::Tensor, at::Tensor> run(TensorList weights, TensorList masks, Ten
           const ApplyFn apply = lv ? apply_slots : apply_run;
           for (int64_t b0 = b; b0 < e; b0 += kBlock) {
             const int64_t n = std::min<int64_t>(kBlock, e - b0);
-            // split the block where the tie cutoffs fall, so inside each piece
-            // "global index < cutoff" is a constant and the loop vectorises
-            int64_t cuts[4] = {0, std::clamp<int64_t>(p.cutoff - off - b0, 0, n),
-                               std::clamp<int64_t>(g.cutoff - off - b0, 0, n), n};
-            if (cuts[1] > cuts[2]) std::swap(cuts[1], cuts[2]);
             uint32_t c = 0;
             float fsum = 0.f;
-            for (int piece = 0; piece < 3; ++piece) {
-              const int64_t j0 = cuts[piece], j1 = cuts[piece + 1];
-              if (j0 >= j1) continue;
-              const uint32_t ptie = (off + b0 + j0) < p.cutoff, gtie = (off + b0 + j0) < g.cutoff;
+            // split the block where "global index < cutoff" changes, so inside each piece
+            // it is a constant and the loop vectorises
+            for_tie_pieces(l, b0 - r * l.row_stride, n, off + r * l.row_stride, p.cutoff, g.cutoff,
+                           [&](int64_t j0, int64_t j1, uint32_t ptie, uint32_t gtie) {
               apply(w + b0, sc + b0, m + b0, lv ? lv + (b0 - b) : nullptr, keep, j0, j1, live, ptie, gtie, p.key,
                     g.key, &c, &fsum);
-            }
+            });
             for (const StateRef& s : st) s.zero(s.data + b0 * s.elem, keep, n);
             cnt += c;
             sum += fsum;

@@ -19,12 +19,46 @@ namespace chase_ext::cpu {
 
 // One tensor of the list: where it sits in the global order and how its slots map to
 // (row = output channel, col = input channel) for the liveness vectors.
+//
+// Slots are addressed by their position in memory ("storage index"). Rows are blocks of
+// memory (the ops take rows-dense tensors only), but within a row memory may hold the
+// slots in another order than row-major (channels_last: (h, w, i) for the row-major
+// (i, h, w)); then `perm` maps each storage slot of a row to its row-major place and `inv`
+// back. Selections break ties by the row-major ("logical") global index, never by memory.
 struct Layout {
   int64_t offset = 0, numel = 0, rows = 0, row_stride = 0, cols = 1, col_stride = 0;
   const bool* live_row = nullptr;  // nullptr: every row live
   const bool* live_col = nullptr;  // nullptr: every column live
-  std::vector<uint8_t> slot_live;   // with live_col: the liveness of each slot of a row
+  std::vector<uint8_t> slot_live;   // with live_col: the liveness of each storage slot of a row
+  std::vector<int64_t> perm, inv;   // empty: memory is row-major (contiguous)
+
+  // Row-major index (within the tensor) of storage index i.
+  int64_t logical(int64_t i) const {
+    if (perm.empty()) return i;
+    return (i / row_stride) * row_stride + perm[i % row_stride];
+  }
 };
+
+// perm / inv of a rows-dense tensor: walk the row-major positions of one row, keeping
+// the memory offset (strides of the dims after the first) alongside.
+inline void fill_row_order(const at::Tensor& x, Layout& l) {
+  if (x.is_contiguous() || l.row_stride <= 1) return;
+  const int64_t d = x.dim();
+  l.perm.resize(l.row_stride);
+  l.inv.resize(l.row_stride);
+  std::vector<int64_t> idx(d, 0);
+  int64_t mem = 0;
+  for (int64_t j = 0; j < l.row_stride; ++j) {
+    l.perm[mem] = j;
+    l.inv[j] = mem;
+    for (int64_t k = d - 1; k >= 1; --k) {  // next row-major position, odometer style
+      mem += x.stride(k);
+      if (++idx[k] < x.size(k)) break;
+      mem -= x.stride(k) * x.size(k);
+      idx[k] = 0;
+    }
+  }
+}
 
 inline std::vector<Layout> make_layouts(TensorList ts, TensorList live_rows, TensorList live_cols) {
   std::vector<Layout> out(ts.size());
@@ -38,34 +72,45 @@ inline std::vector<Layout> make_layouts(TensorList ts, TensorList live_rows, Ten
     l.row_stride = l.rows ? l.numel / l.rows : 0;
     l.cols = x.dim() >= 2 ? x.size(1) : 1;
     l.col_stride = l.cols ? l.row_stride / l.cols : 0;
+    fill_row_order(x, l);
     if (!live_rows.empty()) l.live_row = live_rows[t].data_ptr<bool>();
     if (!live_cols.empty()) {
       l.live_col = live_cols[t].data_ptr<bool>();
       l.slot_live.resize(l.row_stride);
-      for (int64_t c = 0; c < l.cols; ++c)
-        std::fill_n(l.slot_live.begin() + c * l.col_stride, l.col_stride, uint8_t(l.live_col[c]));
+      for (int64_t s = 0; s < l.row_stride; ++s) {
+        const int64_t j = l.perm.empty() ? s : l.perm[s];
+        l.slot_live[s] = uint8_t(l.live_col[j / l.col_stride]);
+      }
     }
     off += l.numel;
   }
   return out;
 }
 
-// Calls f(i, live) for every slot i of rows [r0, r1), in index order.
+// Calls f(i, live) for every slot of rows [r0, r1) with its storage index i, in row-major
+// order (the order ties are broken in).
 template <class F>
 inline void for_slots(const Layout& l, int64_t r0, int64_t r1, F&& f) {
   for (int64_t r = r0; r < r1; ++r) {
     const bool rl = !l.live_row || l.live_row[r];
     const int64_t base = r * l.row_stride;
-    if (!l.live_col || !rl) {
-      for (int64_t i = base, e = base + l.row_stride; i < e; ++i) f(i, rl);
+    const uint8_t* lv = l.live_col && rl ? l.slot_live.data() : nullptr;
+    if (l.perm.empty()) {
+      if (!lv) {
+        for (int64_t i = base, e = base + l.row_stride; i < e; ++i) f(i, rl);
+      } else {
+        for (int64_t j = 0; j < l.row_stride; ++j) f(base + j, lv[j] != 0);
+      }
       continue;
     }
-    const uint8_t* lv = l.slot_live.data();
-    for (int64_t j = 0; j < l.row_stride; ++j) f(base + j, lv[j] != 0);
+    for (int64_t j = 0; j < l.row_stride; ++j) {
+      const int64_t s = l.inv[j];
+      f(base + s, lv ? lv[s] != 0 : rl);
+    }
   }
 }
 
-// Calls f(begin, end, live, lv) for the slots of rows [r0, r1) in a few long runs, so hot
+// Calls f(begin, end, live, lv) for the storage slots of rows [r0, r1) in memory order, in a few long runs, so hot
 // loops run over plain index ranges with pointers in registers: lv == nullptr means every
 // slot of the run has liveness `live`; otherwise lv[j] is the liveness of slot begin + j
 // (a live row of a layer with dead input channels, one byte per slot of the row).
@@ -125,7 +170,7 @@ inline void parallel_chunks(const std::vector<Chunk>& chunks, F&& f) {
 inline int num_chunks() { return std::max(1, at::get_num_threads()) * 2; }
 
 // Result of a selection, in the original key space: selected slots are the candidates
-// with a better key, or an equal key and global index < cutoff.
+// with a better key, or an equal key and (logical) global index < cutoff.
 struct Selection {
   uint32_t key;
   int64_t cutoff;
@@ -201,7 +246,7 @@ Selection radix_select(const std::vector<Layout>& L, const std::vector<Chunk>& c
   for (const Unit& u : chunks[c]) {
     for_slots(L[u.t], u.r0, u.r1, [&](int64_t i, bool live) {
       if (cutoff >= 0 || !cand(u.t, i, live) || flip(key(u.t, i)) != fkey) return;
-      if (--need == 0) cutoff = L[u.t].offset + i + 1;
+      if (--need == 0) cutoff = L[u.t].offset + L[u.t].logical(i) + 1;
     });
     if (cutoff >= 0) break;
   }

@@ -9,9 +9,11 @@
 // The radix select is the others' fallback.
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "common/select_stats.h"
 #include "cuda/bracket_select.cuh"
@@ -173,6 +175,30 @@ std::tuple<at::Tensor, at::Tensor> mask_update(at::TensorList weights, at::Tenso
   check_devices(op, "weights", weights, dev);
   TORCH_CHECK(dev.is_cuda(), op, ": weights[0] is on ", dev, ", expected a CUDA device");
   const c10::cuda::CUDAGuard guard(dev);
+  // The kernels address slots by their row-major index, so other rows-dense layouts
+  // (channels_last) go through contiguous copies, written back once the kernels returned
+  // (a call that raises has written nothing, and nothing is copied back). On a GPU the
+  // copies cost little beside the selection; the CPU kernel walks such layouts in place.
+  auto all_contiguous = [](at::TensorList ts) {
+    return std::all_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return t.is_contiguous(); });
+  };
+  if (!all_contiguous(weights) || !all_contiguous(masks) || !all_contiguous(scores) || !all_contiguous(states)) {
+    auto staged = [](at::TensorList ts) {
+      std::vector<at::Tensor> v;
+      for (const at::Tensor& t : ts) v.push_back(t.contiguous());
+      return v;
+    };
+    auto w = staged(weights), m = staged(masks), sc = staged(scores), st = staged(states);
+    auto out = mask_update(w, m, sc, live_rows, live_cols, st, state_owner, prune_counts, grow_counts);
+    auto write_back = [](at::TensorList orig, const std::vector<at::Tensor>& copy) {
+      for (size_t i = 0; i < copy.size(); ++i)
+        if (!orig[i].is_contiguous()) orig[i].copy_(copy[i]);
+    };
+    write_back(weights, w);
+    write_back(masks, m);
+    write_back(states, st);
+    return out;
+  }
 
   MultiTensor mt = make_multi(weights, live_rows, live_cols, prune_counts.size() != 1);
   for (int t = 0; t < mt.n(); ++t) {

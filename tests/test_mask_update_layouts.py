@@ -1,0 +1,255 @@
+"""mask_update_ on tensors laid out otherwise than row-major (channels_last and any other
+order of the dims after the first): the result is the reference's on contiguous copies,
+bit for bit, and the tensors keep their layout; layouts the op cannot take are refused,
+naming the argument, with nothing written."""
+import os
+import re
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from chase_ext import layout as L
+from chase_ext import reference as R
+
+ops = pytest.importorskip("chase_ext._ops", reason="chase_ext._C is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(4, 3, 3, 3), (5, 2, 1, 3), (3, 4, 2), (6, 5), (2, 3, 2, 2, 2), (1, 3, 3, 3), (4, 1, 3, 3), (3, 2, 0, 2)]
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def laid_out(x: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """A copy of ``x`` whose memory holds its dims in ``order`` (outermost first)."""
+    return x.permute(order).clone(memory_format=torch.contiguous_format).permute([order.index(d) for d in range(x.dim())])
+
+
+def rows_dense_order(shape, g) -> list[int]:
+    """Dim 0 outermost, the others in a random order (channels_last among them)."""
+    rest = list(range(1, len(shape)))
+    perm = torch.randperm(len(rest), generator=g).tolist()
+    return [0] + [rest[i] for i in perm]
+
+
+def storage(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's memory as a flat view, in memory order."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def make(seed, n, dtype, ties, live, shapes=None, density=None):
+    g = torch.Generator().manual_seed(seed)
+    shapes = shapes or [SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))] for _ in range(n)]
+    d = density if density is not None else float(torch.rand(1, generator=g))
+
+    def values(shape):
+        x = torch.randn(shape, generator=g)
+        if ties:
+            x = torch.round(x * 2) / 2
+        return x.to(dtype)
+
+    ws = [values(s) for s in shapes]
+    ms = [torch.rand(s, generator=g) < d for s in shapes]
+    for w, m in zip(ws, ms):
+        w.mul_(m)
+    scores = [values(s) for s in shapes]
+    lr = [torch.rand(s[0], generator=g) < 0.8 for s in shapes] if live else []
+    lc = [torch.rand(s[1], generator=g) < 0.8 for s in shapes] if live else []
+    orders = [rows_dense_order(s, g) for s in shapes]
+    return ws, ms, scores, lr, lc, orders, g
+
+
+def counts_for(ms, lv, per_tensor, frac, grow_frac):
+    if per_tensor:
+        active = [int((m & l).sum()) for m, l in zip(ms, lv)]
+        prune = [round(frac * a) for a in active]
+        free = [int(l.sum()) - a + p for l, a, p in zip(lv, active, prune)]
+        return prune, [round(grow_frac * f) for f in free]
+    active = sum(int((m & l).sum()) for m, l in zip(ms, lv))
+    free = sum(int(l.sum()) for l in lv) - active
+    prune = round(frac * active)
+    return [prune], [round(grow_frac * (free + prune))]
+
+
+def run_both(ws, ms, scores, lr, lc, states, owner, prune, grow, orders, native_ops=None):
+    """The native op on tensors in `orders`, the reference on contiguous ones; both results."""
+    native_ops = native_ops or ops
+    lay = lambda ts, own=None: [laid_out(t, orders[i if own is None else own[i]]) for i, t in enumerate(ts)]  # noqa: E731
+    a = (lay(ws), lay(ms), lay(scores), lay(states, owner))
+    strides = [t.stride() for t in a[0] + a[1] + a[3]]
+    cnt, sums = native_ops.mask_update_(a[0], a[1], a[2], lr, lc, a[3], owner, prune, grow)
+    assert [t.stride() for t in a[0] + a[1] + a[3]] == strides  # written in place, layouts kept
+    b = ([w.clone() for w in ws], [m.clone() for m in ms], [s.clone() for s in states])
+    rc, rs = R.mask_update_(b[0], b[1], scores, lr, lc, b[2], owner, prune, grow)
+    return a, b, (cnt, sums), (rc, rs)
+
+
+def assert_same(a, b, out, ref):
+    for x, y in zip(a[1], b[1]):
+        assert torch.equal(x, y)
+    for x, y in zip(a[0] + a[3], b[0] + b[2]):
+        assert torch.equal(x, y)
+    assert torch.equal(out[0], ref[0])
+    torch.testing.assert_close(out[1], ref[1], rtol=1e-5, atol=1e-5)
+
+
+@FAST
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), dtype=st.sampled_from(DTYPES), ties=st.booleans(),
+       live=st.booleans(), per_tensor=st.booleans(), with_states=st.booleans(),
+       frac=st.sampled_from([0.0, 0.3, 1.0]), grow_frac=st.sampled_from([0.0, 0.5, 1.0]))
+def test_any_rows_dense_layout_matches_reference(seed, n, dtype, ties, live, per_tensor, with_states, frac,
+                                                 grow_frac):
+    ws, ms, scores, lr, lc, orders, g = make(seed, n, dtype, ties, live)
+    lv = [R.live_slots(w, lr[i] if lr else None, lc[i] if lc else None) for i, w in enumerate(ws)]
+    prune, grow = counts_for(ms, lv, per_tensor, frac, grow_frac)
+    states = [torch.randn(w.shape, generator=g) for w in ws for _ in range(2)] if with_states else []
+    owner = [i for i in range(len(ws)) for _ in range(2)] if with_states else []
+    assert_same(*run_both(ws, ms, scores, lr, lc, states, owner, prune, grow, orders))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("per_tensor", [False, True])
+@pytest.mark.parametrize("adversarial", [False, True])
+def test_channels_last_large_bracketed_and_fallback(ties, per_tensor, adversarial):
+    # 4 x 65536 slots and more in several chunks, so the selections are bracketed from a
+    # strided sample of memory (runs of 16 slots every 64); with `adversarial` the sampled
+    # slots of the first tensor hold values unlike the rest, so the brackets miss and the
+    # exact multi-pass select (walking rows in row-major order) takes over. Tie classes
+    # straddle rows, chunks and the cutoff rows.
+    shapes = [(256, 128, 3, 3), (40, 7, 5, 5), (96, 48, 1, 1)]
+    ws, ms, scores, lr, lc, _, g = make(3, 3, torch.float32, ties, True, shapes=shapes, density=0.2)
+    orders = [[0, 2, 3, 1]] * len(shapes)  # channels_last
+    if adversarial:
+        wl, sl = laid_out(ws[0], orders[0]), laid_out(scores[0], orders[0])
+        sampled = torch.arange(wl.numel()) % 64 < 16
+        storage(wl)[sampled] = 100 + storage(wl)[sampled].abs()
+        storage(sl)[sampled] = 1e-3 * storage(sl)[sampled]
+        ws[0].copy_(wl)
+        scores[0].copy_(sl)
+        ws[0].mul_(ms[0])
+    lv = [R.live_slots(w, r, c) for w, r, c in zip(ws, lr, lc)]
+    prune, grow = counts_for(ms, lv, per_tensor, 0.25, 0.3)
+    states = [torch.randn(w.shape, generator=g) for w in ws]
+    assert_same(*run_both(ws, ms, scores, lr, lc, states, list(range(3)), prune, grow, orders))
+
+
+def test_ties_follow_row_major_order_not_memory():
+    # Every |w| and every score equal: the prune takes the k lowest row-major indices and
+    # the grow the lowest inactive ones, whatever the memory order.
+    w = torch.ones(2, 3, 2, 2)
+    m = torch.ones(2, 3, 2, 2, dtype=torch.bool)
+    m.view(-1)[12:] = False
+    w.mul_(m)
+    s = torch.ones(2, 3, 2, 2)
+    orders = [[0, 2, 3, 1]]
+    for kp, kg in [(5, 0), (5, 3), (12, 24), (1, 13), (0, 0), (12, 0)]:
+        a, b, out, ref = run_both([w], [m], [s], [], [], [], [], [kp], [kg], orders)
+        assert_same(a, b, out, ref)
+        want = torch.zeros(24, dtype=torch.bool)
+        want[kp:12] = True  # the first kp active slots (0..11) pruned
+        candidates = list(range(kp)) + list(range(12, 24))  # pruned slots may grow back
+        want[candidates[:kg]] = True
+        assert torch.equal(a[1][0].reshape(-1), want), (kp, kg)
+
+
+@pytest.mark.error_path  # the ISAs this CPU cannot run are found by the op's error
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_cpu_isa_channels_last(isa, dtype):
+    shapes = [(16, 8, 3, 3), (8, 16, 3, 3), (12, 5, 7, 7)]
+    with mock.patch.dict(os.environ, {"CHASE_EXT_CPU_ISA": isa}):
+        try:
+            ops.mask_update_([torch.ones(1)], [torch.ones(1, dtype=torch.bool)], [torch.ones(1)], [], [], [], [],
+                             [0], [0])
+        except RuntimeError as e:
+            assert "cannot run" in str(e)
+            pytest.skip(f"this CPU cannot run {isa}")
+        for ties in (False, True):
+            ws, ms, scores, lr, lc, _, g = make(7, 3, dtype, ties, True, shapes=shapes, density=0.3)
+            lv = [R.live_slots(w, r, c) for w, r, c in zip(ws, lr, lc)]
+            prune, grow = counts_for(ms, lv, False, 0.3, 0.4)
+            states = [torch.randn(w.shape, generator=g).to(dtype) for w in ws]
+            assert_same(*run_both(ws, ms, scores, lr, lc, states, [0, 1, 2], prune, grow, [[0, 2, 3, 1]] * 3))
+
+
+def _cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _args():
+    g = torch.Generator().manual_seed(1)
+    w = _cl(torch.randn(4, 3, 2, 2, generator=g))
+    m = _cl(torch.rand(4, 3, 2, 2, generator=g) < 0.5)
+    w.mul_(m)
+    return dict(weights=[w], masks=[m], scores=[_cl(torch.randn(4, 3, 2, 2, generator=g))], live_rows=[],
+                live_cols=[], states=[_cl(torch.randn(4, 3, 2, 2, generator=g))], state_owner=[0],
+                prune_counts=[2], grow_counts=[2])
+
+
+BAD = [
+    # (id, replaced arguments, the argument the message names)
+    ("weight-dim0-inner", lambda a: dict(weights=[torch.randn(3, 4).t()], masks=[torch.ones(3, 4, dtype=torch.bool).t()],
+                                         scores=[torch.randn(3, 4).t()], states=[]), "weights[0]"),
+    ("weight-gappy", lambda a: dict(weights=[torch.randn(4, 6)[:, ::2]], masks=[torch.ones(4, 3, dtype=torch.bool)],
+                                    scores=[torch.randn(4, 3)], states=[]), "weights[0]"),
+    ("score-contiguous", lambda a: dict(scores=[a["scores"][0].contiguous()]), "scores[0]"),
+    ("mask-contiguous", lambda a: dict(masks=[a["masks"][0].contiguous()]), "masks[0]"),
+    ("state-contiguous", lambda a: dict(states=[a["states"][0].contiguous()]), "states[0]"),
+]
+
+
+@pytest.mark.error_path
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_layouts_the_op_cannot_take_are_refused(backend, case):
+    impl = R if backend == "reference" else ops
+    a = _args()
+    a.update(case[1](a))
+    before = [t.clone() for k in ("weights", "masks", "states") for t in a[k]]
+    with pytest.raises((ValueError, RuntimeError), match=re.escape(case[2])) as e:
+        impl.mask_update_(**a)
+    assert "mask_update_" in str(e.value)
+    after = [t for k in ("weights", "masks", "states") for t in a[k]]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+@pytest.mark.parametrize("scores_layout", ["like", "contiguous"])
+def test_layout_wrapper_calls_the_op_in_place(scores_layout):
+    # ChaseOptimizer's path: channels_last weights, masks and states go to the op as they
+    # are (no copies); a score in another layout (random growth) is copied into the
+    # weight's; the result equals the contiguous run.
+    a = _args()
+    if scores_layout == "contiguous":
+        a["scores"] = [a["scores"][0].contiguous()]
+    calls = []
+
+    class Spy:
+        @staticmethod
+        def mask_update_(*args):
+            calls.append([t.data_ptr() for t in args[0] + args[1] + args[5]])
+            return ops.mask_update_(*args)
+
+    ptrs = [t.data_ptr() for t in a["weights"] + a["masks"] + a["states"]]
+    ref = {k: [t.contiguous().clone() for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+           else v for k, v in a.items()}
+    L.mask_update_(Spy, *a.values())
+    assert calls == [ptrs]
+    R.mask_update_(**ref)
+    for k in ("weights", "masks", "states"):
+        assert all(torch.equal(x, y) for x, y in zip(a[k], ref[k]))
+        assert all(t.is_contiguous(memory_format=torch.channels_last) for t in a[k])
+
+
+def test_layout_wrapper_stages_what_the_op_cannot_take():
+    # a transposed (dim 0 innermost) weight goes through contiguous copies, written back
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(5, 4, generator=g)
+    m = torch.rand(5, 4, generator=g) < 0.5
+    w.mul_(m)
+    s, st_ = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    wt, mt, stt = w.t().contiguous().t(), m.t().contiguous().t(), st_.t().contiguous().t()
+    assert not L.rows_dense(wt)
+    L.mask_update_(ops, [wt], [mt], [s], [], [], [stt], [0], [3], [4])
+    R.mask_update_([w], [m], [s], [], [], [st_], [0], [3], [4])
+    assert torch.equal(wt, w) and torch.equal(mt, m) and torch.equal(stt, st_)
+    assert wt.stride() == (1, 5)
