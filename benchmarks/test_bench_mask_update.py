@@ -156,8 +156,9 @@ def _channels_last(ts):
 @pytest.mark.parametrize("device", DEVICES)
 def test_layout_side_by_side(device):
     """What a channels_last model costs ChaseOptimizer's kernel calls (chase_ext.layout):
-    the mask update stages contiguous copies of the 4-D tensors (row-major tie-breaks);
-    masked apply (weights + one momentum buffer) runs on permuted views, no copies."""
+    the mask update walks the channels_last tensors in place on the CPU (row-major
+    tie-breaks from a per-tensor table; on CUDA the op stages contiguous copies); masked
+    apply (weights + one momentum buffer) runs over flat storage. No copies on the CPU."""
     ws, ms, gs, n, k = make_problem(device)
     moms = [torch.randn_like(w) for w in ws]
     cl = {"w": _channels_last(ws), "m": _channels_last(ms), "g": _channels_last(gs), "s": _channels_last(moms)}

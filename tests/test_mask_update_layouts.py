@@ -71,17 +71,21 @@ def counts_for(ms, lv, per_tensor, frac, grow_frac):
     return [prune], [round(grow_frac * (free + prune))]
 
 
-def run_both(ws, ms, scores, lr, lc, states, owner, prune, grow, orders, native_ops=None):
-    """The native op on tensors in `orders`, the reference on contiguous ones; both results."""
-    native_ops = native_ops or ops
-    lay = lambda ts, own=None: [laid_out(t, orders[i if own is None else own[i]]) for i, t in enumerate(ts)]  # noqa: E731
+def run_both(ws, ms, scores, lr, lc, states, owner, prune, grow, orders, device="cpu"):
+    """The native op on `device` on tensors in `orders`, the reference on contiguous CPU
+    ones; both results (the native ones back on the CPU)."""
+    def lay(ts, own=None):
+        return [laid_out(t, orders[i if own is None else own[i]]).to(device) for i, t in enumerate(ts)]
+
     a = (lay(ws), lay(ms), lay(scores), lay(states, owner))
     strides = [t.stride() for t in a[0] + a[1] + a[3]]
-    cnt, sums = native_ops.mask_update_(a[0], a[1], a[2], lr, lc, a[3], owner, prune, grow)
+    cnt, sums = ops.mask_update_(a[0], a[1], a[2], [x.to(device) for x in lr], [x.to(device) for x in lc], a[3],
+                                 owner, prune, grow)
     assert [t.stride() for t in a[0] + a[1] + a[3]] == strides  # written in place, layouts kept
+    a = tuple([t.cpu() for t in ts] for ts in a)
     b = ([w.clone() for w in ws], [m.clone() for m in ms], [s.clone() for s in states])
     rc, rs = R.mask_update_(b[0], b[1], scores, lr, lc, b[2], owner, prune, grow)
-    return a, b, (cnt, sums), (rc, rs)
+    return a, b, (cnt.cpu(), sums.cpu()), (rc, rs)
 
 
 def assert_same(a, b, out, ref):
@@ -97,20 +101,20 @@ def assert_same(a, b, out, ref):
 @given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 4), dtype=st.sampled_from(DTYPES), ties=st.booleans(),
        live=st.booleans(), per_tensor=st.booleans(), with_states=st.booleans(),
        frac=st.sampled_from([0.0, 0.3, 1.0]), grow_frac=st.sampled_from([0.0, 0.5, 1.0]))
-def test_any_rows_dense_layout_matches_reference(seed, n, dtype, ties, live, per_tensor, with_states, frac,
+def test_any_rows_dense_layout_matches_reference(device, seed, n, dtype, ties, live, per_tensor, with_states, frac,
                                                  grow_frac):
     ws, ms, scores, lr, lc, orders, g = make(seed, n, dtype, ties, live)
     lv = [R.live_slots(w, lr[i] if lr else None, lc[i] if lc else None) for i, w in enumerate(ws)]
     prune, grow = counts_for(ms, lv, per_tensor, frac, grow_frac)
     states = [torch.randn(w.shape, generator=g) for w in ws for _ in range(2)] if with_states else []
     owner = [i for i in range(len(ws)) for _ in range(2)] if with_states else []
-    assert_same(*run_both(ws, ms, scores, lr, lc, states, owner, prune, grow, orders))
+    assert_same(*run_both(ws, ms, scores, lr, lc, states, owner, prune, grow, orders, device))
 
 
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("per_tensor", [False, True])
 @pytest.mark.parametrize("adversarial", [False, True])
-def test_channels_last_large_bracketed_and_fallback(ties, per_tensor, adversarial):
+def test_channels_last_large_bracketed_and_fallback(device, ties, per_tensor, adversarial):
     # 4 x 65536 slots and more in several chunks, so the selections are bracketed from a
     # strided sample of memory (runs of 16 slots every 64); with `adversarial` the sampled
     # slots of the first tensor hold values unlike the rest, so the brackets miss and the
@@ -130,7 +134,7 @@ def test_channels_last_large_bracketed_and_fallback(ties, per_tensor, adversaria
     lv = [R.live_slots(w, r, c) for w, r, c in zip(ws, lr, lc)]
     prune, grow = counts_for(ms, lv, per_tensor, 0.25, 0.3)
     states = [torch.randn(w.shape, generator=g) for w in ws]
-    assert_same(*run_both(ws, ms, scores, lr, lc, states, list(range(3)), prune, grow, orders))
+    assert_same(*run_both(ws, ms, scores, lr, lc, states, list(range(3)), prune, grow, orders, device))
 
 
 def test_ties_follow_row_major_order_not_memory():
@@ -253,3 +257,23 @@ def test_layout_wrapper_stages_what_the_op_cannot_take():
     R.mask_update_([w], [m], [s], [], [], [st_], [0], [3], [4])
     assert torch.equal(wt, w) and torch.equal(mt, m) and torch.equal(stt, st_)
     assert wt.stride() == (1, 5)
+
+
+def test_opcheck_channels_last():
+    a = _args()
+    torch.library.opcheck(torch.ops.chase_ext.mask_update_.default, tuple(a.values()),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+def test_compiled_call_on_channels_last_equals_eager():
+    a, b = _args(), _args()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def update(ws, ms, sc, st):
+        return torch.ops.chase_ext.mask_update_(ws, ms, sc, [], [], st, [0], [2], [2])
+
+    got = update(a["weights"], a["masks"], a["scores"], a["states"])
+    want = ops.mask_update_(b["weights"], b["masks"], b["scores"], [], [], b["states"], [0], [2], [2])
+    for k in ("weights", "masks", "states"):
+        assert torch.equal(a[k][0], b[k][0]) and a[k][0].stride() == b[k][0].stride()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
