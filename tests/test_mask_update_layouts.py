@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from chase_ext import layout as L
 from chase_ext import reference as R
+from test_ops import make_case
 
 ops = pytest.importorskip("chase_ext._ops", reason="chase_ext._C is not built")
 
@@ -38,25 +39,11 @@ def storage(t: torch.Tensor) -> torch.Tensor:
 
 
 def make(seed, n, dtype, ties, live, shapes=None, density=None):
+    """test_ops' random case on rows-dense shapes, with a memory order for each tensor."""
     g = torch.Generator().manual_seed(seed)
     shapes = shapes or [SHAPES[int(torch.randint(len(SHAPES), (1,), generator=g))] for _ in range(n)]
-    d = density if density is not None else float(torch.rand(1, generator=g))
-
-    def values(shape):
-        x = torch.randn(shape, generator=g)
-        if ties:
-            x = torch.round(x * 2) / 2
-        return x.to(dtype)
-
-    ws = [values(s) for s in shapes]
-    ms = [torch.rand(s, generator=g) < d for s in shapes]
-    for w, m in zip(ws, ms):
-        w.mul_(m)
-    scores = [values(s) for s in shapes]
-    lr = [torch.rand(s[0], generator=g) < 0.8 for s in shapes] if live else []
-    lc = [torch.rand(s[1], generator=g) < 0.8 for s in shapes] if live else []
-    orders = [rows_dense_order(s, g) for s in shapes]
-    return ws, ms, scores, lr, lc, orders, g
+    ws, ms, scores, lr, lc, g = make_case(seed, n, dtype, "cpu", ties, live, shapes=shapes, density=density)
+    return ws, ms, scores, lr, lc, [rows_dense_order(s, g) for s in shapes], g
 
 
 def counts_for(ms, lv, per_tensor, frac, grow_frac):
