@@ -358,8 +358,9 @@ def mask_update_(
 
     Layouts: each weight covers its memory densely with dim 0 outermost (contiguous,
     channels_last, ...; ``chase_ext.layout.rows_dense``), and its score, mask and states are laid out like
-    it. The layout never changes the result: global indices are row-major whatever the
-    memory order.
+    it. The layout never changes the selections, masks, weights, states or counts: global
+    indices are row-major whatever the memory order (the native Σ|w| may differ in its last
+    bits, as its summation order follows memory).
     """
     op = "mask_update_"
     _check_float_list(op, "weights", weights, contiguous=False)

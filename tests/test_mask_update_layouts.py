@@ -1,6 +1,7 @@
 """mask_update_ on tensors laid out otherwise than row-major (channels_last and any other
-order of the dims after the first): the result is the reference's on contiguous copies,
-bit for bit, and the tensors keep their layout; layouts the op cannot take are refused,
+order of the dims after the first): masks, weights, states and counts are the
+reference's on contiguous copies bit for bit (Σ|w| to rounding: it is summed in memory
+order), and the tensors keep their layout; layouts the op cannot take are refused,
 naming the argument, with nothing written."""
 import os
 import re
@@ -58,11 +59,22 @@ def counts_for(ms, lv, per_tensor, frac, grow_frac):
     return [prune], [round(grow_frac * (free + prune))]
 
 
+def odd_unit_strides(t: torch.Tensor) -> torch.Tensor:
+    """The same tensor with other strides on its size-1 dims (never used to address it)."""
+    return t.as_strided(t.shape, [st if n > 1 else 7 + d for d, (n, st) in enumerate(zip(t.shape, t.stride()))])
+
+
 def run_both(ws, ms, scores, lr, lc, states, owner, prune, grow, orders, device="cpu"):
     """The native op on `device` on tensors in `orders`, the reference on contiguous CPU
-    ones; both results (the native ones back on the CPU)."""
+    ones; both results (the native ones back on the CPU). Masks, scores and states of
+    odd-numbered weights get other strides on their size-1 dims than the weight."""
     def lay(ts, own=None):
-        return [laid_out(t, orders[i if own is None else own[i]]).to(device) for i, t in enumerate(ts)]
+        out = []
+        for i, t in enumerate(ts):
+            o = i if own is None else own[i]
+            x = laid_out(t, orders[o]).to(device)
+            out.append(odd_unit_strides(x) if o % 2 and ts is not ws else x)
+        return out
 
     a = (lay(ws), lay(ms), lay(scores), lay(states, owner))
     strides = [t.stride() for t in a[0] + a[1] + a[3]]
@@ -98,18 +110,27 @@ def test_any_rows_dense_layout_matches_reference(device, seed, n, dtype, ties, l
     assert_same(*run_both(ws, ms, scores, lr, lc, states, owner, prune, grow, orders, device))
 
 
+LARGE = {
+    # rows of 1,152 and 4,608 slots (longer than the kernel's 2,048-slot blocks), 1x1 convs
+    "channels_last": ([(256, 128, 3, 3), (6, 512, 3, 3), (40, 7, 5, 5), (96, 48, 1, 1)], [0, 2, 3, 1]),
+    "w-h-c": ([(256, 128, 3, 3), (6, 512, 3, 3), (40, 7, 5, 5)], [0, 3, 2, 1]),
+    "5-d": ([(128, 32, 4, 4, 4), (6, 100, 3, 1, 3)], [0, 2, 4, 1, 3]),
+}
+
+
 @pytest.mark.parametrize("ties", [False, True])
 @pytest.mark.parametrize("per_tensor", [False, True])
 @pytest.mark.parametrize("adversarial", [False, True])
-def test_channels_last_large_bracketed_and_fallback(device, ties, per_tensor, adversarial):
+@pytest.mark.parametrize("layout", list(LARGE))
+def test_large_bracketed_and_fallback(device, layout, ties, per_tensor, adversarial):
     # 4 x 65536 slots and more in several chunks, so the selections are bracketed from a
     # strided sample of memory (runs of 16 slots every 64); with `adversarial` the sampled
     # slots of the first tensor hold values unlike the rest, so the brackets miss and the
     # exact multi-pass select (walking rows in row-major order) takes over. Tie classes
-    # straddle rows, chunks and the cutoff rows.
-    shapes = [(256, 128, 3, 3), (40, 7, 5, 5), (96, 48, 1, 1)]
-    ws, ms, scores, lr, lc, _, g = make(3, 3, torch.float32, ties, True, shapes=shapes, density=0.2)
-    orders = [[0, 2, 3, 1]] * len(shapes)  # channels_last
+    # straddle rows, chunks and the cutoff rows; per tensor, cutoffs fall in long rows.
+    shapes, order = LARGE[layout]
+    ws, ms, scores, lr, lc, _, g = make(3, len(shapes), torch.float32, ties, True, shapes=shapes, density=0.2)
+    orders = [order] * len(shapes)
     if adversarial:
         wl, sl = laid_out(ws[0], orders[0]), laid_out(scores[0], orders[0])
         sampled = torch.arange(wl.numel()) % 64 < 16
@@ -121,24 +142,31 @@ def test_channels_last_large_bracketed_and_fallback(device, ties, per_tensor, ad
     lv = [R.live_slots(w, r, c) for w, r, c in zip(ws, lr, lc)]
     prune, grow = counts_for(ms, lv, per_tensor, 0.25, 0.3)
     states = [torch.randn(w.shape, generator=g) for w in ws]
-    assert_same(*run_both(ws, ms, scores, lr, lc, states, list(range(3)), prune, grow, orders, device))
+    assert_same(*run_both(ws, ms, scores, lr, lc, states, list(range(len(ws))), prune, grow, orders, device))
 
 
-def test_ties_follow_row_major_order_not_memory():
-    # Every |w| and every score equal: the prune takes the k lowest row-major indices and
-    # the grow the lowest inactive ones, whatever the memory order.
-    w = torch.ones(2, 3, 2, 2)
-    m = torch.ones(2, 3, 2, 2, dtype=torch.bool)
-    m.view(-1)[12:] = False
-    w.mul_(m)
-    s = torch.ones(2, 3, 2, 2)
-    orders = [[0, 2, 3, 1]]
-    for kp, kg in [(5, 0), (5, 3), (12, 24), (1, 13), (0, 0), (12, 0)]:
-        a, b, out, ref = run_both([w], [m], [s], [], [], [], [], [kp], [kg], orders)
+@pytest.mark.parametrize("shape", [(2, 3, 2, 2), (2, 512, 3, 3)])
+def test_ties_follow_row_major_order_not_memory(shape):
+    # Every |w| and every score equal, the first half of the slots (row-major) active: the
+    # prune takes the k lowest row-major indices and the grow the lowest inactive ones,
+    # whatever the memory order. Rows of 4,608 slots span three of the kernel's blocks, so
+    # the cutoffs also fall in blocks that start inside a row.
+    n = torch.Size(shape).numel()
+    m = torch.zeros(n, dtype=torch.bool)
+    m[: n // 2] = True
+    m = m.view(shape)
+    w = torch.ones(shape) * m
+    s = torch.ones(shape)
+    half = n // 2
+    for kp, kg in [(5, 0), (5, 3), (half, n), (1, 13), (0, 0), (half, 0), (half // 3, half // 2),
+                   (half - 7, half + 5), (2100, 2500), (2300, 4700), (half - 2100, 2050)]:
+        if kp > half or kg > n - half + kp:
+            continue
+        a, b, out, ref = run_both([w], [m], [s], [], [], [], [], [kp], [kg], [[0, 2, 3, 1]])
         assert_same(a, b, out, ref)
-        want = torch.zeros(24, dtype=torch.bool)
-        want[kp:12] = True  # the first kp active slots (0..11) pruned
-        candidates = list(range(kp)) + list(range(12, 24))  # pruned slots may grow back
+        want = torch.zeros(n, dtype=torch.bool)
+        want[kp:half] = True  # the first kp active slots pruned
+        candidates = list(range(kp)) + list(range(half, n))  # pruned slots may grow back
         want[candidates[:kg]] = True
         assert torch.equal(a[1][0].reshape(-1), want), (kp, kg)
 
@@ -186,22 +214,56 @@ BAD = [
     ("score-contiguous", lambda a: dict(scores=[a["scores"][0].contiguous()]), "scores[0]"),
     ("mask-contiguous", lambda a: dict(masks=[a["masks"][0].contiguous()]), "masks[0]"),
     ("state-contiguous", lambda a: dict(states=[a["states"][0].contiguous()]), "states[0]"),
+    # two bad weights: both implementations check dtypes tensor by tensor before layouts
+    ("dim0-inner-then-half", lambda a: dict(weights=[torch.randn(3, 4).t(), torch.randn(4, 3).half()],
+                                            masks=[torch.ones(4, 3, dtype=torch.bool)] * 2,
+                                            scores=[torch.randn(4, 3)] * 2, states=[]), "weights[1]"),
 ]
+
+
+def _to(a, device):
+    return {k: [t.to(device) for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v
+            for k, v in a.items()}
 
 
 @pytest.mark.error_path
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
-def test_layouts_the_op_cannot_take_are_refused(backend, case):
+def test_layouts_the_op_cannot_take_are_refused(device, backend, case):
+    if backend == "reference" and device != "cpu":
+        pytest.skip("the reference rows run once, on the CPU")
     impl = R if backend == "reference" else ops
     a = _args()
     a.update(case[1](a))
+    a = _to(a, device)
     before = [t.clone() for k in ("weights", "masks", "states") for t in a[k]]
-    with pytest.raises((ValueError, RuntimeError), match=re.escape(case[2])) as e:
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=re.escape(case[2])) as e:
         impl.mask_update_(**a)
     assert "mask_update_" in str(e.value)
     after = [t for k in ("weights", "masks", "states") for t in a[k]]
     assert all(torch.equal(x, y) for x, y in zip(before, after))
+
+
+@pytest.mark.error_path
+@pytest.mark.parametrize("bad", ["prune-too-big", "grow-too-big", "score-nan", "weight-inf"])
+def test_errors_on_channels_last_write_nothing(device, bad):
+    # on CUDA the op stages contiguous copies: a call that raises must not copy them back
+    a = _args()
+    if bad == "prune-too-big":
+        a["prune_counts"] = [10**6]
+    elif bad == "grow-too-big":
+        a["grow_counts"] = [10**6]
+    elif bad == "score-nan":
+        a["scores"][0][1, 2, 1, 0] = float("nan")
+    else:
+        a["weights"][0][2, 0, 1, 1] = float("inf")
+    a = _to(a, device)
+    before = [t.clone() for k in ("weights", "masks", "states") for t in a[k]]
+    with pytest.raises(RuntimeError, match="mask_update_"):
+        ops.mask_update_(**a)
+    after = [t for k in ("weights", "masks", "states") for t in a[k]]
+    assert all(torch.equal(x, y) for x, y in zip(before, after))
+    assert all(t.is_contiguous(memory_format=torch.channels_last) for t in after)
 
 
 @pytest.mark.parametrize("scores_layout", ["like", "contiguous"])

@@ -11,14 +11,18 @@ namespace chase_ext {
 
 using TensorList = c10::ArrayRef<at::Tensor>;
 
-// contiguous: each tensor must be contiguous (else any layout passes here; mask_update_
-// checks its layouts with check_rows_dense / check_laid_out_like)
+// float32, float16 or bfloat16, one dtype for the whole list, tensor by tensor (the order
+// of the reference's checks, so both name the same tensor). contiguous: each tensor must
+// be contiguous (else any layout passes here; mask_update_ checks its layouts with
+// check_rows_dense / check_laid_out_like).
 inline void check_float_list(const char* op, const char* name, TensorList ts, bool contiguous = true) {
   for (size_t i = 0; i < ts.size(); ++i) {
     auto dt = ts[i].scalar_type();
     TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op, ": ", name, "[", i,
                 "] must be float32, float16 or bfloat16, got ", dt);
     TORCH_CHECK(!contiguous || ts[i].is_contiguous(), op, ": ", name, "[", i, "] must be contiguous");
+    TORCH_CHECK(dt == ts[0].scalar_type(), op, ": ", name, "[", i, "] has dtype ", dt, " but ", name, "[0] has ",
+                ts[0].scalar_type(), " (one dtype per list)");
   }
 }
 
@@ -52,13 +56,6 @@ inline void check_laid_out_like(const char* op, const char* name, const at::Tens
   TORCH_CHECK(same_flat_layout(t, ref), op, ": ", name, "[", i, "] has strides ", t.strides(), " but ", ref_name,
               "[", r, "] has strides ", ref.strides(), "; each score, mask and state must be laid out in memory ",
               "like its weight");
-}
-
-inline void check_same_dtype(const char* op, const char* name, TensorList ts) {
-  for (size_t i = 1; i < ts.size(); ++i)
-    TORCH_CHECK(ts[i].scalar_type() == ts[0].scalar_type(), op, ": ", name, "[", i, "] has dtype ",
-                ts[i].scalar_type(), " but ", name, "[0] has ", ts[0].scalar_type(),
-                " (one dtype per list)");
 }
 
 inline void check_like(const char* op, const char* name, TensorList ts, const char* ref_name,
@@ -174,9 +171,7 @@ inline void check_mask_update_args(const char* op, TensorList weights, TensorLis
                                    c10::IntArrayRef grow_counts) {
   check_float_list(op, "weights", weights, false);
   check_rows_dense(op, "weights", weights);
-  check_same_dtype(op, "weights", weights);
   check_float_list(op, "scores", scores, false);
-  check_same_dtype(op, "scores", scores);
   check_like(op, "scores", scores, "weights", weights);
   for (size_t i = 0; i < scores.size(); ++i) check_laid_out_like(op, "scores", scores[i], i, "weights", weights[i], i);
   check_masks(op, masks, weights, "weights", true);

@@ -59,7 +59,8 @@ inline std::optional<Selection> resolve(int64_t k, int64_t below, const std::vec
 }
 
 // The deterministic sample: runs of kSampleRun consecutive slots (whole cache lines,
-// so few cache misses), one run every `stride * kSampleRun` slots of the global order.
+// so few cache misses), one run every `stride * kSampleRun` slots of memory, tensor after
+// tensor (memory order, which only decides the brackets, never the result).
 // Calls f(tensor, storage index, live) for each sampled slot.
 constexpr int64_t kSampleRun = 16;
 

@@ -12,7 +12,6 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> channel_stats(at::TensorList weights, at::TensorList masks) {
   const char* op = "chase_ext.channel_stats";
   check_float_list(op, "weights", weights);
-  check_same_dtype(op, "weights", weights);
   check_masks(op, masks, weights, "weights");
   const auto L = make_layouts(weights, {}, {});
   int64_t rows = 0;

@@ -10,7 +10,6 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> channel_stats(at::TensorList weights, at::TensorList masks) {
   const char* op = "chase_ext.channel_stats";
   check_float_list(op, "weights", weights);
-  check_same_dtype(op, "weights", weights);
   check_masks(op, masks, weights, "weights");
   if (weights.empty()) return {at::zeros({0}, at::kLong), at::zeros({0}, at::kFloat)};
   const at::Device dev = weights[0].device();

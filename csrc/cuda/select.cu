@@ -28,7 +28,6 @@ at::Tensor select_threshold(at::TensorList keys, at::TensorList masks, at::Tenso
                             at::TensorList live_cols, bool mask_value, int64_t k, bool largest, bool absolute) {
   const char* op = "chase_ext.select_threshold";
   check_float_list(op, "keys", keys);
-  check_same_dtype(op, "keys", keys);
   check_masks(op, masks, keys, "keys");
   check_live(op, "live_rows", live_rows, keys, 0);
   check_live(op, "live_cols", live_cols, keys, 1);
