@@ -1,8 +1,8 @@
-"""Any parameter memory layout in front of kernels that take contiguous tensors.
+"""Any parameter memory layout in front of kernels that take some layouts only.
 
-The ops of ``chase_ext._C`` read a tensor as its row-major slots in memory order, so they
-take contiguous tensors only (SPEC §1: ties break by the row-major index). Parameters
-need not be contiguous: ``model.to(memory_format=torch.channels_last)``, the fast layout
+SPEC §1 breaks ties by the row-major index, and the sums of ``channel_stats`` depend on
+their order, so each op of ``chase_ext._C`` takes the layouts it can read in row-major
+terms (below), contiguous tensors always. Parameters need not be contiguous: ``model.to(memory_format=torch.channels_last)``, the fast layout
 for convolutions on GPUs, gives a conv weight (O, I, kh, kw) the strides
 (I·kh·kw, 1, kw·I, I). ``ChaseOptimizer`` calls the ops through this module:
 
@@ -16,8 +16,9 @@ for convolutions on GPUs, gives a conv weight (O, I, kh, kw) the strides
   memory: contiguous, channels_last, any order of the other dims) and its score, mask and
   states laid out like it. The CPU kernel walks such tensors in place (the row-major
   index of each slot from a per-tensor table); on CUDA the op copies the non-contiguous
-  ones itself. Other layouts (a transposed Linear weight, a gradient laid out unlike its
-  weight) go through contiguous copies here, written back after the kernel returned.
+  ones itself. Other layouts (a transposed Linear weight, a mask or state laid out unlike
+  its weight) go through contiguous copies here, written back after the kernel returned;
+  a score laid out unlike its weight (random growth) is copied into the weight's layout.
 - ``channel_stats`` runs at channel events only. Its Σ|w| depends on the summation
   order, so non-contiguous inputs are copied to contiguous ones first.
 
