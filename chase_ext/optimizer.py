@@ -232,6 +232,9 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
         self._params = [p for _, p in sparse]
         self._check_dtypes()
         self._check_devices()
+        hint = _fused_step.slow_default_adam(optimizer, self._params)
+        if hint:
+            warnings.warn(hint, stacklevel=2)
         self._unmasked_states: set[tuple[int, Any]] = set()  # (id(param), state key) warned about
         self._fused_steps = 0  # plain steps taken by a fused op (fused_step.py)
         self._index = {n: i for i, n in enumerate(self._names)}

@@ -527,3 +527,27 @@ def test_fused_adam_from_the_second_step():
     for p, m in zip(chase._params, chase.masks.values()):
         assert not bool(p.grad[~m].any())
     _masked_zero(chase)
+
+
+@pytest.mark.skipif(not torch.backends.mkl.is_available(), reason="the slow sqrt is MKL's")
+def test_default_cpu_adam_rule_is_hinted_once_at_construction():
+    import warnings
+
+    from chase_ext import ChaseOptimizer
+
+    def build(opt_fn):
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            ChaseOptimizer(opt_fn(m.parameters()), m, density=0.5, total_steps=100)
+        return [str(x.message) for x in w if "fused=True" in str(x.message)]
+
+    class MyAdam(torch.optim.Adam):
+        pass
+
+    for cls in (torch.optim.Adam, torch.optim.AdamW):
+        got = build(lambda ps: cls(ps, lr=1e-3))
+        assert len(got) == 1 and f"torch.optim.{cls.__name__} without fused=True" in got[0], got
+        assert build(lambda ps: cls(ps, lr=1e-3, fused=True)) == []
+    assert build(lambda ps: torch.optim.SGD(ps, lr=0.1)) == []
+    assert build(lambda ps: MyAdam(ps, lr=1e-3)) == []  # a subclass may have its own rule
