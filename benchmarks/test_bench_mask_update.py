@@ -291,3 +291,24 @@ def test_liveness_side_by_side(device):
     print(payload)
     if not QUICK:
         save_results(os.path.join(RESULTS, machine_name() + ".json"), f"mask_update_liveness_{device}", payload)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_update_peak_memory():
+    """Peak extra memory of a mask update through chase_ext.layout, contiguous and
+    channels_last, against a plain copy of what staging would copy (update_memory.py, in a
+    child process: glibc set to return freed blocks, so copies show)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "update_memory.py"),
+                          str(8 if QUICK else 1)], env=env, capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if not QUICK:  # the method sees copies (at width/8 most tensors fit under the 64 KiB mmap threshold)
+        assert r["channels_last_control_copy_peak_extra_bytes"] >= 0.9 * r["channels_last_staged_bytes"]
+    r.update(date=time.strftime("%Y-%m-%d"), torch=torch.__version__, threads=torch.get_num_threads())
+    print(r)
+    if not QUICK:
+        save_results(os.path.join(RESULTS, machine_name() + ".json"), "update_peak_memory_cpu", r)
