@@ -44,8 +44,8 @@ def _extension_setup():
     """(ext_modules, cmdclass) for a build that compiles, with the record writer."""
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    with_cuda, _, why_not = _build.want_cuda()
-    fl = _build.flags(with_cuda)
+    with_cuda, cuda_home, why_not = _build.want_cuda()
+    fl = _build.flags(cuda_home)
     csrc = os.path.join(ROOT, "csrc")
     sources = [os.path.relpath(p, ROOT) for p in _build.sources(csrc, with_cuda)]
     ext_cls = CUDAExtension if with_cuda else CppExtension

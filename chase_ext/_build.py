@@ -140,10 +140,12 @@ def sources(csrc: str, with_cuda: bool) -> list[str]:
     return out
 
 
-def flags(with_cuda: bool) -> dict:
-    """Compiler flags and macros. With CUDA, also sets ``CUDA_HOME`` (for torch's build
-    helpers, which resolved it at import, maybe wrongly) and a ``TORCH_CUDA_ARCH_LIST``
-    default when no GPU is visible (torch's default then breaks the build)."""
+def flags(cuda_home: str | None) -> dict:
+    """Compiler flags and macros; CUDA kernels with ``cuda_home`` (the toolkit root
+    ``want_cuda`` chose), CPU-only without. With CUDA, also sets ``CUDA_HOME`` (for torch's
+    build helpers, which resolved it at import, maybe wrongly) and a
+    ``TORCH_CUDA_ARCH_LIST`` default when no GPU is visible (torch's default then breaks
+    the build)."""
     import torch
 
     # -fno-math-errno (as torch's own build): std::sqrt then vectorises (masked_adam_);
@@ -152,8 +154,7 @@ def flags(with_cuda: bool) -> dict:
     cxx = ["-O3", "-fno-math-errno", "-ffp-contract=off", "-fopenmp", f'-DCHASE_EXT_VERSION="{VERSION}"']
     nvcc: list[str] = []
     archs = None
-    if with_cuda:
-        _, cuda_home, _ = want_cuda()
+    if cuda_home is not None:
         os.environ["CUDA_HOME"] = cuda_home
         import torch.utils.cpp_extension as cpp_ext
 

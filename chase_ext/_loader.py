@@ -78,16 +78,16 @@ def _cache_root() -> str:
     return root
 
 
-def _plan(package_dir: str = PKG_DIR) -> tuple[str | None, bool, str, str | None]:
-    """(source folder, with CUDA, cache folder, why no CUDA) of an on-import build for the
-    running torch."""
+def _plan(package_dir: str = PKG_DIR) -> tuple[str | None, str | None, str, str | None]:
+    """(source folder, CUDA toolkit root or None for CPU-only, cache folder, why no CUDA)
+    of an on-import build for the running torch."""
     csrc = _build.source_root(package_dir)
-    with_cuda, _, why_not = _build.want_cuda()
+    with_cuda, cuda_home, why_not = _build.want_cuda()
     ident = _build.torch_identity()
     tag = f"{ident['torch']}-{'cu' + ident['torch_cuda'] if with_cuda else 'cpu'}-{ident['python']}"
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     digest = _build.sources_digest(_build.sources(csrc, with_cuda), f"{tag}|{archs}") if csrc else "nosrc"
-    return csrc, with_cuda, os.path.join(_cache_root(), f"{tag}-{digest}".replace("+", "_")), why_not
+    return csrc, cuda_home, os.path.join(_cache_root(), f"{tag}-{digest}".replace("+", "_")), why_not
 
 
 def build_for_running_torch(package_dir: str = PKG_DIR, verbose: bool = False) -> str:
@@ -96,7 +96,8 @@ def build_for_running_torch(package_dir: str = PKG_DIR, verbose: bool = False) -
     lock)."""
     from torch.utils import cpp_extension
 
-    csrc, with_cuda, folder, why_not = _plan(package_dir)
+    csrc, cuda_home, folder, why_not = _plan(package_dir)
+    with_cuda = cuda_home is not None
     if csrc is None:
         raise ImportError(
             "chase_ext: cannot compile chase_ext._C here: its C++ sources are not installed "
@@ -106,7 +107,7 @@ def build_for_running_torch(package_dir: str = PKG_DIR, verbose: bool = False) -
     if lib and _matches(_read_record(folder), _build.torch_identity()):
         return lib
     os.makedirs(folder, exist_ok=True)
-    fl = _build.flags(with_cuda)
+    fl = _build.flags(cuda_home)
     # load() writes flags into build.ninja as they are, for a shell to split: quote them
     # (setup.py's BuildExtension quotes by itself), or -DX="0.1.0" loses its quotes
     q = lambda xs: [shlex.quote(x) for x in xs]  # noqa: E731
@@ -156,7 +157,8 @@ def locate(package_dir: str = PKG_DIR, policy: str | None = None, build=None) ->
         return installed  # built before records existed (or by CMake): try it, see load_extension
     why = "it was compiled for another torch" if installed else "it was not built"
     try:
-        csrc, with_cuda, folder, _ = _plan(package_dir)
+        csrc, cuda_home, folder, _ = _plan(package_dir)
+        with_cuda = cuda_home is not None
     except Exception as e:  # e.g. CHASE_EXT_CUDA=1 without a toolkit
         raise ImportError(_mismatch_message(rec, ident, f"{why}, and no build is possible here: {e}")) from e
     cached = _library_in(folder)

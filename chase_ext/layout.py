@@ -2,9 +2,10 @@
 
 SPEC §1 breaks ties by the row-major index, and the sums of ``channel_stats`` depend on
 their order, so each op of ``chase_ext._C`` takes the layouts it can read in row-major
-terms (below), contiguous tensors always. Parameters need not be contiguous: ``model.to(memory_format=torch.channels_last)``, the fast layout
-for convolutions on GPUs, gives a conv weight (O, I, kh, kw) the strides
-(I·kh·kw, 1, kw·I, I). ``ChaseOptimizer`` calls the ops through this module:
+terms (below), contiguous tensors always. Parameters need not be contiguous:
+``model.to(memory_format=torch.channels_last)``, the fast layout for convolutions on GPUs,
+gives a conv weight (O, I, kh, kw) the strides (I·kh·kw, 1, kw·I, I). ``ChaseOptimizer``
+calls the ops through this module:
 
 - ``masked_apply_`` runs every step and is elementwise, so the memory order does not
   matter: the op itself takes any dense mask with tensors laid out like it and runs over

@@ -110,13 +110,16 @@ def _check_rows_dense(op: str, name: str, ts) -> None:
                            f"{list(t.shape)}")
 
 
+# the layout rules the messages name (csrc/common/checks.h words them alike)
 _LIKE_WEIGHT = "each score, mask and state must be laid out in memory like its weight"
+_LIKE_MASK = "a tensor must be laid out in memory like its mask"
 
 
-def _check_laid_out_like(op: str, name: str, t: Tensor, i: int, ref_name: str, ref: Tensor, r: int) -> None:
+def _check_laid_out_like(op: str, name: str, t: Tensor, i: int, ref_name: str, ref: Tensor, r: int,
+                         rule: str = _LIKE_WEIGHT) -> None:
     if not same_flat_layout(t, ref):
         raise _err(op, f"{name}[{i}] has strides {t.stride()} but {ref_name}[{r}] has strides {ref.stride()}; "
-                       f"{_LIKE_WEIGHT}")
+                       f"{rule}")
 
 
 def _check_masks(op: str, masks, ref, ref_name: str, like_ref: bool = False) -> None:
@@ -182,11 +185,7 @@ def _check_owned(op: str, name: str, ts, owner_name: str, owner, owned_name: str
                            f"{list(owned[o].shape)}")
         if t.device != owned[o].device:
             raise _err(op, f"{name}[{j}] is on {t.device} but its owner {owned_name}[{o}] is on {owned[o].device}")
-        if like_owner and not same_flat_layout(t, owned[o]):
-            raise _err(op, f"{name}[{j}] has strides {t.stride()} but {owned_name}[{o}] has strides "
-                           f"{owned[o].stride()}; a tensor must be laid out in memory like its mask")
-        if not like_owner:
-            _check_laid_out_like(op, name, t, j, owned_name, owned[o], o)
+        _check_laid_out_like(op, name, t, j, owned_name, owned[o], o, _LIKE_MASK if like_owner else _LIKE_WEIGHT)
         if not t.is_floating_point() or t.element_size() not in _SAME_WIDTH_INT:
             raise _err(op, f"{name}[{j}] must be floating point of 1, 2, 4 or 8 bytes, got {t.dtype}", TypeError)
 

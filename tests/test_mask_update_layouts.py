@@ -221,9 +221,14 @@ BAD = [
 ]
 
 
-def _to(a, device):
-    return {k: [t.to(device) for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v
+def _map(a, fn):
+    """The arguments with fn applied to every tensor of every tensor list."""
+    return {k: [fn(t) for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor) else v
             for k, v in a.items()}
+
+
+def _to(a, device):
+    return _map(a, lambda t: t.to(device))
 
 
 @pytest.mark.error_path
@@ -283,8 +288,7 @@ def test_layout_wrapper_calls_the_op_in_place(scores_layout):
             return ops.mask_update_(*args)
 
     ptrs = [t.data_ptr() for t in a["weights"] + a["masks"] + a["states"]]
-    ref = {k: [t.contiguous().clone() for t in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
-           else v for k, v in a.items()}
+    ref = _map(a, lambda t: t.contiguous().clone())
     L.mask_update_(Spy, *a.values())
     assert calls == [ptrs]
     R.mask_update_(**ref)

@@ -50,12 +50,16 @@ inline void check_rows_dense(const char* op, const char* name, TensorList ts) {
                 " for shape ", ts[i].sizes());
 }
 
-// ts[i] laid out in memory like ref[owner[i]] (shapes were checked equal before).
+// The layout rules the messages name (chase_ext/reference.py words them alike).
+constexpr const char* kLikeWeight = "each score, mask and state must be laid out in memory like its weight";
+constexpr const char* kLikeMask = "a tensor must be laid out in memory like its mask";
+
+// name[i] laid out in memory like ref_name[r] (shapes were checked equal before).
 inline void check_laid_out_like(const char* op, const char* name, const at::Tensor& t, size_t i,
-                                const char* ref_name, const at::Tensor& ref, size_t r) {
+                                const char* ref_name, const at::Tensor& ref, int64_t r,
+                                const char* rule = kLikeWeight) {
   TORCH_CHECK(same_flat_layout(t, ref), op, ": ", name, "[", i, "] has strides ", t.strides(), " but ", ref_name,
-              "[", r, "] has strides ", ref.strides(), "; each score, mask and state must be laid out in memory ",
-              "like its weight");
+              "[", r, "] has strides ", ref.strides(), "; ", rule);
 }
 
 inline void check_like(const char* op, const char* name, TensorList ts, const char* ref_name,

@@ -33,9 +33,7 @@ inline void check_masked_apply_args(const char* op, TensorList tensors, TensorLi
                 " but masks[", owner[j], "] has shape ", m.sizes());
     TORCH_CHECK(tensors[j].device() == m.device(), op, ": tensors[", j, "] is on ", tensors[j].device(),
                 " but masks[", owner[j], "] is on ", m.device());
-    TORCH_CHECK(same_flat_layout(tensors[j], m), op, ": tensors[", j, "] has strides ", tensors[j].strides(),
-                " but masks[", owner[j], "] has strides ", m.strides(),
-                "; a tensor must be laid out in memory like its mask");
+    check_laid_out_like(op, "tensors", tensors[j], j, "masks", m, owner[j], kLikeMask);
     TORCH_CHECK(tensors[j].is_floating_point(), op, ": tensors[", j, "] must be floating point, got ",
                 tensors[j].scalar_type());
   }
