@@ -158,7 +158,10 @@ def test_layout_side_by_side(device):
     """What a channels_last model costs ChaseOptimizer's kernel calls (chase_ext.layout):
     the mask update walks the channels_last tensors in place on the CPU (row-major
     tie-breaks from a per-tensor table; on CUDA the op stages contiguous copies); masked
-    apply (weights + one momentum buffer) runs over flat storage. No copies on the CPU."""
+    apply (weights + one momentum buffer) runs over flat storage; channel stats (channel
+    events) gather each channels_last row into row-major order in a row buffer on the CPU.
+    No copies on the CPU. "stats_channels_last_staged": the contiguous copies the channel
+    stats took before (control)."""
     ws, ms, gs, n, k = make_problem(device)
     moms = [torch.randn_like(w) for w in ws]
     cl = {"w": _channels_last(ws), "m": _channels_last(ms), "g": _channels_last(gs), "s": _channels_last(moms)}
@@ -175,6 +178,10 @@ def test_layout_side_by_side(device):
         "update_channels_last": (lambda: ([w.clone() for w in cl["w"]], [m.clone() for m in cl["m"]], cl["g"]), update),
         "apply_contiguous": (lambda: (ws + moms, ms), apply),
         "apply_channels_last": (lambda: (cl["w"] + cl["s"], cl["m"]), apply),
+        "stats_contiguous": (lambda: (ws, ms), lambda w, m: layout.channel_stats(ops, w, m)),
+        "stats_channels_last": (lambda: (cl["w"], cl["m"]), lambda w, m: layout.channel_stats(ops, w, m)),
+        "stats_channels_last_staged": (lambda: (cl["w"], cl["m"]), lambda w, m: ops.channel_stats(
+            [t.contiguous() for t in w], [t.contiguous() for t in m])),
     }
     out = {}
     for name in ("update_contiguous", "update_channels_last"):
@@ -184,6 +191,8 @@ def test_layout_side_by_side(device):
         out[name] = args[:2]
     for a, b in zip(sum(out["update_contiguous"], []), sum(out["update_channels_last"], [])):
         assert torch.equal(a, b)
+    for a, b in zip(layout.channel_stats(ops, ws, ms), layout.channel_stats(ops, cl["w"], cl["m"])):
+        assert torch.equal(a, b)
     rounds = 1 if QUICK else 7
     med = {name: statistics.median(t) for name, t in interleaved(variants, rounds, device).items()}
     payload = {
@@ -191,6 +200,8 @@ def test_layout_side_by_side(device):
         "median_s": med,
         "update_channels_last_over_contiguous": med["update_channels_last"] / med["update_contiguous"],
         "apply_channels_last_over_contiguous": med["apply_channels_last"] / med["apply_contiguous"],
+        "stats_channels_last_over_contiguous": med["stats_channels_last"] / med["stats_contiguous"],
+        "stats_staged_over_in_place": med["stats_channels_last_staged"] / med["stats_channels_last"],
         "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
     }
     print(payload)
@@ -295,9 +306,10 @@ def test_liveness_side_by_side(device):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
 def test_update_peak_memory():
-    """Peak extra memory of a mask update through chase_ext.layout, contiguous and
-    channels_last, against a plain copy of what staging would copy (update_memory.py, in a
-    child process: glibc set to return freed blocks, so copies show)."""
+    """Peak extra memory of a mask update and of the channel stats through
+    chase_ext.layout, contiguous and channels_last, against a plain copy of what staging
+    would copy (update_memory.py, in a child process: glibc set to return freed blocks, so
+    copies show)."""
     import json
     import subprocess
     import sys

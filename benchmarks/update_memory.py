@@ -1,6 +1,6 @@
-"""Peak extra memory of a mask update as ``ChaseOptimizer`` makes it (through
-``chase_ext.layout``), contiguous and channels_last (run by test_bench_mask_update.py in a
-child process; prints one JSON line).
+"""Peak extra memory of a mask update and of the channel stats as ``ChaseOptimizer`` makes
+them (through ``chase_ext.layout``), contiguous and channels_last (run by
+test_bench_mask_update.py in a child process; prints one JSON line).
 
 ResNet-50 shapes, density 0.1, one momentum buffer per weight, prune and grow 5% of N.
 Measured as ``slim_memory.py`` measures ``slim_()``: the growth of the peak resident set
@@ -57,6 +57,7 @@ def main(width_div: int) -> dict:
         del staged
         out[f"{name}_update_peak_extra_bytes"] = _peak_growth(
             lambda: layout.mask_update_(ops, ws, ms, gs, [], [], st, list(range(len(ws))), [k], [k]))
+        out[f"{name}_stats_peak_extra_bytes"] = _peak_growth(lambda: layout.channel_stats(ops, ws, ms))
         out["slots"] = sum(w.numel() for w in ws)
     return out
 

@@ -20,8 +20,11 @@ calls the ops through this module:
   ones itself. Other layouts (a transposed Linear weight, a mask or state laid out unlike
   its weight) go through contiguous copies here, written back after the kernel returned;
   a score laid out unlike its weight (random growth) is copied into the weight's layout.
-- ``channel_stats`` runs at channel events only. Its Σ|w| depends on the summation
-  order, so non-contiguous inputs are copied to contiguous ones first.
+- ``channel_stats`` (channel events) sums each row in row-major order whatever the
+  memory order, so it takes the layouts ``mask_update_`` takes for its weights, each mask
+  laid out like its weight: the CPU kernel gathers a row held in another order into a
+  row buffer first; on CUDA the op copies the non-contiguous ones itself. Other layouts go
+  through contiguous copies here.
 
 A kernel that raises has written nothing, and then nothing is copied back either. The
 extra memory is one contiguous copy of each staged tensor, for the duration of the call.
@@ -150,15 +153,16 @@ def masked_apply_(ops, tensors: list[Tensor], masks: list[Tensor], owner: list[i
 
 
 def channel_stats(ops, weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """``ops.channel_stats`` on contiguous copies of the non-contiguous inputs."""
-    if _all_contiguous(weights, masks):
+    """``ops.channel_stats``, directly when it takes the layouts (each weight rows-dense,
+    its mask laid out like it: the usual case), else on contiguous copies."""
+    if _all_contiguous(weights, masks) or _taken_as_is(weights, masks, [], []):
         return ops.channel_stats(weights, masks)
     return ops.channel_stats(_Staged(weights).ts, _Staged(masks).ts)
 
 
-def _written_as_is(weights, masks, states, state_owner) -> bool:
-    """``mask_update_`` takes the written tensors as they are: each weight rows-dense, its
-    mask and states laid out like it."""
+def _taken_as_is(weights, masks, states, state_owner) -> bool:
+    """``mask_update_`` and ``channel_stats`` take the tensors as they are: each weight
+    rows-dense, its mask and states laid out like it."""
     if not all(rows_dense(w) for w in weights):
         return False
     pairs = list(zip(masks, weights)) + [(t, weights[o]) for t, o in zip(states, state_owner) if 0 <= o < len(weights)]
@@ -175,7 +179,7 @@ def mask_update_(ops, weights, masks, scores, live_rows, live_cols, states, stat
         ops.mask_update_(weights, masks, scores, live_rows, live_cols, states, state_owner,
                          prune_counts, grow_counts)
         return
-    if _written_as_is(weights, masks, states, state_owner):
+    if _taken_as_is(weights, masks, states, state_owner):
         # bad arguments (another shape, a list too short) go to the op as they are: it names them
         scores = [like(s, w) if s.shape == w.shape and not same_flat_layout(s, w) else s
                   for s, w in zip(scores, weights)] + list(scores[len(weights):])

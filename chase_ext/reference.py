@@ -407,10 +407,14 @@ def mask_update_(
 
 
 def channel_stats(weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Per output channel (dim 0) of each weight: active count and Σ|w| over active slots."""
+    """Per output channel (dim 0) of each weight: active count and Σ|w| over active slots.
+
+    Each weight rows-dense (dim 0 outermost: contiguous, channels_last, ...), its mask laid
+    out like it; rows are summed in row-major order whatever the memory order."""
     op = "channel_stats"
-    _check_float_list(op, "weights", weights)
-    _check_masks(op, masks, weights, "weights")
+    _check_float_list(op, "weights", weights, contiguous=False)
+    _check_rows_dense(op, "weights", weights)
+    _check_masks(op, masks, weights, "weights", like_ref=True)
     _check_one_device(op, "weights", weights)
     if not weights:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0)

@@ -161,6 +161,8 @@ CASES = [
      "weights[1]"),
     ("cs-weights-noncontig", "channel_stats", lambda a: dict(weights=_at(a["weights"], 0, _nc(a["weights"][0]))),
      "weights[0]"),
+    ("cs-mask-unlike-weight", "channel_stats", lambda a: dict(masks=_at(a["masks"], 0, _nc(a["masks"][0]))),
+     "masks[0]"),
     ("cs-mask-device", "channel_stats", lambda a: dict(masks=_at(a["masks"], 0, a["masks"][0].to(OTHER))), "masks[0]"),
     # ---------------------------------------------------------------- masked_apply_
     ("ma-owner-short", "masked_apply_", lambda a: dict(owner=[0, 1, 0]), "owner"),

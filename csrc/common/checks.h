@@ -13,8 +13,8 @@ using TensorList = c10::ArrayRef<at::Tensor>;
 
 // float32, float16 or bfloat16, one dtype for the whole list, tensor by tensor (the order
 // of the reference's checks, so both name the same tensor). contiguous: each tensor must
-// be contiguous (else any layout passes here; mask_update_ checks its layouts with
-// check_rows_dense / check_laid_out_like).
+// be contiguous (else any layout passes here; mask_update_ and channel_stats check their
+// layouts with check_rows_dense / check_laid_out_like).
 inline void check_float_list(const char* op, const char* name, TensorList ts, bool contiguous = true) {
   for (size_t i = 0; i < ts.size(); ++i) {
     auto dt = ts[i].scalar_type();
@@ -165,6 +165,14 @@ inline void check_no_alias(const char* op, std::vector<Span> spans) {
       TORCH_CHECK(!spans[a].written && !spans[b].written, op, ": ", spans[b].name, "[", spans[b].index,
                   "] shares memory with ", spans[a].name, "[", spans[a].index,
                   "] and one of them is written; pass separate tensors");
+}
+
+// Every argument check of channel_stats (CPU and CUDA): each weight rows-dense, its mask
+// laid out like it (the order of the reference's checks).
+inline void check_channel_stats_args(const char* op, TensorList weights, TensorList masks) {
+  check_float_list(op, "weights", weights, false);
+  check_rows_dense(op, "weights", weights);
+  check_masks(op, masks, weights, "weights", true);
 }
 
 // Every argument check of mask_update_ (CPU and CUDA), before anything is read or written.

@@ -1,6 +1,11 @@
 // channel_stats on CUDA: per output channel (dim 0) active count and sum |w| of every
-// tensor, one launch (the read-only variant of the mask_update_ row pass).
+// tensor, one launch (the read-only variant of the mask_update_ row pass). Other
+// rows-dense layouts than contiguous (channels_last) go through contiguous copies, as in
+// mask_update_: the row pass addresses slots by their row-major index.
 #include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
 
 #include "cuda/rows.cuh"
 
@@ -9,13 +14,21 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> channel_stats(at::TensorList weights, at::TensorList masks) {
   const char* op = "chase_ext.channel_stats";
-  check_float_list(op, "weights", weights);
-  check_masks(op, masks, weights, "weights");
+  check_channel_stats_args(op, weights, masks);
   if (weights.empty()) return {at::zeros({0}, at::kLong), at::zeros({0}, at::kFloat)};
   const at::Device dev = weights[0].device();
   check_devices(op, "weights", weights, dev);
   TORCH_CHECK(dev.is_cuda(), op, ": weights[0] is on ", dev, ", expected a CUDA device");
   const c10::cuda::CUDAGuard guard(dev);
+  auto contiguous = [](at::TensorList ts) {
+    return std::all_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return t.is_contiguous(); });
+  };
+  if (!contiguous(weights) || !contiguous(masks)) {
+    std::vector<at::Tensor> w, m;
+    for (const at::Tensor& t : weights) w.push_back(t.contiguous());
+    for (const at::Tensor& t : masks) m.push_back(t.contiguous());
+    return channel_stats(w, m);
+  }
 
   MultiTensor mt = make_multi(weights, {}, {}, false);
   for (int t = 0; t < mt.n(); ++t) mt.d[t].mask = masks[t].data_ptr<bool>();

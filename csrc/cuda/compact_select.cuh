@@ -129,7 +129,7 @@ compact_kernel(const Desc* ds, int n, Src src, const ListScope* ls, ListState st
 // Per scope: the bin of bits [shift, shift + 8) where the cumulative count reaches `need`
 // (walk_bins' rule) joins the prefix, `need` becomes the rank in it; the histogram and
 // the count of the list the next step writes (`next`) are zeroed.
-__global__ void __launch_bounds__(256)
+static __global__ void __launch_bounds__(256)
 list_walk_kernel(unsigned long long* stats, ListState st, int shift, int next) {
   const int s = blockIdx.x;
   const int b = threadIdx.x;
@@ -165,7 +165,7 @@ __device__ __forceinline__ int find_scope(const ListScope* ls, int scopes, int64
 // 1 - from, histogramming bits [hist_shift, hist_shift + 8) (the 8 below `fixed`; at the
 // end the lowest 8, whose upper bits are then fixed already). One block per kTile list
 // slots.
-__global__ void __launch_bounds__(kThreads)
+static __global__ void __launch_bounds__(kThreads)
 list_step_kernel(const ListScope* ls, int scopes, ListState st, const uint64_t* src, uint64_t* dst, int from,
                  int fixed, int hist_shift, unsigned long long* stats) {
   __shared__ unsigned hist[256];
@@ -197,7 +197,7 @@ list_step_kernel(const ListScope* ls, int scopes, ListState st, const uint64_t* 
 
 // Step 4: the Selection of every scope (in the original key order: flipped back when
 // `largest`; none when k = 0).
-__global__ void list_finish_kernel(const ListScope* ls, int scopes, ListState st, bool largest, Selection* out) {
+static __global__ void list_finish_kernel(const ListScope* ls, int scopes, ListState st, bool largest, Selection* out) {
   const int s = blockIdx.x * blockDim.x + threadIdx.x;
   if (s >= scopes) return;
   if (ls[s].cap == 0) {
@@ -210,8 +210,8 @@ __global__ void list_finish_kernel(const ListScope* ls, int scopes, ListState st
 }
 
 // The Selections of ks[s] slots for every scope, as a byte tensor on the device
-// (dev_ptr<Selection>), or nothing when the two lists would outgrow `max_list_bytes`
-// (the caller then takes radix_select, which reads pass 0 again). `check`, when given,
+// (dev_ptr<Selection>), or nothing when the two lists would outgrow `max_list_bytes` or
+// cannot be allocated (the caller then takes radix_select, which reads pass 0 again). `check`, when given,
 // runs on what pass 0 learned and may throw.
 template <class Src>
 std::optional<at::Tensor> compact_select(const MultiTensor& mt, const Desc* ds, const at::Device& dev, int scopes,
@@ -239,7 +239,7 @@ std::optional<at::Tensor> compact_select(const MultiTensor& mt, const Desc* ds, 
   if (check) (*check)(fp);
   std::vector<ListScope> ls(scopes);
   std::vector<int64_t> need(scopes, 0);
-  int64_t slots = 0, entries = 0;  // slots: entries with each scope padded to whole blocks
+  int64_t slots = 0;  // entries, each scope padded to whole tiles
   for (int s = 0; s < scopes; ++s) {
     TORCH_CHECK(ks[s] >= 0 && ks[s] <= fp.cand[s], "chase_ext: internal: unchecked k");
     ls[s].base = slots;
@@ -248,11 +248,11 @@ std::optional<at::Tensor> compact_select(const MultiTensor& mt, const Desc* ds, 
     ls[s].top = (uint32_t)walk_bins(hp + (int64_t)s * kTopBins, need[s], kTopBins);
     ls[s].cap = hp[(int64_t)s * kTopBins + ls[s].top];
     slots += (ls[s].cap + kTile - 1) / kTile * kTile;
-    entries += ls[s].cap;
   }
-  // the limit counts entries; the allocation pads each selecting scope to whole tiles
-  // (kTile slots: 64 KB per scope at most beyond it, ~3.5 MB for ResNet-50 per tensor)
-  if (2 * entries * (int64_t)sizeof(uint64_t) > max_list_bytes) return std::nullopt;
+  // the limit counts what is allocated: each selecting scope padded to whole tiles (up to
+  // 64 KB per scope beyond its entries; many tiny per-layer scopes add up). Where it does
+  // not fit, or the allocation fails, the caller falls back to the radix select.
+  if (2 * slots * (int64_t)sizeof(uint64_t) > max_list_bytes) return std::nullopt;
 
   // device state: need, prefix, the two list counts (zero)
   std::vector<int64_t> init(4 * (size_t)scopes, 0);
@@ -266,7 +266,12 @@ std::optional<at::Tensor> compact_select(const MultiTensor& mt, const Desc* ds, 
   const ListScope* lp = dev_ptr<ListScope>(lsd);
   auto stats = at::zeros({(int64_t)scopes * 256}, opts.dtype(at::kLong));  // the steps' 256 bins per scope
   auto* sp = reinterpret_cast<unsigned long long*>(stats.data_ptr<int64_t>());
-  auto lists = at::empty({std::max<int64_t>(2 * slots, 1)}, opts.dtype(at::kLong));
+  at::Tensor lists;
+  try {
+    lists = at::empty({std::max<int64_t>(2 * slots, 1)}, opts.dtype(at::kLong));
+  } catch (const c10::OutOfMemoryError&) {
+    return std::nullopt;
+  }
   uint64_t* list[2] = {reinterpret_cast<uint64_t*>(lists.data_ptr<int64_t>()),
                        reinterpret_cast<uint64_t*>(lists.data_ptr<int64_t>()) + slots};
   if (grid && slots) {
