@@ -248,6 +248,44 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     latency_dir = a.latency_dir or tmp.name
     t_start = time.perf_counter()
     runs: list[dict] = []
+
+    def result(complete: bool) -> dict[str, Any]:
+        # the summary covers the seeds every recipe has run (all of them once complete)
+        ran = {(r["recipe"], r["seed"]) for r in runs}
+        seeds = [sd for sd in s["seeds"] if all((rec, sd) in ran for rec in s["recipes"])]
+        tables = {}
+        for rec in s["recipes"]:
+            path = table_path(latency_dir, rec, s["model"])
+            if _recipes.uses_latency_table(RECIPES[rec]) and os.path.exists(path):
+                with open(path) as f:
+                    tables[rec] = json.load(f)
+        return {
+            "what": "accuracy cost of the channel-selection recipes on the demo's real MNIST digits (issue 14)",
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "complete": complete,
+            "machine": {"cpu": _cpu_name(), "threads": s["threads"], "device": s["device"],
+                        "gpu": torch.cuda.get_device_name(s["device"]) if s["device"].startswith("cuda") else None,
+                        "platform": platform.platform()},
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "settings": {**s, "quick": a.quick, "model_description": MODELS[s["model"]][1],
+                         "recipe_kwargs": {r: RECIPES[r] for r in s["recipes"]},
+                         "accuracy": "slimmed model on the demo's 1000 held-out digits, percent"},
+            "seeds_summarized": seeds,
+            "summary": summarize(runs, s["recipes"], seeds) if seeds else {},
+            "runs": runs,
+            "latency_tables": tables,
+            "wall_seconds": time.perf_counter() - t_start,
+        }
+
+    def save(res: dict[str, Any]) -> None:
+        if a.no_save:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out + ".tmp", "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(a.out + ".tmp", a.out)
+
     try:
         for seed in s["seeds"]:  # seeds outermost: the demo's split and order depend on the seed
             data = demo.load_digits(s["test_size"], seed, s["train_size"])
@@ -261,40 +299,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 if run["test_acc"] != run["masked_test_acc"]:
                     print(f"  warning: slim accuracy differs from the masked model's "
                           f"(max logit difference {run['slim_max_abs_logit_diff']:.2e})", flush=True)
-        tables = {}
-        for rec in s["recipes"]:
-            path = table_path(latency_dir, rec, s["model"])
-            if _recipes.uses_latency_table(RECIPES[rec]) and os.path.exists(path):
-                with open(path) as f:
-                    tables[rec] = json.load(f)
+                save(result(complete=False))  # a run cut off by a time limit keeps what it has done
+        res = result(complete=True)
     finally:
         torch.set_num_threads(old_threads)
         if tmp is not None:
             tmp.cleanup()
-    summary = summarize(runs, s["recipes"], s["seeds"])
-    res = {
-        "what": "accuracy cost of the channel-selection recipes on the demo's real MNIST digits (issue 14)",
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": {"cpu": _cpu_name(), "threads": s["threads"], "device": s["device"],
-                    "gpu": torch.cuda.get_device_name(s["device"]) if s["device"].startswith("cuda") else None,
-                    "platform": platform.platform()},
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "settings": {**s, "quick": a.quick, "model_description": MODELS[s["model"]][1],
-                     "recipe_kwargs": {r: RECIPES[r] for r in s["recipes"]},
-                     "accuracy": "slimmed model on the demo's 1000 held-out digits, percent"},
-        "summary": summary,
-        "runs": runs,
-        "latency_tables": tables,
-        "wall_seconds": time.perf_counter() - t_start,
-    }
     print()
-    print(format_table(summary, s["seeds"]))
+    print(format_table(res["summary"], s["seeds"]))
     print(f"\n{len(runs)} runs in {res['wall_seconds']:.0f} s")
+    save(res)
     if not a.no_save:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            json.dump(res, f, indent=1)
         print(f"saved {a.out}")
     return res
 

@@ -3,6 +3,7 @@ recipe is the demo's Chase run, checked against that run written out by hand."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import os
 
@@ -116,3 +117,26 @@ def test_recipe_accuracy_resnet_couples_block_outputs():
     for r in res["runs"]:
         assert r["test_acc"] == r["masked_test_acc"] and r["slim_same_predictions"]
     assert res["runs"][1]["mac_ratio"] > res["runs"][0]["mac_ratio"]
+
+
+def test_recipe_accuracy_saves_after_each_run(tmp_path, monkeypatch):
+    # a run cut off by a time limit (gpu_check.sh's cap) keeps the runs it has done
+    ra = _module()
+    calls = []
+
+    def fake_run(rec, seed, s, data, latency_dir, progress=False):
+        if calls:
+            raise KeyboardInterrupt  # as a timeout's signal would stop it
+        calls.append(rec)
+        return {"recipe": rec, "seed": seed, "test_acc": 0.9, "masked_test_acc": 0.9, "mac_ratio": 1.5,
+                "channels_after": 10, "channels_before": 20, "train_seconds": 1.0}
+
+    monkeypatch.setattr(ra, "chase_run", fake_run)
+    monkeypatch.setattr(ra.demo, "load_digits", lambda *a: None)
+    out = tmp_path / "res.json"
+    with pytest.raises(KeyboardInterrupt):
+        ra.main(["--quick", "--threads", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["complete"] is False and [r["recipe"] for r in res["runs"]] == ["spec"]
+    assert res["seeds_summarized"] == [] and res["summary"] == {}
+    assert not os.path.exists(str(out) + ".tmp")
