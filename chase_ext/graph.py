@@ -163,10 +163,20 @@ def find_channel_groups(
         comps.setdefault(dsu.find(c.producer), []).append(c)
 
     groups: list[tuple[int, ChannelGroup]] = []
+    left_out: dict[str, str] = {}  # producer -> why its component is not a group (the user's exclusions apart)
+
+    def leave_out(members: list[_Closure], why: str) -> None:
+        for c in members:
+            left_out[c.producer] = why
+
     for members in comps.values():
-        if any(c.blocked for c in members):
-            continue
         if any(_match(c.producer, excl_ch) or _match(f"{c.producer}.weight", excl_ch) for c in members):
+            continue
+        blocked = [c for c in members if c.blocked]
+        if blocked:
+            # what the user excluded, and the model's outputs (the classes), are no candidates
+            if not any(_excluded_by_user(c.blocked) or c.blocked == _OUTPUT for c in blocked):
+                leave_out(members, blocked[0].blocked)
             continue
         state: dict[fx.Node, tuple] = {}
         for c in members:
@@ -177,18 +187,24 @@ def find_channel_groups(
                 ops = _nodes_in((j.args, j.kwargs))
                 if any(o not in state for o in ops) or len({state[o] for o in ops}) != 1:
                     ok = False
+                    why = (_RESIDUAL if j in c.add_joins and not coupled
+                           else f"an op ({j.op} {getattr(j.target, '__name__', j.target)}) joins its channels with "
+                                "another tensor's")
                     break
                 # a join of two different producers is only allowed when coupled
                 owners = {c2.producer for c2 in members for o in ops if o in c2.state}
                 if len(owners) > 1 and (not coupled or j not in c.add_joins):
                     ok = False
+                    why = _RESIDUAL if j in c.add_joins else "joined with another layer's output"
                     break
             if not ok:
                 break
         if not ok:
+            leave_out(members, why)
             continue
         chans = {tr.modules[c.producer].weight.shape[0] for c in members}
         if len(chans) != 1:
+            leave_out(members, "coupled with layers of other widths")
             continue
         cons: dict[str, tuple[fx.Node, int]] = {}
         fol: dict[str, fx.Node] = {}
@@ -196,10 +212,12 @@ def find_channel_groups(
             cons.update(c.consumers)
             fol.update(c.followers)
         if not cons:
+            leave_out(members, "no layer reads its channels")
             continue
         (C,) = chans
         # shapes double check: every follower/consumer sees C channels
         if not _check_sizes(tr, C, fol, cons):
+            leave_out(members, "a layer it feeds sees another number of channels")
             continue
         prods = sorted((c.producer for c in members), key=lambda p: tr.param_pos.get(f"{p}.weight", 1 << 60))
         g = ChannelGroup(
@@ -223,7 +241,53 @@ def find_channel_groups(
             stacklevel=2,
         )
     groups.sort(key=lambda t: t[0])
+    _warn_low_coverage(model, tr, [g for _, g in groups], left_out)
     return [g for _, g in groups]
+
+
+_OUTPUT = "reaches the model output"  # tracing.py's reason
+_RESIDUAL = "added to another layer's output (residual-coupled; coupled_channels=True prunes such layers together)"
+
+
+def _excluded_by_user(why: str) -> bool:
+    return why == "producer weight is excluded" or (why.startswith("consumer ") and why.endswith(" is excluded"))
+
+
+def _warn_low_coverage(model: nn.Module, tr: _Trace, groups: list[ChannelGroup], left_out: dict[str, str]) -> None:
+    """One warning when the groups cover less than a third of the candidate layers' weights
+    (those the user did not exclude): channel pruning would then do little, and the user
+    should know why (grouped convs, concatenations, ops the tracer does not follow).
+    Residual-coupled block outputs alone (ResNets under SPEC) stay above it."""
+    if not left_out:
+        return
+    size = {p: tr.modules[p].weight.numel() for g in groups for p in g.producers}
+    size_out = {p: tr.modules[p].weight.numel() for p in left_out}
+    total = sum(size.values()) + sum(size_out.values())
+    if total == 0 or 3 * sum(size.values()) >= total:
+        return
+
+    def kind(why: str) -> str:  # the reason without the layer it names, to count alike ones together
+        return " ".join("<layer>" if w.strip("(),:'") in tr.modules else w for w in why.split())
+
+    by_kind: dict[str, list[str]] = {}
+    for p in sorted(left_out, key=lambda p: -size_out[p]):
+        by_kind.setdefault(kind(left_out[p]), []).append(p)
+    top = sorted(by_kind.values(), key=lambda ps: -sum(size_out[p] for p in ps))
+
+    def line(ps: list[str]) -> str:
+        why = left_out[ps[0]]
+        e_g = "e.g. " if len(ps) > 1 and kind(why) != why else ""
+        return f"{len(ps)} layer{'s' * (len(ps) > 1)} ({', '.join(ps[:3])}{', ...' * (len(ps) > 3)}): {e_g}{why}"
+
+    more = f"; {len(top) - 4} more reasons" if len(top) > 4 else ""
+    warnings.warn(
+        f"chase_ext: channel pruning reaches {len(size)} of {len(size) + len(left_out)} candidate layers of "
+        f"{type(model).__name__}, {100 * sum(size.values()) / total:.0f}% of their weights; the others keep "
+        f"every channel. Left out, with what their channels run into, largest first: "
+        f"{'; '.join(line(ps) for ps in top[:4])}{more}",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _warn_unmatched_channels(model: nn.Module, patterns: Sequence[str]) -> None:

@@ -261,7 +261,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
             cl.block(f"unknown module {name}")
             return None
         if name in tr.bad:
-            cl.block(f"{name} {tr.bad[name]}")
+            cl.block(f"feeds layer {name}: {tr.bad[name]}")
             return None
         if not _primary_input(user, v):
             cl.block(f"{name} uses the channels outside its input")
@@ -310,6 +310,8 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
             return (cdim, rep, nd)
         if isinstance(m, nn.Flatten):
             return _flatten(cl, m.start_dim, m.end_dim, cdim, rep, nd, shp_in, name)
+        if isinstance(m, _CONV) and m.groups > 1:
+            return _blk(cl, f"grouped conv {name} (not depthwise)")
         return _blk(cl, f"{type(m).__name__} {name}")
     if user.op == "call_function":
         fname = getattr(tgt, "__name__", str(tgt))

@@ -240,6 +240,45 @@ def test_blockers_and_reuse_warning():
     assert gs == []  # f feeds a reused conv; g feeds the output; d feeds .sum()
 
 
+class TinyResNeXt(nn.Module):
+    """Bottlenecks whose 3x3 conv is grouped (ResNeXt, RegNet): their 1x1 convs cannot
+    shrink alone, and the block outputs are residual-coupled."""
+
+    def __init__(self, width=32, groups=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.a = nn.ModuleList(nn.Conv2d(64, width, 1) for _ in range(2))
+        self.b = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, groups=groups) for _ in range(2))
+        self.c = nn.ModuleList(nn.Conv2d(width, 64, 1) for _ in range(2))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        for a, b, c in zip(self.a, self.b, self.c):
+            x = F.relu(x + c(F.relu(b(F.relu(a(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_low_coverage_warns_with_the_reasons():
+    # no candidate layer is prunable under SPEC's rule: a user should hear why
+    m = TinyResNeXt()
+    with pytest.warns(UserWarning, match=r"reaches 0 of 5 candidate layers of TinyResNeXt, 0% of their weights") as w:
+        assert find_channel_groups(m, torch.randn(1, 3, 8, 8)) == []
+    msg = next(str(x.message) for x in w if "candidate layers" in str(x.message))
+    assert msg.endswith("3 layers (c.0, c.1, stem): added to another layer's output (residual-coupled; "
+                        "coupled_channels=True prunes such layers together); 2 layers (a.0, a.1): e.g. grouped conv "
+                        "b.0 (not depthwise)")  # fc, whose outputs are the classes, is no candidate
+    # coupled, the block outputs and the stem are one group: 59% of the candidates' weights
+    gs = _find(m, torch.randn(1, 3, 8, 8), coupled=True)
+    assert [g.producers for g in gs] == [["stem", "c.0", "c.1"]]
+    # without grouped convs the bottlenecks' inner convs are prunable: 79%
+    gs = _find(TinyResNeXt(groups=1), torch.randn(1, 3, 8, 8))
+    assert [g.producers for g in gs] == [["a.0"], ["a.1"], ["b.0"], ["b.1"]]
+    # what the user excluded is no candidate: the residual-coupled rest is all that is left
+    with pytest.warns(UserWarning, match=r"reaches 0 of 3 candidate layers"):
+        find_channel_groups(TinyResNeXt(groups=1), torch.randn(1, 3, 8, 8), exclude_channels=["a.*", "b.*"])
+
+
 def test_trace_failure_warns():
     class Dyn(nn.Module):
         def __init__(self):
@@ -387,7 +426,8 @@ def test_unbatched_layouts_block():
         def forward(self, x, s):
             return self.b(self.inorm(self.a(x))), self.d(self.pool(self.c(s)))
 
-    assert _find(Odd(), (torch.randn(2, 4), torch.randn(2, 3, 7))) == []
+    with pytest.warns(UserWarning, match="reaches 0 of 2 candidate layers of Odd"):  # a and c (b, d: outputs)
+        assert find_channel_groups(Odd(), (torch.randn(2, 4), torch.randn(2, 3, 7))) == []
 
 
 def test_unbatched_conv_producer_blocks():
@@ -411,8 +451,9 @@ def test_unbatched_conv_producer_blocks():
         def forward(self, x):
             return self.fc(torch.flatten(self.c(x), 1))
 
-    assert _find(Conv1dHead(), (torch.randn(4, 8),)) == []
-    assert _find(Conv2dFlat(16), (torch.randn(3, 4, 4),)) == []
+    for m, x in ((Conv1dHead(), torch.randn(4, 8)), (Conv2dFlat(16), torch.randn(3, 4, 4))):
+        with pytest.warns(UserWarning, match="reaches 0 of 1 candidate layers.*runs on an unbatched input"):
+            assert find_channel_groups(m, (x,)) == []
     (g,) = _find(Conv2dFlat(64), (torch.randn(2, 3, 4, 4),))  # batched: the group is real
     assert g.producers == ["c"]
 
