@@ -614,6 +614,13 @@ def _cpu_isas():
     return out
 
 
+def skip_unless_cpu_runs(isa: str) -> None:
+    """Skips the calling test when this CPU cannot run instruction set `isa` (found by the
+    op's error: callers are marked error_path)."""
+    if isa not in _cpu_isas():
+        pytest.skip(f"this CPU cannot run {isa}")
+
+
 @pytest.mark.error_path
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("ties", [False, True])
