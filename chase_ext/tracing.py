@@ -74,6 +74,14 @@ _ADD_METHODS = {"add", "add_", "sub", "sub_"}
 _BINARY_METHODS = _ADD_METHODS | {"mul", "mul_", "div", "div_"}
 
 
+def _is_stochastic_depth(fn) -> bool:
+    """torchvision.ops.stochastic_depth (one call in the graph: torchvision wraps it for
+    torch.fx): it scales whole samples, or the whole batch, so each output channel is its
+    input channel's. Recognised by name and module, without importing torchvision."""
+    return (getattr(fn, "__name__", None) == "stochastic_depth"
+            and str(getattr(fn, "__module__", "")).startswith("torchvision.ops"))
+
+
 def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, _CONV) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
@@ -315,7 +323,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
         return _blk(cl, f"{type(m).__name__} {name}")
     if user.op == "call_function":
         fname = getattr(tgt, "__name__", str(tgt))
-        if tgt in _ACT_FUNCS:
+        if tgt in _ACT_FUNCS or _is_stochastic_depth(tgt):
             if not _primary_input(user, v) or shp is None or len(shp) != nd:
                 return _blk(cl, fname)
             return (cdim, rep, nd)

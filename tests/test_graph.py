@@ -1,6 +1,7 @@
 """Channel groups found by tracing (chase_ext.graph)."""
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -13,6 +14,27 @@ from chase_ext.groups import ChannelGroup, Consumer
 
 from models import (MODELS, example_input, mlp, mobilenet_v2_small, perturb_bn, resnet_basic, resnet_bottleneck,
                     vgg_small)
+
+
+def stochastic_depth(x, p, mode, training=True):
+    """Stands in for torchvision.ops.stochastic_depth (same name, module and fx wrapping):
+    whole samples are dropped and the rest scaled."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty([x.shape[0]] + [1] * (x.dim() - 1), device=x.device).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"
+torch.fx.wrap("stochastic_depth")
+
+
+def stochastic_depth_lookalike(x, p, mode, training=True):  # another module's function of that name
+    return x * (1 - p)
+
+
+stochastic_depth_lookalike.__name__ = "stochastic_depth"
+torch.fx.wrap("stochastic_depth_lookalike")
 
 
 def _by_producer(groups):
@@ -277,6 +299,57 @@ def test_low_coverage_warns_with_the_reasons():
     # what the user excluded is no candidate: the residual-coupled rest is all that is left
     with pytest.warns(UserWarning, match=r"reaches 0 of 3 candidate layers"):
         find_channel_groups(TinyResNeXt(groups=1), torch.randn(1, 3, 8, 8), exclude_channels=["a.*", "b.*"])
+
+
+class DropPathBlock(nn.Module):
+    """A residual block whose branch goes through stochastic depth (EfficientNet, Swin,
+    ConvNeXt)."""
+
+    def __init__(self, lookalike=False):
+        super().__init__()
+        self.lookalike = lookalike
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c1 = nn.Conv2d(8, 12, 1)
+        self.c2 = nn.Conv2d(12, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.stem(x)))
+        y = self.c2(F.relu(self.c1(x)))
+        drop = stochastic_depth_lookalike if self.lookalike else stochastic_depth  # by global name: fx.wrap
+        x = F.relu(x + drop(y, 0.25, "row", self.training))
+        return self.fc(x.mean((2, 3)))
+
+
+def test_stochastic_depth_passes_channels_through():
+    from chase_ext.slim import slim_
+    from test_slim import _mask_channels, _random_keep
+
+    x = torch.randn(4, 3, 8, 8)
+    m = perturb_bn(DropPathBlock())
+    with pytest.warns(UserWarning, match="2 layers .c2, stem.: added to another layer's output"):
+        assert [g.producers for g in find_channel_groups(m, x)] == [["c1"]]  # SPEC: the block output stays
+    gs = _find(m, x, coupled=True)
+    assert [g.producers for g in gs] == [["stem", "c2"], ["c1"]]
+    # slim == masked, in eval mode and (same dropped samples) in train mode
+    keep = _random_keep(gs, torch.Generator().manual_seed(0))
+    _mask_channels(m, gs, keep)
+    slim = copy.deepcopy(m)
+    slim_(slim, gs, keep)
+    assert slim.c2.weight.shape[0] == len(keep[0])
+    for train in (False, True):
+        m.train(train)
+        slim.train(train)
+        with torch.no_grad():
+            torch.manual_seed(1)
+            want = m(x)
+            torch.manual_seed(1)
+            torch.testing.assert_close(slim(x), want)
+    # a function of that name from elsewhere is not taken on trust
+    with pytest.warns(UserWarning, match="function stochastic_depth"):
+        gs = find_channel_groups(DropPathBlock(lookalike=True), x, coupled=True)
+    assert [g.producers for g in gs] == [["c1"]]
 
 
 def test_trace_failure_warns():
