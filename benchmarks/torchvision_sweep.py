@@ -3,7 +3,7 @@ model (``weights=None``, 10 classes, small inputs) trains a few steps on random 
 channel events, is slimmed, and its outputs are compared with a copy of the masked model
 taken just before; a few more steps train the slim model, and ``export_dense`` runs.
 Reports per model and setting: the channel groups found, the share of the candidate
-layers' weights they reach (``find_channel_groups``' coverage warning), channels removed,
+layers' weights they reach (``chase_ext.graph.channel_coverage``), channels removed,
 parameters before / after, the largest output difference (eval mode, and with the norms
 in train mode, which stays finite where a model's running statistics do not), warnings.
 With ``slim_during_training`` the last slim already happened during training, so the
@@ -80,6 +80,7 @@ def _diff(a: torch.nn.Module, b: torch.nn.Module, x: torch.Tensor) -> float:
 
 def one_run(name: str, setting: str, steps: int, batch: int) -> dict[str, Any]:
     from chase_ext import ChaseOptimizer
+    from chase_ext.graph import channel_coverage
     from chase_ext.slim import export_dense
 
     torch.manual_seed(0)
@@ -93,6 +94,10 @@ def one_run(name: str, setting: str, steps: int, batch: int) -> dict[str, Any]:
             res["input"] = [batch, 3, hw, hw]
             nparams = lambda: sum(p.numel() for p in model.parameters())  # noqa: E731
             res["params_before"] = nparams()
+            stage = "coverage"
+            cov = channel_coverage(model, torch.randn(1, 3, hw, hw),
+                                   coupled=SETTINGS[setting].get("coupled_channels", False))
+            res["coverage"] = {k: cov[k] for k in ("weight_share", "reached_layers", "candidate_layers")}
             stage = "construct"
             # channel events every 2 steps up to 70% of the run: several removals and re-growths
             chase = ChaseOptimizer(torch.optim.SGD(model.parameters(), lr=0.002, momentum=0.9), model,
@@ -155,7 +160,8 @@ def one_run(name: str, setting: str, steps: int, batch: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="+", default=MODELS, choices=MODELS, metavar="MODEL")
-    ap.add_argument("--settings", nargs="+", default=["base", "coupled"], choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=["base", "coupled", "coupled_round8", "slim_during_training"],
+                    choices=list(SETTINGS))
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
@@ -179,7 +185,9 @@ def main(argv: list[str] | None = None) -> int:
             r = one_run(name, setting, a.steps, a.batch)
             out["runs"].append(r)
             cov = r["coverage_warning"]
+            share = r.get("coverage", {}).get("weight_share")
             print(f"{name:>20} {setting:<20} {'ok ' if r['ok'] else 'BAD'} groups {r.get('groups', '-'):>3} "
+                  f"({'-' if share is None else f'{100 * share:.0f}%'} of the candidates' weights) "
                   f"removed {r.get('removed_channels', '-')}/{r.get('prunable_channels', '-')} params "
                   f"{r.get('params_before', 0) / 1e6:.2f} -> {r.get('params_after', 0) / 1e6:.2f} M, diff "
                   f"{r.get('rel_diff_eval', float('nan')):.1e} / {r.get('rel_diff_norms_train', float('nan')):.1e}"

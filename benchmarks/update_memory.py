@@ -58,6 +58,9 @@ def main(width_div: int) -> dict:
         out[f"{name}_update_peak_extra_bytes"] = _peak_growth(
             lambda: layout.mask_update_(ops, ws, ms, gs, [], [], st, list(range(len(ws))), [k], [k]))
         out[f"{name}_stats_peak_extra_bytes"] = _peak_growth(lambda: layout.channel_stats(ops, ws, ms))
+        # control: the channel stats on contiguous copies, as chase_ext.layout called them before
+        out[f"{name}_stats_on_copies_peak_extra_bytes"] = _peak_growth(
+            lambda: ops.channel_stats([t.contiguous() for t in ws], [t.contiguous() for t in ms]))
         out["slots"] = sum(w.numel() for w in ws)
     return out
 

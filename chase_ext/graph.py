@@ -82,7 +82,7 @@ from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM, ChannelGroup, Cons
 from .tracing import (_Closure, _closure, _computed_tensor, _has_state, _is_depthwise, _is_producer_module, _match,
                       _nodes_in, _norm_patterns, _shape_prop, _Trace, _train_mode)
 
-__all__ = ["find_channel_groups", "explicit_groups", "check_against_trace", "group_to_dict", "group_from_dict"]
+__all__ = ["find_channel_groups", "channel_coverage", "explicit_groups", "check_against_trace", "group_to_dict", "group_from_dict"]
 
 
 # --------------------------------------------------------------------------- found by tracing
@@ -114,8 +114,33 @@ def find_channel_groups(
 
     ``example_inputs``: a tensor or a tuple/list of positional inputs the model accepts
     (a batch of one or two is enough). Returns ``[]`` with a warning when the model does
-    not trace.
+    not trace. Warns when the groups reach less than a third of the candidate layers'
+    weights (``channel_coverage`` tells the share and why each layer is left out).
     """
+    groups, cov = _find(model, example_inputs, exclude, exclude_channels, coupled)
+    if cov is not None and cov["left_out"] and 3 * cov["weight_share"] < 1:
+        _warn_low_coverage(model, cov)
+    return groups
+
+
+def channel_coverage(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    exclude: Sequence[str] | str = (),
+    exclude_channels: Sequence[str] | str = (),
+    coupled: bool = False,
+) -> dict[str, Any] | None:
+    """What channel pruning reaches in ``model`` (arguments as ``find_channel_groups``):
+    ``groups``, ``reached_layers`` of ``candidate_layers`` (producers not excluded by the
+    user whose channels are not the model's outputs), ``weight_share`` (their weights in
+    groups, 0..1), and ``left_out``: for each candidate left out, ``why`` (what its
+    channels run into) and its ``weights``. None when the model does not trace."""
+    return _find(model, example_inputs, exclude, exclude_channels, coupled)[1]
+
+
+def _find(model, example_inputs, exclude, exclude_channels, coupled):
+    """(groups, coverage record, or None when the model does not trace)."""
     excl = _norm_patterns(exclude)
     excl_ch = _norm_patterns(exclude_channels)
     _warn_unmatched_channels(model, excl_ch)
@@ -128,9 +153,9 @@ def find_channel_groups(
                 f"chase_ext: torch.fx could not trace {type(model).__name__} ({type(e).__name__}: {e}); "
                 "no channel groups found, channel pruning is off. Pass explicit channel groups "
                 "(chase_ext.graph.explicit_groups / channel_groups=...) to enable it.",
-                stacklevel=2,
+                stacklevel=3,
             )
-            return []
+            return [], None
         _shape_prop(model, gm, args)
     tr = _Trace(model, gm)
 
@@ -166,6 +191,8 @@ def find_channel_groups(
     left_out: dict[str, str] = {}  # producer -> why its component is not a group (the user's exclusions apart)
 
     def leave_out(members: list[_Closure], why: str) -> None:
+        if any(_reaches_output(tr, c.node) for c in members):
+            return  # its channels are the model's outputs (the classes): no candidate
         for c in members:
             left_out[c.producer] = why
 
@@ -174,8 +201,7 @@ def find_channel_groups(
             continue
         blocked = [c for c in members if c.blocked]
         if blocked:
-            # what the user excluded, and the model's outputs (the classes), are no candidates
-            if not any(_excluded_by_user(c.blocked) or c.blocked == _OUTPUT for c in blocked):
+            if not any(_excluded_by_user(c.blocked) for c in blocked):  # the user's choice is no finding
                 leave_out(members, blocked[0].blocked)
             continue
         state: dict[fx.Node, tuple] = {}
@@ -238,52 +264,71 @@ def find_channel_groups(
         warnings.warn(
             f"chase_ext: these layers cannot be handled by channel pruning and block any "
             f"channel group they touch: {details}",
-            stacklevel=2,
+            stacklevel=3,
         )
     groups.sort(key=lambda t: t[0])
-    _warn_low_coverage(model, tr, [g for _, g in groups], left_out)
-    return [g for _, g in groups]
+    found = [g for _, g in groups]
+    size = {p: tr.modules[p].weight.numel() for g in found for p in g.producers}
+    out = {p: {"why": why, "weights": tr.modules[p].weight.numel()} for p, why in left_out.items()}
+    total = sum(size.values()) + sum(o["weights"] for o in out.values())
+    cov = {"groups": len(found), "reached_layers": len(size), "candidate_layers": len(size) + len(out),
+           "weight_share": sum(size.values()) / total if total else 1.0, "left_out": out}
+    return found, cov
 
 
-_OUTPUT = "reaches the model output"  # tracing.py's reason
 _RESIDUAL = "added to another layer's output (residual-coupled; coupled_channels=True prunes such layers together)"
+
+
+def _reaches_output(tr: _Trace, node: fx.Node) -> bool:
+    """The producer's output reaches the model's output through no other conv or linear
+    (a classifier, also behind a softmax or a reshape): its channels are the model's."""
+    seen: set[fx.Node] = set()
+    todo = list(node.users)
+    while todo:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "output":
+            return True
+        m = tr.module(n)
+        if m is not None and (_is_producer_module(m) or (isinstance(m, _CONV) and not _is_depthwise(m))):
+            continue  # another channel space from here on
+        todo.extend(n.users)
+    return False
 
 
 def _excluded_by_user(why: str) -> bool:
     return why == "producer weight is excluded" or (why.startswith("consumer ") and why.endswith(" is excluded"))
 
 
-def _warn_low_coverage(model: nn.Module, tr: _Trace, groups: list[ChannelGroup], left_out: dict[str, str]) -> None:
-    """One warning when the groups cover less than a third of the candidate layers' weights
-    (those the user did not exclude): channel pruning would then do little, and the user
-    should know why (grouped convs, concatenations, ops the tracer does not follow).
-    Residual-coupled block outputs alone (ResNets under SPEC) stay above it."""
-    if not left_out:
-        return
-    size = {p: tr.modules[p].weight.numel() for g in groups for p in g.producers}
-    size_out = {p: tr.modules[p].weight.numel() for p in left_out}
-    total = sum(size.values()) + sum(size_out.values())
-    if total == 0 or 3 * sum(size.values()) >= total:
-        return
+def _warn_low_coverage(model: nn.Module, cov: dict[str, Any]) -> None:
+    """The warning of ``find_channel_groups`` when its groups reach less than a third of the
+    candidate layers' weights: channel pruning would then do little, and the user should
+    know why (grouped convs, concatenations, ops the tracer does not follow), the layers
+    left out grouped by what their channels run into, largest first. Residual-coupled block
+    outputs alone (ResNets under SPEC) stay above the third."""
+    out = cov["left_out"]
+    names = set(dict(model.named_modules()))
 
     def kind(why: str) -> str:  # the reason without the layer it names, to count alike ones together
-        return " ".join("<layer>" if w.strip("(),:'") in tr.modules else w for w in why.split())
+        return " ".join("<layer>" if w.strip("(),:'") in names else w for w in why.split())
 
     by_kind: dict[str, list[str]] = {}
-    for p in sorted(left_out, key=lambda p: -size_out[p]):
-        by_kind.setdefault(kind(left_out[p]), []).append(p)
-    top = sorted(by_kind.values(), key=lambda ps: -sum(size_out[p] for p in ps))
+    for p in sorted(out, key=lambda p: -out[p]["weights"]):
+        by_kind.setdefault(kind(out[p]["why"]), []).append(p)
+    top = sorted(by_kind.values(), key=lambda ps: -sum(out[p]["weights"] for p in ps))
 
     def line(ps: list[str]) -> str:
-        why = left_out[ps[0]]
+        why = out[ps[0]]["why"]
         e_g = "e.g. " if len(ps) > 1 and kind(why) != why else ""
         return f"{len(ps)} layer{'s' * (len(ps) > 1)} ({', '.join(ps[:3])}{', ...' * (len(ps) > 3)}): {e_g}{why}"
 
     more = f"; {len(top) - 4} more reasons" if len(top) > 4 else ""
     warnings.warn(
-        f"chase_ext: channel pruning reaches {len(size)} of {len(size) + len(left_out)} candidate layers of "
-        f"{type(model).__name__}, {100 * sum(size.values()) / total:.0f}% of their weights; the others keep "
-        f"every channel. Left out, with what their channels run into, largest first: "
+        f"chase_ext: channel pruning reaches {cov['reached_layers']} of {cov['candidate_layers']} candidate layers "
+        f"of {type(model).__name__}, {100 * cov['weight_share']:.0f}% of their weights; the others keep every "
+        f"channel. Left out, with what their channels run into, largest first: "
         f"{'; '.join(line(ps) for ps in top[:4])}{more}",
         UserWarning,
         stacklevel=3,
@@ -301,7 +346,7 @@ def _warn_unmatched_channels(model: nn.Module, patterns: Sequence[str]) -> None:
                 f"chase_ext: exclude_channels pattern {p!r} matches no producer layer "
                 "(Conv with groups=1 or Linear, by module name or '<name>.weight'); it excludes nothing",
                 UserWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
 
 

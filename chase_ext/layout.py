@@ -68,8 +68,9 @@ def same_layout(a: Tensor, b: Tensor) -> bool:
 def same_flat_layout(a: Tensor, b: Tensor) -> bool:
     """Same strides on every dim of more than one entry: element (i, j, ...) sits at the
     same offset in both, so the storage of one masks the storage of the other slot by slot
-    (the rule of ``masked_apply_``; shapes are compared apart)."""
-    if a.stride() == b.stride():
+    (the rule of ``masked_apply_``; shapes are compared apart). Empty tensors address
+    nothing, so any two of them agree."""
+    if a.stride() == b.stride() or (a.numel() == 0 and b.numel() == 0):
         return True
     return a.dim() == b.dim() and all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 

@@ -113,6 +113,7 @@ def _check_rows_dense(op: str, name: str, ts) -> None:
 # the layout rules the messages name (csrc/common/checks.h words them alike)
 _LIKE_WEIGHT = "each score, mask and state must be laid out in memory like its weight"
 _LIKE_MASK = "a tensor must be laid out in memory like its mask"
+_MASK_LIKE_WEIGHT = "each mask must be laid out in memory like its weight"
 
 
 def _check_laid_out_like(op: str, name: str, t: Tensor, i: int, ref_name: str, ref: Tensor, r: int,
@@ -122,9 +123,9 @@ def _check_laid_out_like(op: str, name: str, t: Tensor, i: int, ref_name: str, r
                        f"{rule}")
 
 
-def _check_masks(op: str, masks, ref, ref_name: str, like_ref: bool = False) -> None:
+def _check_masks(op: str, masks, ref, ref_name: str, like_ref: bool = False, rule: str = _LIKE_WEIGHT) -> None:
     """Bool masks of the shapes of ``ref``: contiguous, or with ``like_ref`` laid out like
-    their ``ref`` tensor."""
+    their ``ref`` tensor (``rule`` says why)."""
     _check_like(op, "masks", masks, ref_name, ref)
     if not like_ref:
         _check_bool_list(op, "masks", masks)
@@ -133,7 +134,7 @@ def _check_masks(op: str, masks, ref, ref_name: str, like_ref: bool = False) -> 
     for i, (m, r) in enumerate(zip(masks, ref)):
         if m.dtype != torch.bool:
             raise _err(op, f"masks[{i}] must be bool, got {m.dtype}", TypeError)
-        _check_laid_out_like(op, "masks", m, i, ref_name, r, i)
+        _check_laid_out_like(op, "masks", m, i, ref_name, r, i, rule)
 
 
 def _check_one_device(op: str, name: str, ts) -> None:
@@ -414,7 +415,7 @@ def channel_stats(weights: list[Tensor], masks: list[Tensor]) -> tuple[Tensor, T
     op = "channel_stats"
     _check_float_list(op, "weights", weights, contiguous=False)
     _check_rows_dense(op, "weights", weights)
-    _check_masks(op, masks, weights, "weights", like_ref=True)
+    _check_masks(op, masks, weights, "weights", like_ref=True, rule=_MASK_LIKE_WEIGHT)
     _check_one_device(op, "weights", weights)
     if not weights:
         return torch.zeros(0, dtype=torch.int64), torch.zeros(0)

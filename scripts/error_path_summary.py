@@ -19,13 +19,16 @@ _ID = r"(\S+::\S+)"
 
 
 def parse(text: str, rc: int) -> dict:
-    # -v prints "id RESULT" without xdist, "[gwN] [ 5%] RESULT id" with it
+    # -v prints "id RESULT  [ 5%]" without xdist (an id may hold spaces: "test_p[a b]"),
+    # "[gwN] [ 5%] RESULT id" with it (a dying worker's output may follow on the line, so
+    # there the id ends at the first space)
     def results(word: str) -> set[str]:
-        return (set(re.findall(rf"(?:^|\] ){word} {_ID}", text, re.M))  # "^" or "] ": anywhere on a line
-                | set(re.findall(rf"^{_ID} {word}", text, re.M)))
+        return (set(re.findall(rf"(?:^|\] ){word} {_ID}", text, re.M))
+                | set(re.findall(rf"^(\S+::.+?) {word}(?: |$)", text, re.M)))
 
-    passed, skipped = results("PASSED"), results("SKIPPED")
     failed = results("FAILED") | results("ERROR") | set(re.findall(rf"^(?:FAILED|ERROR) {_ID}", text, re.M))
+    passed = results("PASSED") - failed  # a test that passed and then failed its teardown failed
+    skipped = results("SKIPPED")
     crashed = set(re.findall(r"crashed while running '([^']+)'", text))
     # a worker's death: "[gwN] node down: ...", then that worker's test reported FAILED
     # (either may follow the dying worker's own output on the same line)
@@ -40,8 +43,14 @@ def parse(text: str, rc: int) -> dict:
         crashed |= {t for t in started[-1:] if t not in done}
         if not crashed:
             crashed.add(f"(pytest died with status {rc}; test unknown)")
-    m = re.search(r"^(?:\d+ workers \[|collected )(\d+) items?", text, re.M)
+    # the tests that run: "8 workers [156 items]" (xdist counts the selected ones), or
+    # "collecting ... collected 1084 items / 928 deselected / 156 selected"
+    m = re.search(r"^\d+ workers \[(\d+) items?\]", text, re.M)
     collected = int(m.group(1)) if m else None
+    m = re.search(r"^(?:collecting \.\.\. )?collected (\d+) items?(?: / (\d+) deselected)?(?: / (\d+) selected)?",
+                  text, re.M)
+    if collected is None and m:
+        collected = int(m.group(3)) if m.group(3) else int(m.group(1)) - int(m.group(2) or 0)
     seen = len(passed | skipped | failed | crashed)
     not_run = max(collected - seen, 0) if collected is not None else 0
     stopped = "maximum crashed workers reached" in text
@@ -70,8 +79,10 @@ def main(argv: list[str]) -> int:
     incomplete = res["not_run"] > 0 or res["stopped"] or res["collected"] is None
     if res["stopped"]:
         line += "\n  INCOMPLETE: pytest-xdist stopped replacing crashed workers (--max-worker-restart)"
-    elif rc == 124:
+    elif rc == 124 and res["not_run"]:
         line += "\n  INCOMPLETE: the stage's time cap cut the run off"
+    elif rc == 124:
+        line += "\n  the time cap hit after every test had reported (a hang at the end?): see the log"
     elif rc not in (0, 1) and not res["crashed"] and rc < 128:
         line += f"\n  pytest exited with status {rc} (usage error?): see the log"
         real.append("pytest")

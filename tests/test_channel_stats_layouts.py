@@ -127,6 +127,21 @@ def test_layouts_the_op_cannot_take_are_refused(device, backend, bad):
     with pytest.raises((ValueError, TypeError, RuntimeError), match=re.escape(bad[3])) as e:
         impl.channel_stats(ws, ms)
     assert "channel_stats" in str(e.value)
+    if bad[3].startswith("masks"):
+        assert "each mask must be laid out in memory like its weight" in str(e.value)
+
+
+def test_empty_tensors_take_any_strides(device):
+    # torch calls every empty tensor contiguous: an empty channels_last weight and a
+    # default mask are one layout
+    w = _cl(torch.empty(0, 3, 2, 2)).to(device)
+    m = torch.zeros(w.shape, dtype=torch.bool, device=device)
+    calls = [lambda: ops.channel_stats([w], [m]), lambda: L.channel_stats(ops, [w], [m])]
+    if device == "cpu":
+        calls.append(lambda: R.channel_stats([w], [m]))
+    for call in calls:
+        counts, sums = call()
+        assert counts.numel() == 0 and sums.numel() == 0
 
 
 def test_layout_wrapper_calls_the_op_in_place():

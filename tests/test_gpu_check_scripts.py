@@ -106,13 +106,69 @@ def test_stages_without_time_left_are_skipped_and_named(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     # 50 s left after the 20 s kept back: too little for the probe + errors (90), recipes (90), rest (60)
-    for stage, need in (("probe", 90), ("errors", 60), ("recipes", 90), ("rest", 60)):
-        assert f"-- {stage} skipped for time: " in p.stdout and f"it needs {need} s" in p.stdout
+    for stage, need in (("probe", 90), ("recipes", 90), ("rest", 60)):
+        assert f"-- {stage} skipped for time: 50 s of the budget left, it needs {need} s" in p.stdout
+    # without the probe a crash could not be told from a failure: errors waits for the next call
+    assert "-- errors skipped for time: the probe did not run" in p.stdout
     assert "skipped for time: probe errors recipes rest" in p.stdout
     assert (tmp_path / "gpu_check.tgz").exists()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="bash script")
+def test_no_time_for_the_build_stops_the_run(tmp_path):
+    env = dict(os.environ, GPU_CHECK_BUDGET_S="100", OUT=str(tmp_path), PYTHON=sys.executable,
+               CUDA_HOME=os.environ.get("CUDA_HOME", "/nonexistent"))
+    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "build,rest"], env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1
+    assert "-- build skipped for time: 80 s of the budget left, it needs 90 s" in p.stdout
+    assert "rest" not in p.stdout.replace("skipped for time: build", "")  # nothing ran against no build
+    assert "done, rc=1; skipped for time: build" in p.stdout
 
 
 def test_an_unknown_stage_is_refused():
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "bild"], capture_output=True,
                        text=True, timeout=60, env=dict(os.environ, CUDA_HOME="/nonexistent"))
     assert p.returncode == 2 and "unknown stage 'bild'" in p.stderr
+
+
+_REAL_TESTS = '''
+import pytest
+
+@pytest.fixture
+def bad_teardown():
+    yield
+    raise RuntimeError("teardown")
+
+def test_a():
+    pass
+
+@pytest.mark.parametrize("x", ["a b", "c"])
+def test_p(x):
+    pass
+
+def test_f():
+    assert False
+
+def test_td(bad_teardown):
+    pass
+
+@pytest.mark.slow
+def test_deselected():
+    pass
+'''
+
+
+def test_a_real_pytest_log_without_xdist(tmp_path):
+    # what the stage's command writes without pytest-xdist, selection and all
+    (tmp_path / "test_x.py").write_text(_REAL_TESTS)
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: a test left out by -m\n")
+    p = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:xdist", "-v", "-rfE",
+                        "-m", "not slow", str(tmp_path / "test_x.py")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120)
+    r = S.parse(p.stdout, p.returncode)
+    ids = lambda *names: {f"test_x.py::{n}" for n in names}  # noqa: E731
+    assert r["collected"] == 5 and r["not_run"] == 0, p.stdout
+    assert r["passed"] == ids("test_a", "test_p[a b]", "test_p[c]") and r["failed"] == ids("test_f", "test_td")
+    rc, out = _run(tmp_path, p.stdout, p.returncode, "no")
+    assert rc == 1 and "3 passed, 0 skipped, 2 failed, 0 crashed, 0 not run (of 5 collected)" in out

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from chase_ext.graph import explicit_groups, find_channel_groups, group_from_dict, group_to_dict
+from chase_ext.graph import channel_coverage, explicit_groups, find_channel_groups, group_from_dict, group_to_dict
 from chase_ext.groups import ChannelGroup, Consumer
 
 from models import (MODELS, example_input, mlp, mobilenet_v2_small, perturb_bn, resnet_basic, resnet_bottleneck,
@@ -293,6 +293,11 @@ def test_low_coverage_warns_with_the_reasons():
     # coupled, the block outputs and the stem are one group: 59% of the candidates' weights
     gs = _find(m, torch.randn(1, 3, 8, 8), coupled=True)
     assert [g.producers for g in gs] == [["stem", "c.0", "c.1"]]
+    cov = channel_coverage(m, torch.randn(1, 3, 8, 8), coupled=True)
+    assert (cov["groups"], cov["reached_layers"], cov["candidate_layers"]) == (1, 3, 5)
+    assert cov["weight_share"] == pytest.approx((1728 + 2 * 2048) / (1728 + 4 * 2048))
+    assert cov["left_out"] == {f"a.{i}": {"why": f"grouped conv b.{i} (not depthwise)", "weights": 2048}
+                               for i in (0, 1)}
     # without grouped convs the bottlenecks' inner convs are prunable: 79%
     gs = _find(TinyResNeXt(groups=1), torch.randn(1, 3, 8, 8))
     assert [g.producers for g in gs] == [["a.0"], ["a.1"], ["b.0"], ["b.1"]]
@@ -350,6 +355,21 @@ def test_stochastic_depth_passes_channels_through():
     with pytest.warns(UserWarning, match="function stochastic_depth"):
         gs = find_channel_groups(DropPathBlock(lookalike=True), x, coupled=True)
     assert [g.producers for g in gs] == [["c1"]]
+
+
+def test_output_layer_behind_a_softmax_is_no_candidate():
+    # as PyTorch's MNIST example: a large classifier behind log_softmax, not a layer left out
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 8, 3), nn.Conv2d(8, 16, 3)
+            self.fc = nn.Linear(16 * 12 * 12, 10)
+
+        def forward(self, x):
+            x = F.relu(self.conv2(F.relu(self.conv1(x))))
+            return F.log_softmax(self.fc(torch.flatten(x, 1)), dim=1)
+
+    assert [g.producers for g in _find(Net(), torch.randn(2, 1, 16, 16))] == [["conv1"], ["conv2"]]
 
 
 def test_trace_failure_warns():

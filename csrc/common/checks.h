@@ -27,8 +27,10 @@ inline void check_float_list(const char* op, const char* name, TensorList ts, bo
 }
 
 // Same strides on every dim of more than one entry (the stride of a size-1 dim is never
-// used): element (i, j, ...) sits at the same offset in both.
+// used): element (i, j, ...) sits at the same offset in both. Empty tensors address
+// nothing, so any two of them agree (torch calls every empty tensor contiguous).
 inline bool same_flat_layout(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 && b.numel() == 0) return true;
   if (a.dim() != b.dim()) return false;
   for (int64_t d = 0; d < a.dim(); ++d)
     if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
@@ -53,6 +55,7 @@ inline void check_rows_dense(const char* op, const char* name, TensorList ts) {
 // The layout rules the messages name (chase_ext/reference.py words them alike).
 constexpr const char* kLikeWeight = "each score, mask and state must be laid out in memory like its weight";
 constexpr const char* kLikeMask = "a tensor must be laid out in memory like its mask";
+constexpr const char* kMaskLikeWeight = "each mask must be laid out in memory like its weight";
 
 // name[i] laid out in memory like ref_name[r] (shapes were checked equal before).
 inline void check_laid_out_like(const char* op, const char* name, const at::Tensor& t, size_t i,
@@ -74,15 +77,15 @@ inline void check_like(const char* op, const char* name, TensorList ts, const ch
   }
 }
 
-// like_ref: each mask laid out like its ref tensor (else contiguous)
+// like_ref: each mask laid out like its ref tensor (else contiguous), `rule` naming why
 inline void check_masks(const char* op, TensorList masks, TensorList ref, const char* ref_name,
-                        bool like_ref = false) {
+                        bool like_ref = false, const char* rule = kLikeWeight) {
   check_like(op, "masks", masks, ref_name, ref);
   for (size_t i = 0; i < masks.size(); ++i) {
     TORCH_CHECK(masks[i].scalar_type() == at::kBool, op, ": masks[", i, "] must be bool, got ",
                 masks[i].scalar_type());
     if (like_ref) {
-      check_laid_out_like(op, "masks", masks[i], i, ref_name, ref[i], i);
+      check_laid_out_like(op, "masks", masks[i], i, ref_name, ref[i], i, rule);
     } else {
       TORCH_CHECK(masks[i].is_contiguous(), op, ": masks[", i, "] must be contiguous");
     }
@@ -172,7 +175,7 @@ inline void check_no_alias(const char* op, std::vector<Span> spans) {
 inline void check_channel_stats_args(const char* op, TensorList weights, TensorList masks) {
   check_float_list(op, "weights", weights, false);
   check_rows_dense(op, "weights", weights);
-  check_masks(op, masks, weights, "weights", true);
+  check_masks(op, masks, weights, "weights", true, kMaskLikeWeight);
 }
 
 // Every argument check of mask_update_ (CPU and CUDA), before anything is read or written.
