@@ -5,6 +5,7 @@ named, not started)."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -106,8 +107,8 @@ def test_stages_without_time_left_are_skipped_and_named(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     # 50 s left after the 20 s kept back: too little for the probe + errors (90), recipes (90), rest (60)
-    for stage, need in (("probe", 90), ("recipes", 90), ("rest", 60)):
-        assert f"-- {stage} skipped for time: 50 s of the budget left, it needs {need} s" in p.stdout
+    for stage, need in (("probe", 90), ("recipes", 90), ("rest", 60)):  # 50 s left, or a second less on a slow start
+        assert re.search(rf"-- {stage} skipped for time: (50|49) s of the budget left, it needs {need} s", p.stdout)
     # without the probe a crash could not be told from a failure: errors waits for the next call
     assert "-- errors skipped for time: the probe did not run" in p.stdout
     assert "skipped for time: probe errors recipes rest" in p.stdout
@@ -121,7 +122,7 @@ def test_no_time_for_the_build_stops_the_run(tmp_path):
     p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "build,rest"], env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 1
-    assert "-- build skipped for time: 80 s of the budget left, it needs 90 s" in p.stdout
+    assert re.search(r"-- build skipped for time: (80|79) s of the budget left, it needs 90 s", p.stdout)
     assert "rest" not in p.stdout.replace("skipped for time: build", "")  # nothing ran against no build
     assert "done, rc=1; skipped for time: build" in p.stdout
 
