@@ -169,7 +169,7 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled):
             continue
         cl = _closure(tr, name, node, excl)
         if _match(f"{name}.weight", excl):
-            cl.block("producer weight is excluded")
+            cl.block("producer weight is excluded", by_user=True)
         closures.append(cl)
 
     # joins: every tensor operand must be in the component's channel space
@@ -201,7 +201,7 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled):
             continue
         blocked = [c for c in members if c.blocked]
         if blocked:
-            if not any(_excluded_by_user(c.blocked) for c in blocked):  # the user's choice is no finding
+            if not any(c.blocked_by_user for c in blocked):  # the user's choice is no finding
                 leave_out(members, blocked[0].blocked)
             continue
         state: dict[fx.Node, tuple] = {}
@@ -296,10 +296,6 @@ def _reaches_output(tr: _Trace, node: fx.Node) -> bool:
             continue  # another channel space from here on
         todo.extend(n.users)
     return False
-
-
-def _excluded_by_user(why: str) -> bool:
-    return why == "producer weight is excluded" or (why.startswith("consumer ") and why.endswith(" is excluded"))
 
 
 def _warn_low_coverage(model: nn.Module, cov: dict[str, Any]) -> None:

@@ -220,10 +220,12 @@ class _Closure:
         self.joins: list[fx.Node] = []
         self.add_joins: list[fx.Node] = []
         self.blocked: str | None = None
+        self.blocked_by_user = False  # the first reason is an exclusion the user asked for
 
-    def block(self, why: str) -> None:
+    def block(self, why: str, by_user: bool = False) -> None:
         if self.blocked is None:
             self.blocked = why
+            self.blocked_by_user = by_user
 
 
 def _primary_input(user: fx.Node, v: fx.Node, extra_ok=()) -> bool:
@@ -280,7 +282,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
         if _is_producer_module(m):
             w = f"{name}.weight"
             if _match(w, excl):
-                cl.block(f"consumer {w} is excluded")
+                cl.block(f"consumer {w} is excluded", by_user=True)
                 return None
             if isinstance(m, nn.Linear):
                 if cdim != nd - 1 or m.in_features % rep or shp_in[cdim] != m.in_features:

@@ -99,12 +99,16 @@ def test_a_complete_clean_run(tmp_path):
     assert rc == 0 and "1 passed, 1 skipped, 0 failed, 0 crashed, 0 not run" in out
 
 
+def _gpu_check(tmp_path, budget: int, stages: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, GPU_CHECK_BUDGET_S=str(budget), OUT=str(tmp_path), PYTHON=sys.executable,
+               CUDA_HOME=os.environ.get("CUDA_HOME", "/nonexistent"))
+    return subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), stages], env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="bash script")
 def test_stages_without_time_left_are_skipped_and_named(tmp_path):
-    env = dict(os.environ, GPU_CHECK_BUDGET_S="70", OUT=str(tmp_path), PYTHON=sys.executable,
-               CUDA_HOME=os.environ.get("CUDA_HOME", "/nonexistent"))
-    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "errors,recipes,rest"], env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = _gpu_check(tmp_path, 70, "errors,recipes,rest")
     assert p.returncode == 0, p.stdout + p.stderr
     # 50 s left after the 20 s kept back: too little for the probe + errors (90), recipes (90), rest (60)
     for stage, need in (("probe", 90), ("recipes", 90), ("rest", 60)):  # 50 s left, or a second less on a slow start
@@ -117,10 +121,7 @@ def test_stages_without_time_left_are_skipped_and_named(tmp_path):
 
 @pytest.mark.skipif(sys.platform != "linux", reason="bash script")
 def test_no_time_for_the_build_stops_the_run(tmp_path):
-    env = dict(os.environ, GPU_CHECK_BUDGET_S="100", OUT=str(tmp_path), PYTHON=sys.executable,
-               CUDA_HOME=os.environ.get("CUDA_HOME", "/nonexistent"))
-    p = subprocess.run(["bash", os.path.join(ROOT, "scripts", "gpu_check.sh"), "build,rest"], env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = _gpu_check(tmp_path, 100, "build,rest")
     assert p.returncode == 1
     assert re.search(r"-- build skipped for time: (80|79) s of the budget left, it needs 90 s", p.stdout)
     assert "rest" not in p.stdout.replace("skipped for time: build", "")  # nothing ran against no build
