@@ -13,6 +13,9 @@ RECIPES = {
     "round64": {"round_to": 64},
     "coupled": {"coupled_channels": True},
     "coupled_round8": {"coupled_channels": True, "round_to": 8},
+    # squeeze-and-excitation / GLU gates: the gate's layer loses the channels of the map it scales
+    "gated": {"gated_channels": True},
+    "coupled_gated": {"coupled_channels": True, "gated_channels": True},
     # the latency table is measured at the throughput batch of the run (latency_batch set there)
     "latency": {"channel_allocation": "latency"},
     "latency_coupled": {"channel_allocation": "latency", "coupled_channels": True},
@@ -39,4 +42,5 @@ def uses_latency_table(recipe: dict) -> bool:
 def latency_table_name(recipe: dict) -> str:
     """One cached table per set of channel groups: the latency recipes with the same groups
     share it (a table measured for lower floors also serves higher ones)."""
-    return "table-coupled.json" if recipe.get("coupled_channels") else "table.json"
+    joins = [j for j in ("coupled", "gated") if recipe.get(f"{j}_channels")]
+    return "-".join(["table", *joins]) + ".json"

@@ -38,7 +38,7 @@ _STATE_VERSION = 1
 # settings whose change would make the recorded channel state inconsistent: refused on load
 _DECIDES_CHANNELS = ("round_to", "min_channel_ratio")
 # settings recorded since a later version: a checkpoint without them ran with these values
-_SETTINGS_ADDED_LATER = {"channel_allocation": "umm"}
+_SETTINGS_ADDED_LATER = {"channel_allocation": "umm", "gated_channels": False}
 
 
 def _what(v) -> str:
@@ -139,6 +139,7 @@ class CheckpointMixin:
             "channel_interval": c.channel_interval_steps, "channel_end": c.channel_end_steps,
             "min_channel_ratio": c.min_channel_ratio, "channel_score": c.channel_score, "round_to": c.round_to,
             "slim_during_training": c.slim_every, "coupled_channels": c.coupled_channels,
+            "gated_channels": c.gated_channels,
             "channel_allocation": c.channel_allocation,
         }
 

@@ -145,6 +145,9 @@ class ChaseConfig:
       ``channel_score`` ("umm" | "active_mean" | "active_fraction"), ``round_to`` (None),
       ``slim_during_training`` (False | True | k), ``coupled_channels`` (False),
       ``channel_groups`` (None = trace), ``exclude_channels`` (()): the channel part.
+    * ``gated_channels`` (False): producers whose outputs meet in a multiply (a
+      squeeze-and-excitation or GLU gate) lose the same channels, as ``coupled_channels``
+      does for residual adds (not in SPEC; ``chase_ext.graph``).
     * ``channel_allocation`` ("umm" = SPEC | "latency"), ``latency_table`` (None | cache path |
       ``LatencyTable``), ``latency_batch`` (64): how an event's removal is split between
       groups (``chase_ext.allocation``; "latency" is not in SPEC).
@@ -177,6 +180,7 @@ class ChaseConfig:
     exclude: tuple[str, ...] = ()
     exclude_channels: tuple[str, ...] = ()
     coupled_channels: bool = False
+    gated_channels: bool = False
     channel_groups: Any = field(default=None, repr=False)
     dense_first_layer: bool = False
     seed: int = 0
@@ -214,7 +218,7 @@ class ChaseConfig:
                 raise ValueError(f"slim_during_training must be False, True or an int k >= 1, got {s}")
         self.exclude = _check_names("exclude", self.exclude)
         self.exclude_channels = _check_names("exclude_channels", self.exclude_channels)
-        for n in ("coupled_channels", "dense_first_layer"):
+        for n in ("coupled_channels", "gated_channels", "dense_first_layer"):
             if not isinstance(getattr(self, n), bool):
                 raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
         if self.dense_first_layer and self.init != "uniform":

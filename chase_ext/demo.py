@@ -88,11 +88,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 # --model: name -> (factory of the 28x28 digit model, its description in the results). The
-# VGG has no residual adds; the ResNet's block outputs form residual-coupled channel groups.
+# VGG has no residual adds; the ResNet's block outputs form residual-coupled channel groups;
+# the EfficientNet's expand convs form gated ones (squeeze-and-excitation).
 MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "vgg": (lambda: T.vgg(in_ch=1, size=28, num_classes=10), "vgg(16,M,32,M,64,64,M; 128 hidden)"),
     "resnet": (lambda: T.resnet(in_ch=1, num_classes=10),
                "resnet(bottleneck blocks; stem 16, widths 16/32, 2+2 blocks, outputs 64/128)"),
+    "efficientnet": (lambda: T.efficientnet(in_ch=1, num_classes=10),
+                     "efficientnet(MBConv + squeeze-and-excitation; stem 16, stages 16/24/40 of 1+2+2 blocks, "
+                     "expand 1/4/4, head 128)"),
 }
 
 
@@ -108,7 +112,8 @@ def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
     p.add_argument("--channel-sparsity", "--sc", dest="channel_sparsity", type=float, default=0.5,
                    help="S_c: share of prunable channels Chase removes, in [0, 1)")
     p.add_argument("--model", choices=sorted(MODELS), default="vgg",
-                   help="the network: a VGG, or a small bottleneck ResNet (ResNet-50's block, residual adds)")
+                   help="the network: a VGG, a small bottleneck ResNet (ResNet-50's block, residual adds) or a "
+                   "small EfficientNet (MBConv blocks with squeeze-and-excitation)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run, >= 1 (default: 12, --quick: 2)")
     p.add_argument("--seed", type=int, default=0, help="model init, data split/order and masks; in [0, 2**64)")
     p.add_argument("--out", default="demo_report", help="report folder (created; must not be a file)")

@@ -64,6 +64,7 @@ class ChannelEventsMixin:
                 exclude=cfg.exclude,
                 exclude_channels=cfg.exclude_channels,
                 coupled=cfg.coupled_channels,
+                gated=cfg.gated_channels,
             )
         if not groups:
             warnings.warn(f"channel_sparsity={cfg.channel_sparsity} but the model has no prunable channel group "

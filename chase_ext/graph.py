@@ -25,13 +25,23 @@ producer's output forward through channel-wise ops until it meets consumers:
   a grouped (non-depthwise) conv, other reshapes, an attribute use (``x.size(1)``,
   ``x.shape``...), softmax, an unknown module or function, and an elementwise op between
   two tensors unless every tensor operand is in the *same* producer's channel space
-  (``x * torch.sigmoid(x)`` is fine; a residual ``a + b`` of two producers is not).
+  (``x * torch.sigmoid(x)`` is fine; a residual ``a + b`` of two producers is not). An
+  operand may broadcast over the dims other than the channel dim (an ``(N, C, 1, 1)``
+  tensor times an ``(N, C, H, W)`` map scales each channel by its own value, so
+  ``x * torch.sigmoid(x.mean((2, 3), keepdim=True))`` is channel-wise), not over the
+  channel dim (an ``(N, 1, H, W)`` spatial attention map blocks).
 
 ``coupled=True`` (SPEC "coupled_channels"): producers whose channel spaces meet in an
 elementwise ``add``/``sub`` (residual adds) become *one* group (several producers, the
 union of their followers and consumers). Such a group is still blocked when any member is
 blocked, or when an operand of one of its adds comes from outside the group (e.g. the
 model input).
+
+``gated=True`` ("gated_channels", not in SPEC, opt-in like ``coupled``): the same for
+producers whose channel spaces meet in an elementwise ``mul``: squeeze-and-excitation
+(``x * sigmoid(fc2(relu(fc1(pool(x)))))``: the layer making ``x`` and ``fc2`` lose the same
+channels, and ``fc1`` their input slice) and GLU-style gates (``silu(w1(x)) * w3(x)``).
+The channel's score is the sum of the producers' scores, as for coupled groups.
 
 Rules that keep groups correct rather than maximal (documented choices):
 
@@ -109,6 +119,7 @@ def find_channel_groups(
     exclude: Sequence[str] | str = (),
     exclude_channels: Sequence[str] | str = (),
     coupled: bool = False,
+    gated: bool = False,
 ) -> list[ChannelGroup]:
     """Prunable channel groups of ``model`` by the SPEC §4 rule (see the module doc).
 
@@ -117,7 +128,7 @@ def find_channel_groups(
     not trace. Warns when the groups reach less than a third of the candidate layers'
     weights (``channel_coverage`` tells the share and why each layer is left out).
     """
-    groups, cov = _find(model, example_inputs, exclude, exclude_channels, coupled)
+    groups, cov = _find(model, example_inputs, exclude, exclude_channels, coupled, gated)
     if cov is not None and cov["left_out"] and 3 * cov["weight_share"] < 1:
         _warn_low_coverage(model, cov)
     return groups
@@ -130,16 +141,17 @@ def channel_coverage(
     exclude: Sequence[str] | str = (),
     exclude_channels: Sequence[str] | str = (),
     coupled: bool = False,
+    gated: bool = False,
 ) -> dict[str, Any] | None:
     """What channel pruning reaches in ``model`` (arguments as ``find_channel_groups``):
     ``groups``, ``reached_layers`` of ``candidate_layers`` (producers not excluded by the
     user whose channels are not the model's outputs), ``weight_share`` (their weights in
     groups, 0..1), and ``left_out``: for each candidate left out, ``why`` (what its
     channels run into) and its ``weights``. None when the model does not trace."""
-    return _find(model, example_inputs, exclude, exclude_channels, coupled)[1]
+    return _find(model, example_inputs, exclude, exclude_channels, coupled, gated)[1]
 
 
-def _find(model, example_inputs, exclude, exclude_channels, coupled):
+def _find(model, example_inputs, exclude, exclude_channels, coupled, gated):
     """(groups, coverage record, or None when the model does not trace)."""
     excl = _norm_patterns(exclude)
     excl_ch = _norm_patterns(exclude_channels)
@@ -178,11 +190,14 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled):
     for c in closures:
         for j in c.joins:
             by_join.setdefault(j, []).append(c)
-    if coupled:
-        for j, cs in by_join.items():
-            if j in cs[0].add_joins:
-                for c in cs[1:]:
-                    dsu.union(cs[0].producer, c.producer)
+
+    def couples(j: fx.Node, c: _Closure) -> bool:  # the join may make one group of several producers
+        return (coupled and j in c.add_joins) or (gated and j in c.mul_joins)
+
+    for j, cs in by_join.items():
+        if couples(j, cs[0]):
+            for c in cs[1:]:
+                dsu.union(cs[0].producer, c.producer)
     comps: dict[str, list[_Closure]] = {}
     for c in closures:
         comps.setdefault(dsu.find(c.producer), []).append(c)
@@ -214,14 +229,16 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled):
                 if any(o not in state for o in ops) or len({state[o] for o in ops}) != 1:
                     ok = False
                     why = (_RESIDUAL if j in c.add_joins and not coupled
+                           else _GATED if j in c.mul_joins and not gated and len(by_join[j]) > 1
                            else f"an op ({j.op} {getattr(j.target, '__name__', j.target)}) joins its channels with "
                                 "another tensor's")
                     break
-                # a join of two different producers is only allowed when coupled
+                # a join of two different producers is only allowed when it couples them
                 owners = {c2.producer for c2 in members for o in ops if o in c2.state}
-                if len(owners) > 1 and (not coupled or j not in c.add_joins):
+                if len(owners) > 1 and not couples(j, c):
                     ok = False
-                    why = _RESIDUAL if j in c.add_joins else "joined with another layer's output"
+                    why = (_RESIDUAL if j in c.add_joins else _GATED if j in c.mul_joins
+                           else "joined with another layer's output")
                     break
             if not ok:
                 break
@@ -277,6 +294,8 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled):
 
 
 _RESIDUAL = "added to another layer's output (residual-coupled; coupled_channels=True prunes such layers together)"
+_GATED = ("multiplied with another layer's output (a gate, e.g. squeeze-and-excitation; gated_channels=True prunes "
+          "such layers together)")
 
 
 def _reaches_output(tr: _Trace, node: fx.Node) -> bool:

@@ -3,7 +3,7 @@
 
 * the op tables: which modules, functions and methods pass a channel through (activations,
   pooling, norms, depthwise convs, arithmetic with a number, ...) and which join two
-  tensors (``add``/``sub`` may couple producers);
+  tensors (``add``/``sub`` may couple producers, ``mul`` may gate one with another);
 * :class:`_Trace` (module table, call counts, parameter positions and the layers that
   cannot take part, of one ``torch.fx`` trace) and :class:`_Closure` (what one producer's
   output reaches: followers, consumers with their ``repeat``, joins, or why it is
@@ -70,8 +70,10 @@ _BINARY = _ADD_LIKE | {
     operator.mul, operator.imul, operator.truediv, operator.itruediv, torch.mul, torch.div,
     torch.maximum, torch.minimum,
 }
+_MUL = {operator.mul, operator.imul, torch.mul}
 _ADD_METHODS = {"add", "add_", "sub", "sub_"}
-_BINARY_METHODS = _ADD_METHODS | {"mul", "mul_", "div", "div_"}
+_MUL_METHODS = {"mul", "mul_"}
+_BINARY_METHODS = _ADD_METHODS | _MUL_METHODS | {"div", "div_"}
 
 
 def _is_stochastic_depth(fn) -> bool:
@@ -219,6 +221,7 @@ class _Closure:
         self.consumers: dict[str, tuple[fx.Node, int]] = {}
         self.joins: list[fx.Node] = []
         self.add_joins: list[fx.Node] = []
+        self.mul_joins: list[fx.Node] = []  # may gate this space with another producer's
         self.blocked: str | None = None
         self.blocked_by_user = False  # the first reason is an exclusion the user asked for
 
@@ -345,7 +348,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
         if tgt is torch.mean:
             return _mean(cl, user, v, cdim, rep, nd)
         if tgt in _BINARY:
-            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_LIKE)
+            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_LIKE, tgt in _MUL)
         return _blk(cl, f"function {fname}")
     if user.op == "call_method":
         if tgt in _ACT_METHODS:
@@ -362,7 +365,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
         if tgt == "mean":
             return _mean(cl, user, v, cdim, rep, nd)
         if tgt in _BINARY_METHODS:
-            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_METHODS)
+            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_METHODS, tgt in _MUL_METHODS)
         return _blk(cl, f"method .{tgt}()")
     return _blk(cl, f"{user.op} {tgt}")
 
@@ -448,7 +451,7 @@ def _mean(cl, user, v, cdim, rep, nd):
     return (cdim - sum(d < cdim for d in dims), rep, nd - len(set(dims)))
 
 
-def _binary(cl, user, v, cdim, rep, nd, add_like):
+def _binary(cl, user, v, cdim, rep, nd, add_like, mul_like):
     tensors = _nodes_in((user.args, user.kwargs))
     others = [n for n in tensors if n is not v]
     if not others:
@@ -458,13 +461,23 @@ def _binary(cl, user, v, cdim, rep, nd, add_like):
         return (cdim, rep, nd)  # with a Python number (or with itself)
     shp = _shape(user)
     shp_v = _shape(v)
-    if shp is None or shp_v is None or shp != shp_v:
+    if shp is None or shp_v is None or (shp != shp_v and not _keeps_channels(shp_v, shp, cdim, rep)):
         return _blk(cl, "elementwise op broadcasts the channel tensor")
     if user not in cl.joins:
         cl.joins.append(user)
         if add_like:
             cl.add_joins.append(user)
+        if mul_like:
+            cl.mul_joins.append(user)
     return (cdim, rep, nd)
+
+
+def _keeps_channels(a: tuple[int, ...], out: tuple[int, ...], cdim: int, rep: int) -> bool:
+    """An elementwise operand of shape ``a`` broadcast to ``out`` keeps its channels apart:
+    the same rank, all channels at ``cdim``, other dims 1 or full (squeeze-and-excitation's
+    ``(N, C, 1, 1)`` gate on an ``(N, C, H, W)`` map)."""
+    return (rep == 1 and len(a) == len(out) and a[cdim] == out[cdim]
+            and all(x in (1, y) for x, y in zip(a, out)))
 
 
 def _closure(tr: _Trace, producer: str, node: fx.Node, excl) -> _Closure:

@@ -10,6 +10,8 @@ figures it reports are measured with :mod:`chase_ext.measure`):
   any input size, so every conv and the hidden linear layer are prunable channels;
 * :func:`resnet` — a small bottleneck ResNet (ResNet-50's block, fewer and narrower
   stages), so residual-coupled channel groups can be trained and measured on small images;
+* :func:`efficientnet` — a small EfficientNet (MBConv blocks with squeeze-and-excitation),
+  for the gated channel groups (``gated_channels``);
 * :func:`train` — one training run, dense (plain optimizer) or sparse (the optimizer
   wrapped in ``ChaseOptimizer``), with a tqdm bar, per-epoch test accuracy and hooks;
 * :func:`evaluate`, :func:`predict`;
@@ -32,6 +34,7 @@ __all__ = [
     "TensorLoader",
     "vgg",
     "resnet",
+    "efficientnet",
     "pick_backend",
     "train",
     "evaluate",
@@ -176,6 +179,77 @@ def resnet(widths: Sequence[int] = (16, 32), blocks: Sequence[int] = (2, 2), *, 
     4x that), ``blocks`` the blocks per stage. The default (28x28 input: 14x14 and 7x7
     stages, 4.3 M MACs, 53 k weights) costs about what the demo's VGG does (3.8 M, 136 k)."""
     return ResNet(widths, blocks, stem, in_ch, num_classes)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation (torchvision's SqueezeExcitation): each channel of the map is
+    scaled by a gate computed from the map's channel means."""
+
+    def __init__(self, channels: int, squeeze: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(channels, squeeze, 1)
+        self.act = nn.SiLU(inplace=True)
+        self.fc2 = nn.Conv2d(squeeze, channels, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        return self.gate(self.fc2(self.act(self.fc1(self.pool(x))))) * x
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: 1x1 expand (ratio > 1) -> 3x3 depthwise (stride here) ->
+    squeeze-and-excitation (squeeze to a quarter of the block input) -> 1x1 project, each
+    conv with a BatchNorm, SiLU after the first two; a residual add where shapes allow."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU(inplace=True)]
+        layers += [nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+                   nn.SiLU(inplace=True), SqueezeExcite(hidden, max(1, cin // 4)),
+                   nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout)]
+        self.block = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.block(x) if self.residual else self.block(x)
+
+
+class EfficientNet(nn.Module):
+    """conv3x3-BN-SiLU stem -> :class:`MBConv` stages -> 1x1 head conv -> pool -> linear."""
+
+    def __init__(self, stages: Sequence[tuple[int, int, int, int]], stem: int, head: int, in_ch: int,
+                 num_classes: int):
+        super().__init__()
+        if not stages or any(len(st) != 4 or min(st) < 1 for st in stages) or stem < 1 or head < 1:
+            raise ValueError(f"efficientnet: stages must be (expand, channels, blocks, stride) tuples of positive "
+                             f"integers, stem and head >= 1; got stages={list(stages)}, stem={stem}, head={head}")
+        layers: list[nn.Module] = [nn.Sequential(nn.Conv2d(in_ch, stem, 3, padding=1, bias=False),
+                                                 nn.BatchNorm2d(stem), nn.SiLU(inplace=True))]
+        c = stem
+        for expand, cout, n, stride in stages:
+            for i in range(n):
+                layers.append(MBConv(c, cout, stride if i == 0 else 1, expand))
+                c = cout
+        layers.append(nn.Sequential(nn.Conv2d(c, head, 1, bias=False), nn.BatchNorm2d(head), nn.SiLU(inplace=True)))
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(head, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def efficientnet(stages: Sequence[tuple[int, int, int, int]] = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 40, 2, 2)), *,
+                 stem: int = 16, head: int = 128, in_ch: int = 1, num_classes: int = 10) -> EfficientNet:
+    """A small EfficientNet: ``stages`` are (expand ratio, output channels, blocks, stride of
+    the first block). Most of its weights sit in expand convs whose channels a
+    squeeze-and-excitation gate scales: SPEC's rule leaves them out, ``gated_channels=True``
+    prunes them."""
+    return EfficientNet(stages, stem, head, in_ch, num_classes)
 
 
 # --------------------------------------------------------------------------- backend

@@ -219,6 +219,85 @@ def mobilenet_v2_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
     return MobileNetV2Small(in_ch=in_ch, num_classes=num_classes)
 
 
+# --------------------------------------------------------------------------- EfficientNet
+class SqueezeExcite(nn.Module):
+    """torchvision's SqueezeExcitation: a per-channel gate computed from the map itself."""
+
+    def __init__(self, c, squeeze):
+        super().__init__()
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Conv2d(c, squeeze, 1)
+        self.act = nn.SiLU()
+        self.fc2 = nn.Conv2d(squeeze, c, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        s = self.gate(self.fc2(self.act(self.fc1(self.avgpool(x)))))
+        return s * x
+
+
+class MBConv(nn.Module):
+    """EfficientNet's block: [expand 1x1] -> depthwise 3x3 -> squeeze-and-excitation ->
+    project 1x1 (+ residual)."""
+
+    def __init__(self, cin, cout, stride, expand_ratio):
+        super().__init__()
+        hidden = cin * expand_ratio
+        self.use_res_connect = stride == 1 and cin == cout
+        layers: list[nn.Module] = []
+        if expand_ratio != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.SiLU(),
+            SqueezeExcite(hidden, max(1, cin // 4)),
+            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        ]
+        self.block = nn.Sequential(*layers)
+
+    def forward(self, x):
+        if self.use_res_connect:
+            return x + self.block(x)
+        return self.block(x)
+
+
+class EfficientNetSmall(nn.Module):
+    """Stem 16 -> MBConv 16->8 (expand 1) -> 8->12 (expand 4, stride 2) -> 12->12 (residual)
+    -> head 1x1 to 48 -> pool -> linear."""
+
+    def __init__(self, in_ch=3, num_classes=10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Sequential(nn.Conv2d(in_ch, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU()),
+            MBConv(16, 8, 1, 1), MBConv(8, 12, 2, 4), MBConv(12, 12, 1, 4),
+            nn.Sequential(nn.Conv2d(12, 48, 1, bias=False), nn.BatchNorm2d(48), nn.SiLU()),
+        )
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(48, num_classes))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def efficientnet_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
+    return EfficientNetSmall(in_ch=in_ch, num_classes=num_classes)
+
+
+class GatedMLP(nn.Module):
+    """A transformer MLP's SwiGLU (``w2(silu(w1(x)) * w3(x))``) between two linears."""
+
+    def __init__(self, in_features=20, dim=16, hidden=32, num_classes=5):
+        super().__init__()
+        self.inp = nn.Linear(in_features, dim)
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.inp(x)
+        return self.head(self.w2(nn.functional.silu(self.w1(x)) * self.w3(x)))
+
+
 # --------------------------------------------------------------------------- MLP
 def mlp(in_features: int = 20, hidden: int = 32, num_classes: int = 5) -> nn.Module:
     return nn.Sequential(
@@ -236,8 +315,11 @@ MODELS = {
     "resnet_basic": resnet_basic,
     "resnet_bottleneck": resnet_bottleneck,
     "mobilenet_v2_small": mobilenet_v2_small,
+    "efficientnet_small": efficientnet_small,
     "mlp": mlp,
 }
+# how channel spaces that meet may join (find_channel_groups keywords)
+JOINS = {"plain": {}, "coupled": {"coupled": True}, "gated": {"gated": True}, "coupled+gated": {"coupled": True, "gated": True}}
 
 
 class TwoGroupNet(nn.Module):
@@ -274,7 +356,7 @@ def perturb_bn(model: nn.Module, seed: int = 1, mean_scale: float = 0.1, var_min
 def example_input(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:
     """A small deterministic input batch for the model called ``name``."""
     g = torch.Generator().manual_seed(seed)
-    if name == "mlp":
+    if name in ("mlp", "gated_mlp"):
         return torch.randn(batch, 20, generator=g)
     if name in MODELS:
         return torch.randn(batch, 3, 32, 32, generator=g)

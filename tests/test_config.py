@@ -18,7 +18,7 @@ def test_defaults():
     assert (c.soft_bound, c.soft_bound_end, c.swap_fraction, c.swap_fraction_end) == (0.05, 0.0, 0.5, 0.005)
     assert c.min_channel_ratio == 0.2 and c.channel_score == "umm" and c.round_to is None
     assert c.slim_during_training is False and c.exclude == () and c.exclude_channels == ()
-    assert c.coupled_channels is False and c.channel_groups is None and c.dense_first_layer is False
+    assert c.coupled_channels is False and c.gated_channels is False and c.channel_groups is None and c.dense_first_layer is False
     assert c.seed == 0 and c.example_inputs is None
     assert ChaseConfig(density=0.1, total_steps=10).update_steps == 1  # at least 1
 
@@ -70,6 +70,7 @@ def test_fraction_or_steps():
         (dict(exclude=[1]), "exclude"),
         (dict(exclude_channels=[None]), "exclude_channels"),
         (dict(coupled_channels=1), "coupled_channels"),
+        (dict(gated_channels="yes"), "gated_channels"),
         (dict(dense_first_layer=True), "dense_first_layer"),  # needs init="uniform"
         (dict(seed=1.0), "seed"),
         (dict(channel_sparsity=0.5), "channel_sparsity"),  # needs example_inputs or groups

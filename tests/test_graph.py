@@ -12,8 +12,8 @@ from torch import nn
 from chase_ext.graph import channel_coverage, explicit_groups, find_channel_groups, group_from_dict, group_to_dict
 from chase_ext.groups import ChannelGroup, Consumer
 
-from models import (MODELS, example_input, mlp, mobilenet_v2_small, perturb_bn, resnet_basic, resnet_bottleneck,
-                    vgg_small)
+from models import (JOINS, MODELS, GatedMLP, efficientnet_small, example_input, mlp, mobilenet_v2_small, perturb_bn,
+                    resnet_basic, resnet_bottleneck, vgg_small)
 
 
 def stochastic_depth(x, p, mode, training=True):
@@ -134,15 +134,19 @@ def test_mlp():
     ]
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
-@pytest.mark.parametrize("coupled", [False, True])
-def test_groups_are_complete(name, coupled):
+@pytest.mark.parametrize("name", [*sorted(MODELS), "gated_mlp"])
+@pytest.mark.parametrize("joins", list(JOINS))
+def test_groups_are_complete(name, joins):
     """With the consumer columns of some channels zeroed, the output does not depend on
     anything else of those channels (producer rows, biases, follower entries)."""
     torch.manual_seed(0)
-    m = MODELS[name]().eval()
+    m = {**MODELS, "gated_mlp": GatedMLP}[name]().eval()
     x = example_input(name)
-    gs = _find(m, x, coupled=coupled)
+    if name == "efficientnet_small" and joins == "plain":  # most of its weights make gated or coupled channels
+        with pytest.warns(UserWarning, match="gated_channels=True prunes such layers together"):
+            gs = find_channel_groups(m, x, **JOINS[joins])
+    else:
+        gs = _find(m, x, **JOINS[joins])
     assert gs
     mods = dict(m.named_modules())
     with torch.no_grad():
@@ -793,3 +797,87 @@ def test_the_trace_check_lets_groups_leave_out_norms_without_tensors():
     model, x = Net(), torch.randn(2, 3, 12, 12)
     assert find_channel_groups(model, x)[0].followers == ["n1"]
     check_against_trace(model, explicit_groups(model, [{"producers": ["c1"], "consumers": ["c2"]}]), x)
+
+
+# --------------------------------------------------------------------------- gates (gated=True)
+def test_squeeze_and_excitation_gated():
+    """The gate's producer (fc2) and the map it scales make one group under gated=True; the
+    squeeze (fc1) reads the map's channels; the residual block outputs stay with coupled."""
+    m, x = efficientnet_small(), torch.randn(2, 3, 32, 32)
+    gs = _by_producer(_find(m, x, gated=True))
+    se = "features.2.block.6"
+    g = gs[f"features.2.block.0+{se}.fc2"]
+    assert g.consumers == [Consumer(f"{se}.fc1"), Consumer("features.2.block.7")]
+    assert g.followers == ["features.2.block.1", "features.2.block.3", "features.2.block.4"] and g.channels == 32
+    assert gs[f"{se}.fc1"].consumers == [Consumer(f"{se}.fc2")]
+    # the stem's channels pass the first block's depthwise conv into its gate (no expand conv)
+    assert gs["features.0.0+features.1.block.3.fc2"].followers == ["features.0.1", "features.1.block.0",
+                                                                   "features.1.block.1"]
+    assert "features.2.block.7" not in {p for k in gs for p in k.split("+")}  # residual: coupled only
+    cov = channel_coverage(m, x)
+    gated_out = [p for p, o in cov["left_out"].items() if "gated_channels=True" in o["why"]]
+    assert sorted(gated_out) == sorted(p for k in gs if "+" in k for p in k.split("+"))
+    assert channel_coverage(m, x, gated=True)["weight_share"] > 2 * cov["weight_share"]
+
+
+class TimmSE(nn.Module):
+    """timm's SqueezeExcite: a spatial mean with keepdim, conv_reduce/conv_expand, x * gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 12, 3, padding=1)
+        self.conv_reduce, self.conv_expand = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1)
+        self.head = nn.Conv2d(12, 5, 1)
+
+    def forward(self, x):
+        x = F.relu(self.conv(x))
+        s = x.mean((2, 3), keepdim=True)
+        s = self.conv_expand(F.relu(self.conv_reduce(s)))
+        return self.head(x * s.sigmoid()).flatten(1)
+
+
+def test_timm_style_squeeze_and_excitation():
+    gs = _by_producer(_find(TimmSE(), torch.randn(2, 3, 8, 8), gated=True))
+    assert gs["conv+conv_expand"].consumers == [Consumer("conv_reduce"), Consumer("head")]
+    assert gs["conv_reduce"].consumers == [Consumer("conv_expand")]
+
+
+def test_gated_mlp():
+    m, x = GatedMLP(), example_input("gated_mlp")
+    assert [g.producers for g in _find(m, x)] == [["inp"], ["w2"]]
+    assert _find(m, x, gated=True)[1] == ChannelGroup(["w1", "w3"], [Consumer("w2")], [], 32)
+    why = channel_coverage(m, x)["left_out"]["w1"]["why"]
+    assert why.startswith("multiplied with another layer's output")
+
+
+class _Gate(nn.Module):
+    """conv -> relu -> head, where the map is multiplied with ``kind``'s tensor."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.conv, self.att, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 1, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        if self.kind == "self":  # a parameter-free channel attention: still channel-wise
+            y = y * torch.sigmoid(y.mean((2, 3), keepdim=True))
+        elif self.kind == "spatial":  # (N, 1, H, W): one value for all channels of a pixel
+            y = y * torch.sigmoid(self.att(x))
+        elif self.kind == "input":  # with the model input: no layer's channels
+            y = y * x.mean(1, keepdim=True).sigmoid()
+        elif self.kind == "param":  # a registered per-channel scale
+            y = y * self.scale
+        elif self.kind == "add":  # a broadcast add of the channels' own means: channel-wise
+            y = torch.add(y.mean((2, 3), keepdim=True), y)
+        return self.head(y).flatten(1)
+
+
+@pytest.mark.parametrize("kind, groups", [("self", ["conv"]), ("spatial", []), ("input", []), ("param", []),
+                                          ("add", ["conv"])])
+def test_gate_shapes(kind, groups):
+    m, x = _Gate(kind), torch.randn(2, 3, 6, 6)
+    for gated in (False, True):
+        gs = find_channel_groups(m, x, gated=gated)
+        assert [p for g in gs for p in g.producers] == groups, gated

@@ -2,6 +2,7 @@
 precision, checkpoints, errors, native == reference (SPEC §1-§5, §8)."""
 from __future__ import annotations
 
+import copy
 import io
 import math
 import warnings
@@ -835,8 +836,10 @@ def test_event_and_update_on_one_step_with_slimming(name):
         ("vgg_small", dict(round_to=4, channel_score="active_fraction")),
         ("mobilenet_v2_small", dict(channel_score="active_mean", coupled_channels=True, slim_during_training=2)),
         ("vgg_small", dict(exclude_channels=("features.0",), scope="layer")),
+        ("efficientnet_small", dict(gated_channels=True)),
+        ("efficientnet_small", dict(gated_channels=True, coupled_channels=True, slim_during_training=2)),
     ],
-    ids=["coupled", "round_to", "coupled-slim-active_mean", "exclude_channels-layer"],
+    ids=["coupled", "round_to", "coupled-slim-active_mean", "exclude_channels-layer", "gated", "gated-coupled-slim"],
 )
 def test_channel_options(name, kw):
     model, opt, chase = make(name, total_steps=48, update_interval=8, channel_sparsity=0.5, channel_end=0.5, **kw)
@@ -849,6 +852,46 @@ def test_channel_options(name, kw):
         assert any("+" in r["group"] for r in rep)
     if "exclude_channels" in kw:
         assert all(r["group"] != "features.0" for r in rep)
+    if kw.get("gated_channels"):  # the squeeze-and-excitation gates lose the channels of the maps they scale
+        gated = [r for r in rep if any(p.endswith(".fc2") for p in r["producers"])]
+        assert len(gated) == 3 and any(r["live"] < r["channels"] for r in gated)
+    check_masked(chase)
+
+
+def test_gated_channels_slim_keeps_function():
+    """A squeeze-and-excitation model with gated (and coupled) channel groups: the slim
+    model computes what the masked one does, and a checkpoint of it resumes."""
+    kw = dict(total_steps=40, update_interval=5, channel_sparsity=0.5, channel_end=0.5, gated_channels=True,
+              coupled_channels=True)
+    model, opt, chase = make("efficientnet_small", **kw)
+    run("efficientnet_small", model, chase, 40, watch=False)
+    x = example_input("efficientnet_small")
+    model.eval()
+    with torch.no_grad():
+        y0 = model(x)
+    n0 = chase.active_count()
+    chase.slim_()
+    with torch.no_grad():
+        y1 = model(x)
+    torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5)
+    assert chase.active_count() == n0
+    # a map's removed channels left the gate's rows and the squeeze's columns too
+    gated = [r for r in chase.channel_report() if r["producers"][-1].endswith(".fc2")]
+    assert len(gated) == 3 and any(r["live"] < r["channels"] for r in gated)
+    for r in gated:
+        fmap, fc2 = (model.get_submodule(p) for p in r["producers"])
+        fc1 = model.get_submodule(r["producers"][1].replace("fc2", "fc1"))
+        assert fmap.out_channels == fc2.out_channels == fc1.in_channels == r["live"]
+    check_masked(chase)
+    sd = copy.deepcopy(chase.state_dict())
+    m2, o2, c2 = make("efficientnet_small", **kw)
+    c2.load_state_dict(sd)  # replays the slim on the fresh model, which then takes the weights
+    assert [p.shape for p in m2.parameters()] == [p.shape for p in model.parameters()]
+    m2.load_state_dict(model.state_dict())
+    assert c2.channel_report() == chase.channel_report()
+    m2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), y1, rtol=0, atol=0)
 
 
 def test_random_growth_scores_are_one_draw_in_tensor_order(monkeypatch):

@@ -13,7 +13,7 @@ from torch import nn
 from chase_ext.graph import explicit_groups, find_channel_groups, group_to_dict
 from chase_ext.slim import export_dense, replay_, slim_
 
-from models import MODELS, example_input, mlp, perturb_bn, resnet_bottleneck, vgg_small
+from models import JOINS, MODELS, example_input, mlp, perturb_bn, resnet_bottleneck, vgg_small
 
 
 def _native_gather():
@@ -59,15 +59,15 @@ def _mask_channels(model, groups, keep):
 
 
 @pytest.mark.parametrize("gather", GATHERS)
-@pytest.mark.parametrize("coupled", [False, True])
+@pytest.mark.parametrize("joins", ["plain", "coupled", "coupled+gated"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_slim_equals_masked(device, name, coupled, gather):
+def test_slim_equals_masked(device, name, joins, gather):
     torch.manual_seed(0)
     model = MODELS[name]()
     perturb_bn(model)
     model.to(device)
     x = example_input(name).to(device)
-    groups = find_channel_groups(model, x, coupled=coupled)
+    groups = find_channel_groups(model, x, **JOINS[joins])
     keep = _random_keep(groups, torch.Generator().manual_seed(3))
     _mask_channels(model, groups, keep)
     slim = copy.deepcopy(model)
