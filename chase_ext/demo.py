@@ -114,6 +114,10 @@ def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
     p.add_argument("--model", choices=sorted(MODELS), default="vgg",
                    help="the network: a VGG, a small bottleneck ResNet (ResNet-50's block, residual adds) or a "
                    "small EfficientNet (MBConv blocks with squeeze-and-excitation)")
+    p.add_argument("--coupled-channels", action="store_true",
+                   help="also prune residual-coupled channels (block outputs; SPEC's opt-in coupled_channels)")
+    p.add_argument("--gated-channels", action="store_true",
+                   help="also prune channels a squeeze-and-excitation gate scales (gated_channels; not in SPEC)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run, >= 1 (default: 12, --quick: 2)")
     p.add_argument("--seed", type=int, default=0, help="model init, data split/order and masks; in [0, 2**64)")
     p.add_argument("--out", default="demo_report", help="report folder (created; must not be a file)")
@@ -257,6 +261,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bench_batch=xte[: args.bench_batch],
             bench_rounds=s["bench_rounds"],
             threads=threads,
+            channel_kwargs=dict(coupled_channels=args.coupled_channels, gated_channels=args.gated_channels),
         )
         res["timings"]["data_seconds"] = t_data
         res["config"] = {

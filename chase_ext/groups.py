@@ -36,7 +36,8 @@ class ChannelGroup:
     """Channels that live or die together.
 
     producers: Conv(groups=1)/Linear module names whose weight dim 0 are the channels
-        (several only for residual-coupled groups); a channel's score is the sum over them.
+        (several for groups joined by residual adds, ``coupled_channels``, or by gates,
+        ``gated_channels``); a channel's score is the sum over them.
     followers: channel-wise modules between producers and consumers whose per-channel
         tensors and width go with the channel (BatchNorm/InstanceNorm, also one without
         tensors, whose ``num_features`` follows; depthwise convs), in model order.

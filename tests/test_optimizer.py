@@ -838,8 +838,10 @@ def test_event_and_update_on_one_step_with_slimming(name):
         ("vgg_small", dict(exclude_channels=("features.0",), scope="layer")),
         ("efficientnet_small", dict(gated_channels=True)),
         ("efficientnet_small", dict(gated_channels=True, coupled_channels=True, slim_during_training=2)),
+        ("efficientnet_small", dict(gated_channels=True, channel_allocation="latency", latency_batch=2)),
     ],
-    ids=["coupled", "round_to", "coupled-slim-active_mean", "exclude_channels-layer", "gated", "gated-coupled-slim"],
+    ids=["coupled", "round_to", "coupled-slim-active_mean", "exclude_channels-layer", "gated", "gated-coupled-slim",
+         "gated-latency"],
 )
 def test_channel_options(name, kw):
     model, opt, chase = make(name, total_steps=48, update_interval=8, channel_sparsity=0.5, channel_end=0.5, **kw)
