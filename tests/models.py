@@ -220,66 +220,12 @@ def mobilenet_v2_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- EfficientNet
-class SqueezeExcite(nn.Module):
-    """torchvision's SqueezeExcitation: a per-channel gate computed from the map itself."""
-
-    def __init__(self, c, squeeze):
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1 = nn.Conv2d(c, squeeze, 1)
-        self.act = nn.SiLU()
-        self.fc2 = nn.Conv2d(squeeze, c, 1)
-        self.gate = nn.Sigmoid()
-
-    def forward(self, x):
-        s = self.gate(self.fc2(self.act(self.fc1(self.avgpool(x)))))
-        return s * x
-
-
-class MBConv(nn.Module):
-    """EfficientNet's block: [expand 1x1] -> depthwise 3x3 -> squeeze-and-excitation ->
-    project 1x1 (+ residual)."""
-
-    def __init__(self, cin, cout, stride, expand_ratio):
-        super().__init__()
-        hidden = cin * expand_ratio
-        self.use_res_connect = stride == 1 and cin == cout
-        layers: list[nn.Module] = []
-        if expand_ratio != 1:
-            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU()]
-        layers += [
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.SiLU(),
-            SqueezeExcite(hidden, max(1, cin // 4)),
-            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
-        ]
-        self.block = nn.Sequential(*layers)
-
-    def forward(self, x):
-        if self.use_res_connect:
-            return x + self.block(x)
-        return self.block(x)
-
-
-class EfficientNetSmall(nn.Module):
-    """Stem 16 -> MBConv 16->8 (expand 1) -> 8->12 (expand 4, stride 2) -> 12->12 (residual)
-    -> head 1x1 to 48 -> pool -> linear."""
-
-    def __init__(self, in_ch=3, num_classes=10):
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Sequential(nn.Conv2d(in_ch, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.SiLU()),
-            MBConv(16, 8, 1, 1), MBConv(8, 12, 2, 4), MBConv(12, 12, 1, 4),
-            nn.Sequential(nn.Conv2d(12, 48, 1, bias=False), nn.BatchNorm2d(48), nn.SiLU()),
-        )
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(48, num_classes))
-
-    def forward(self, x):
-        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
-
-
 def efficientnet_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
-    return EfficientNetSmall(in_ch=in_ch, num_classes=num_classes)
+    """chase_ext.training's EfficientNet (MBConv blocks with squeeze-and-excitation): stem 16
+    -> 16->8 (expand 1) -> 8->12 (expand 4, stride 2) -> 12->12 (residual) -> head 48."""
+    from chase_ext.training import efficientnet
+
+    return efficientnet(((1, 8, 1, 1), (4, 12, 2, 2)), stem=16, head=48, in_ch=in_ch, num_classes=num_classes)
 
 
 class GatedMLP(nn.Module):

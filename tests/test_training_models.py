@@ -31,6 +31,20 @@ def test_resnet_rejects_bad_shapes(kw):
         T.resnet(**kw)
 
 
+def _train_then_slim_exactly(m, opt, x, y, steps=40):
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        before = m(x)
+    opt.slim_()
+    with torch.no_grad():
+        after = m(x)
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("coupled", [False, True])
 def test_resnet_groups_and_exact_slim(coupled):
     """Each stage's block outputs, its shortcut and the later blocks' outputs are one group
@@ -49,17 +63,7 @@ def test_resnet_groups_and_exact_slim(coupled):
                                   "layers.1.0.conv3+layers.1.0.downsample.0+layers.1.1.conv3"]
     else:
         assert coupled_groups == [] and "stem.0" in groups
-    for _ in range(40):
-        opt.zero_grad()
-        nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        before = m(x)
-    opt.slim_()
-    with torch.no_grad():
-        after = m(x)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    _train_then_slim_exactly(m, opt, x, y)
     if coupled:
         # the second stage's residual group lost channels: its convs, shortcut, the next
         # block's input and the classifier's input all shrank together
@@ -113,17 +117,7 @@ def test_efficientnet_gated_groups_and_exact_slim(gated):
         assert not any("features.0.0" in g or "features.1.block.3.fc2" in g for g in groups)
     else:
         assert gated_groups == [] and len(low) == 1 and "gated_channels=True" in low[0]
-    for _ in range(40):
-        opt.zero_grad()
-        nn.functional.cross_entropy(m(x), y).backward()
-        opt.step()
-    m.eval()
-    with torch.no_grad():
-        before = m(x)
-    opt.slim_()
-    with torch.no_grad():
-        after = m(x)
-    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+    _train_then_slim_exactly(m, opt, x, y)
     if gated:
         live = {r["group"]: r["live"] for r in opt.channel_report()}
         assert any(live[g] < 96 for g in gated_groups[1:])
