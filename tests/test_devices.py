@@ -95,13 +95,18 @@ def _backward_step(name, model, chase, i, device):
     return float(loss.detach())
 
 
-@pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck", "mobilenet_v2_small"])
+# the EfficientNet with gated and coupled groups: every producer of it is in a group
+JOINED = dict(gated_channels=True, coupled_channels=True)
+
+
+@pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck", "mobilenet_v2_small", "efficientnet_small"])
 @pytest.mark.parametrize("opt", ["sgd-momentum", "adam", "rprop"])  # gradients masked / weights and state
 def test_training_invariants_on_device(device, name, opt):
     """Real forward/backward on the device; after every step: masked weights and state
     are 0, the active count is the target at updates, the channel schedule is followed,
     removed channels stay removed; the slimmed model computes the masked model's output."""
-    model, o, chase = _build(name, device, opt=opt, slim_during_training=2)
+    model, o, chase = _build(name, device, opt=opt, slim_during_training=2,
+                             **(JOINED if name == "efficientnet_small" else {}))
     assert chase.groups
     w = Watcher(chase)
     for i in range(chase.config.total_steps):
@@ -283,6 +288,13 @@ def test_cpu_equals_cuda_whole_run(name, kw):
 
 
 @needs_cuda
+def test_cpu_equals_cuda_gated_run():
+    """The same for gated and coupled groups (several producers per group, biases of the gates)."""
+    kw = dict(JOINED, slim_during_training=2)
+    _assert_same_run(_exact_run("efficientnet_small", "cpu", 48, **kw), _exact_run("efficientnet_small", "cuda", 48, **kw))
+
+
+@needs_cuda
 @pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck"])
 @pytest.mark.parametrize("kw", EXACT_CASES, ids=EXACT_IDS)
 @pytest.mark.parametrize("mode", ["bracket", "compact"])
@@ -301,6 +313,12 @@ def test_native_equals_reference_whole_run(kw):
     steps = 48
     _assert_same_run(_exact_run("vgg_small", "cpu", steps, **kw),
                      _exact_run("vgg_small", "cpu", steps, backend="reference", **kw))
+
+
+def test_native_equals_reference_gated_run():
+    kw = dict(JOINED, slim_during_training=2)
+    _assert_same_run(_exact_run("efficientnet_small", "cpu", 48, **kw),
+                     _exact_run("efficientnet_small", "cpu", 48, backend="reference", **kw))
 
 
 @needs_cuda
