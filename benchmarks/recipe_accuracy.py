@@ -1,7 +1,7 @@
 """What each channel-selection recipe costs in accuracy on the demo's real MNIST digits.
 
     python benchmarks/recipe_accuracy.py [--recipes spec round8 ...] [--seeds 0 1 2] [--epochs 12]
-        [--sc 0.5] [--model vgg|resnet] [--threads N] [--latency-dir DIR] [--out PATH] [--no-save] [--quick]
+        [--sc 0.5] [--model vgg|resnet|efficientnet] [--threads N] [--latency-dir DIR] [--out PATH] [--no-save] [--quick]
 
 Every recipe of the speed harness (``benchmarks/recipes.py``: the same names and
 ``ChaseOptimizer`` keywords) trains the demo's Chase run exactly as ``chase-demo`` does
@@ -13,6 +13,8 @@ demo's Chase run at that seed. The dense and DST runs of the demo are not repeat
 ``--model resnet`` trains the demo's other model, a small bottleneck ResNet
 (``chase_ext.training.resnet``; ``chase-demo --model resnet``), everything else the same: the VGG has no residual adds, so recipes that
 couple residual channels (``coupled_channels``) only change anything on a residual model.
+``--model efficientnet`` trains a small EfficientNet (``chase_ext.training.efficientnet``:
+squeeze-and-excitation gates, the ``gated`` recipes' case).
 
 Per recipe and seed: the test accuracy of the slimmed model (checked against the masked
 model before ``slim_()``), the MAC ratio dense/slim (``count_macs``), live channels per
@@ -78,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sc", type=float, default=d.channel_sparsity, help="channel sparsity S_c, in (0, 1)")
     p.add_argument("--density", type=float, default=d.density, help="kept weights, in (0, 1]")
     p.add_argument("--model", choices=sorted(MODELS), default="vgg",
-                   help="the demo's VGG, or a small bottleneck ResNet (residual-coupled channel groups)")
+                   help="the demo's VGG, a small bottleneck ResNet (residual-coupled channel groups) or a small "
+                   "EfficientNet (gated channel groups)")
     p.add_argument("--train-size", type=int, default=None,
                    help=f"training digits (default: all the demo uses; --quick: {QUICK_TRAIN_SIZE})")
     p.add_argument("--threads", type=int, default=None,
