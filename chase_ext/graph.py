@@ -16,7 +16,8 @@ producer's output forward through channel-wise ops until it meets consumers:
   ``flatten(x, 1)`` of a C x H x W map each channel spans H*W columns),
   ``x.view(x.size(0), -1)`` / ``reshape(N, -1)`` (same as ``flatten(x, 1)``), spatial
   ``mean`` over dims that are neither the batch nor the channel dim, elementwise
-  arithmetic with a Python number (``x * 0.5``), ``x.size(0)``/``x.shape[0]``, and
+  arithmetic with a Python number (``x * 0.5``; ``x / 2`` but not ``2 / x``: a removed channel
+  is a constant, 0 or its norm's shift, and must not be a divisor), ``x.size(0)``/``x.shape[0]``, and
   ``contiguous``/``clone``.
 * **consumers** (end of the path): ``nn.Conv*`` with ``groups == 1`` reading the channel
   at dim 1, ``nn.Linear`` reading it on its last dim (``Consumer.repeat`` = columns per

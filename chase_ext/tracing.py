@@ -71,8 +71,10 @@ _BINARY = _ADD_LIKE | {
     torch.maximum, torch.minimum,
 }
 _MUL = {operator.mul, operator.imul, torch.mul}
+_DIV = {operator.truediv, operator.itruediv, torch.div}
 _ADD_METHODS = {"add", "add_", "sub", "sub_"}
 _MUL_METHODS = {"mul", "mul_"}
+_DIV_METHODS = {"div", "div_"}
 _BINARY_METHODS = _ADD_METHODS | _MUL_METHODS | {"div", "div_"}
 
 
@@ -348,7 +350,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
         if tgt is torch.mean:
             return _mean(cl, user, v, cdim, rep, nd)
         if tgt in _BINARY:
-            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_LIKE, tgt in _MUL)
+            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_LIKE, tgt in _MUL, tgt in _DIV)
         return _blk(cl, f"function {fname}")
     if user.op == "call_method":
         if tgt in _ACT_METHODS:
@@ -365,7 +367,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
         if tgt == "mean":
             return _mean(cl, user, v, cdim, rep, nd)
         if tgt in _BINARY_METHODS:
-            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_METHODS, tgt in _MUL_METHODS)
+            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_METHODS, tgt in _MUL_METHODS, tgt in _DIV_METHODS)
         return _blk(cl, f"method .{tgt}()")
     return _blk(cl, f"{user.op} {tgt}")
 
@@ -451,8 +453,11 @@ def _mean(cl, user, v, cdim, rep, nd):
     return (cdim - sum(d < cdim for d in dims), rep, nd - len(set(dims)))
 
 
-def _binary(cl, user, v, cdim, rep, nd, add_like, mul_like):
+def _binary(cl, user, v, cdim, rep, nd, add_like, mul_like, div=False):
     tensors = _nodes_in((user.args, user.kwargs))
+    if div and not (user.args and user.args[0] is v and tensors == [v]):
+        # a removed channel is a constant (0, or its norm's shift): dividing by it may give inf / NaN
+        return _blk(cl, "a division by a tensor")
     others = [n for n in tensors if n is not v]
     if not others:
         shp = _shape(user)

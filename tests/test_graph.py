@@ -923,3 +923,32 @@ def test_llama_mlp_gated_trains_and_slims():
         chase.slim_()
         torch.testing.assert_close(m(x), before, rtol=1e-5, atol=1e-6)
     assert m.w1.out_features == m.w3.out_features == m.w2.in_features == 20
+
+
+class _Div(nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.a, self.g, self.h = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(3, 8, 1), nn.Conv2d(8, 5, 1)
+
+    def forward(self, x):
+        a = self.a(x)
+        if self.kind == "number":
+            y = a / 2.0
+        elif self.kind == "reciprocal":  # a removed channel would divide by zero
+            y = 1.0 / a
+        elif self.kind == "by_itself":
+            y = a / a.abs().mean((2, 3), keepdim=True)
+        elif self.kind == "gate":
+            y = a * (1.0 / self.g(x))
+        else:  # by another layer's channels
+            y = torch.div(a, self.g(x))
+        return self.h(y).flatten(1)
+
+
+@pytest.mark.parametrize("kind, groups", [("number", ["a"]), ("reciprocal", []), ("by_itself", []), ("gate", []),
+                                          ("other", [])])
+def test_division_only_by_a_number(kind, groups):
+    m, x = _Div(kind), torch.randn(2, 3, 6, 6)
+    for kw in JOINS.values():
+        assert [p for g in find_channel_groups(m, x, **kw) for p in g.producers] == groups, kw
