@@ -346,8 +346,11 @@ def format_table(res: dict[str, Any]) -> str:
     lines.append(f"{'Chase, slim':<14}{100 * c['slim_test_acc']:>8.2f}%{c['active_weights_after_slim']:>17,} act."
                  f"  (masked {100 * c['masked_test_acc']:.2f}%, max |logit diff| {c['slim_max_abs_logit_diff']:.1e})")
     lines.append("")
+    cfg = res.get("config", {})
+    joins = [f"{j} channels" for j in ("coupled", "gated") if cfg.get(f"{j}_channels")]
     lines.append(f"Chase channels per layer (before -> after slimming), S_c target "
-                 f"{c['channel_sparsity_target']:.2f}, reached {c['channel_sparsity']:.3f}:")
+                 f"{c['channel_sparsity_target']:.2f}, reached {c['channel_sparsity']:.3f}"
+                 f"{' (with ' + ' and '.join(joins) + ')' if joins else ''}:")
     for ch in c["channels"]:
         lines.append(f"  {ch['group']:<16}{ch['before']:>5} -> {ch['after']:<5}")
     lines.append(f"  {'total':<16}{c['channels_total_before']:>5} -> {c['channels_total_after']:<5}")

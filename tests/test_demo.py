@@ -326,6 +326,7 @@ def test_quick_efficientnet_demo_gated(tmp_path):
                         str(tmp_path), "--no-progress", "--bench-rounds", "1", "--no-plots"])
     assert not [str(i.message) for i in w if "ignored" in str(i.message) or "channel pruning reaches" in str(i.message)]
     assert res["config"]["gated_channels"] is True and res["config"]["model_name"] == "efficientnet"
+    assert "reached 0.500 (with coupled channels and gated channels):" in demo.format_table(res)
     c = res["runs"]["chase"]
     groups = {ch["group"]: ch for ch in c["channels"]}
     assert "features.2.block.0+features.2.block.6.fc2" in groups  # expand conv + its gate
