@@ -4,6 +4,9 @@
         [--settings spec gated coupled_gated] [--sc 0.5] [--size 224] [--batch 16] [--threads 2]
         [--rounds 7] [--device cpu|cuda] [--out PATH]
 
+Results go to ``benchmarks/results/torchvision-<machine>-speed.json`` (the machine named as
+``speed_resnet50.py`` names it: the GPU, or the CPU model and thread count).
+
 Each model (``weights=None``) gets its channels chosen by ``ChaseOptimizer`` itself under
 each setting (``speed_resnet50.select_slim``: density 0.1, one channel event reaching S_c,
 two steps on one random sample, then ``slim_()``; ``benchmarks/recipes.py`` names the
@@ -30,7 +33,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from recipes import RECIPES  # noqa: E402
-from speed_resnet50 import activation_elements, select_slim, time_interleaved  # noqa: E402
+from speed_resnet50 import RESULTS, activation_elements, machine_file, select_slim, time_interleaved  # noqa: E402
 
 from chase_ext.deploy import deploy  # noqa: E402
 from chase_ext.graph import channel_coverage  # noqa: E402
@@ -38,7 +41,6 @@ from chase_ext.measure import count_macs  # noqa: E402
 
 MODELS = ["efficientnet_b0", "mobilenet_v3_large", "regnet_y_400mf", "resnet50"]
 SETTINGS = ["spec", "gated", "coupled_gated"]
-DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "torchvision-speed-cpu.json")
 
 
 def one_model(name: str, settings: list[str], sc: float, size: int, batch: int, rounds: int, device: str) -> dict:
@@ -85,17 +87,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--out", default=DEFAULT_OUT)
+    ap.add_argument("--out", default=None, help="results JSON (default: named after the machine)")
     a = ap.parse_args(argv)
     if not 0 < a.sc < 1:
         ap.error(f"--sc must lie in (0, 1), got {a.sc}")
     import torchvision
 
     torch.set_num_threads(a.threads)
+    machine = os.path.basename(machine_file(a.device))[: -len("-speed.json")]
+    a.out = a.out or os.path.join(RESULTS, f"torchvision-{machine}-speed.json")
     out = {"what": "dense vs slim inference of torchvision models through chase_ext.deploy, per setting",
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
            "torchvision": torchvision.__version__, "python": platform.python_version(),
-           "device": torch.cuda.get_device_name() if a.device == "cuda" else platform.processor() or "cpu",
+           "machine": machine,
            "threads": a.threads, "sc": a.sc, "size": a.size, "batch": a.batch, "rounds": a.rounds,
            "settings": {s: RECIPES[s] for s in a.settings}, "models": []}
     for name in a.models:
