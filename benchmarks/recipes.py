@@ -16,6 +16,10 @@ RECIPES = {
     # squeeze-and-excitation / GLU gates: the gate's layer loses the channels of the map it scales
     "gated": {"gated_channels": True},
     "coupled_gated": {"coupled_channels": True, "gated_channels": True},
+    # grouped convs (ResNeXt, RegNet): the convs around them shrink, every conv group alike
+    "grouped": {"grouped_channels": True},
+    "coupled_grouped": {"coupled_channels": True, "grouped_channels": True},
+    "all_joins": {"coupled_channels": True, "gated_channels": True, "grouped_channels": True},
     # the latency table is measured at the throughput batch of the run (latency_batch set there)
     "latency": {"channel_allocation": "latency"},
     "latency_coupled": {"channel_allocation": "latency", "coupled_channels": True},
@@ -42,5 +46,5 @@ def uses_latency_table(recipe: dict) -> bool:
 def latency_table_name(recipe: dict) -> str:
     """One cached table per set of channel groups: the latency recipes with the same groups
     share it (a table measured for lower floors also serves higher ones)."""
-    joins = [j for j in ("coupled", "gated") if recipe.get(f"{j}_channels")]
+    joins = [j for j in ("coupled", "gated", "grouped") if recipe.get(f"{j}_channels")]
     return "-".join(["table", *joins]) + ".json"

@@ -199,7 +199,7 @@ def measure_latency_table(model: nn.Module, groups: Sequence[ChannelGroup], exam
     shapes = _input_shapes(model, names, example_inputs)
     widths, seconds = {}, {}
     for g, fl in zip(groups, floors):
-        ws = _grid(g.channels, fl, points, step)
+        ws = _grid(g.channels, fl, points, math.lcm(step, g.blocks))  # a grouped conv's widths: whole blocks
         times = []
         for w in ws:
             total = 0.0
@@ -276,20 +276,23 @@ def _next_width(cur: int, lo: int, grid: Sequence[int], round_to: int | None) ->
 
 
 def allocate(names: Sequence[str], live: Sequence[int], floors: Sequence[int], remove: int, table: LatencyTable,
-             round_to: int | None = None) -> list[int]:
-    """How many channels each group gives up at an event (module docstring, step 2)."""
+             round_to: int | None | Sequence[int | None] = None) -> list[int]:
+    """How many channels each group gives up at an event (module docstring, step 2).
+    ``round_to`` may be given per group (``chase_ext.channels.group_step``: a grouped
+    conv's blocks join it)."""
+    steps = list(round_to) if isinstance(round_to, (list, tuple)) else [round_to] * len(live)
     cur = list(live)
     left = max(int(remove), 0)
     out = [0] * len(cur)
     while left > 0:
         best = None
         for g, name in enumerate(names):
-            target = _next_width(cur[g], floors[g], table.widths[name], round_to)
+            target = _next_width(cur[g], floors[g], table.widths[name], steps[g])
             if target is None:
                 continue
             n = cur[g] - target
             if n > left:
-                if round_to:
+                if steps[g]:
                     continue  # a cut move would leave a width off the multiple
                 n, target = left, cur[g] - left
             gain = (table.time(name, cur[g]) - table.time(name, target)) / n
@@ -304,11 +307,19 @@ def allocate(names: Sequence[str], live: Sequence[int], floors: Sequence[int], r
     return out
 
 
-def pick_in_groups(scores: Sequence[Sequence[tuple[float, int]]], counts: Sequence[int]) -> list[list[int]]:
-    """The ``counts[g]`` lowest-scoring channels of each group (ties: lower index), sorted."""
+def pick_in_groups(scores: Sequence[Sequence[tuple[float, int]]], counts: Sequence[int],
+                   blocks: Sequence[int] | None = None, full: Sequence[int] | None = None) -> list[list[int]]:
+    """The ``counts[g]`` lowest-scoring channels of each group (ties: lower index), sorted;
+    a group with ``blocks[g]`` > 1 (of ``full[g]`` original channels) loses the same number
+    from each block (``chase_ext.channels.pick_in_blocks``)."""
+    from .channels import pick_in_blocks
+
     out = []
-    for sc, n in zip(scores, counts):
+    for g, (sc, n) in enumerate(zip(scores, counts)):
         if n > len(sc):
             raise ValueError(f"cannot remove {n} channels from a group with {len(sc)} alive")
-        out.append(sorted(c for _, c in sorted(sc)[:n]))
+        if blocks is not None and blocks[g] > 1:
+            out.append(sorted(pick_in_blocks(sc, n, full[g], blocks[g])))
+        else:
+            out.append(sorted(c for _, c in sorted(sc)[:n]))
     return out

@@ -19,6 +19,12 @@ Choices where SPEC is vague:
   on to other layers (SPEC: "the target may be undershot"). A layer whose current live
   count is not allowed (cannot happen unless round_to changed) is treated the same way.
   The channels a layer removes are its lowest-ranked ones in the global order.
+* **Blocks** (``grouped_channels``, not in SPEC): a group whose channels a grouped conv
+  produces or reads (``ChannelGroup.blocks`` = B > 1) keeps its B blocks of consecutive
+  original channels equally wide. Its live count must be a multiple of B, so B joins
+  ``round_to`` (the step is lcm(round_to, B); floors and the rounding above use it), and
+  the n channels it loses at an event are the n/B lowest-ranked of each block, not its n
+  lowest overall.
 * **Event bookkeeping**: an event whose target needs no removal still counts as an event
   (for ``slim_during_training=k``).
 * **Depthwise followers and biases**: a removed channel's producer bias entries and the
@@ -35,12 +41,19 @@ import torch
 from .schedules import cubic
 
 __all__ = [
+    "group_step",
     "channel_floor",
     "target_live",
     "select_channels",
     "group_scores",
     "ChannelState",
 ]
+
+
+def group_step(round_to: int | None, blocks: int = 1) -> int | None:
+    """The multiple a group's live count keeps (or its full width): lcm(round_to, blocks)."""
+    s = math.lcm(round_to or 1, blocks)
+    return s if s > 1 else None
 
 
 def channel_floor(channels: int, final_sparsity: float, beta: float, round_to: int | None = None) -> int:
@@ -71,14 +84,17 @@ def select_channels(
     full: Sequence[int],
     remove: int,
     round_to: int | None = None,
+    blocks: Sequence[int] | None = None,
 ) -> list[list[int]]:
     """Which channels each layer loses at an event.
 
     scores[l]: (score, channel index) of every live channel of layer l.
     Removes ``remove`` channels with the lowest scores globally, ties by (layer, index),
-    never taking a layer below its floor. Returns the removed channel indices per layer,
-    sorted.
+    never taking a layer below its floor. ``blocks[l]`` > 1: layer l's count is a
+    multiple of it, taken evenly from its blocks (module doc). Returns the removed channel
+    indices per layer, sorted.
     """
+    blocks = list(blocks) if blocks is not None else [1] * len(scores)
     cand = sorted((s, l, c) for l, sc in enumerate(scores) for s, c in sc)
     cur = list(live)
     taken: list[list[int]] = [[] for _ in scores]
@@ -91,14 +107,34 @@ def select_channels(
                 left -= 1
                 if left == 0:
                     break
-    if round_to:
-        for l in range(len(scores)):
-            if not taken[l]:
-                continue
-            new_live = _allowed_up(live[l] - len(taken[l]), full[l], round_to)
-            keep_n = max(live[l] - new_live, 0)
+    for l in range(len(scores)):
+        step = group_step(round_to, blocks[l])
+        if not taken[l] or not step:
+            continue
+        new_live = _allowed_up(live[l] - len(taken[l]), full[l], step)
+        keep_n = max(live[l] - new_live, 0)
+        if blocks[l] > 1:
+            taken[l] = pick_in_blocks(scores[l], keep_n, full[l], blocks[l])
+        else:
             taken[l] = taken[l][:keep_n]  # in rank order: the lowest-ranked go first
     return [sorted(x) for x in taken]
+
+
+def pick_in_blocks(scores: Sequence[tuple[float, int]], n: int, full: int, blocks: int) -> list[int]:
+    """The n/blocks lowest-ranked (score, index) channels of each of ``blocks`` equal
+    blocks of original channels ``[0, full)``; n must be a multiple of ``blocks``."""
+    if n % blocks:
+        raise ValueError(f"cannot take {n} channels evenly from {blocks} blocks")
+    width = full // blocks
+    per: list[list[tuple[float, int]]] = [[] for _ in range(blocks)]
+    for s, c in scores:
+        per[c // width].append((s, c))
+    out = []
+    for b in per:
+        if n // blocks > len(b):
+            raise ValueError(f"cannot remove {n // blocks} channels from a block with {len(b)} alive")
+        out += [c for _, c in sorted(b)[: n // blocks]]
+    return out
 
 
 def group_scores(kind: str, counts: Sequence[int], sums: Sequence[float], fan_in: int) -> list[float]:

@@ -38,7 +38,7 @@ _STATE_VERSION = 1
 # settings whose change would make the recorded channel state inconsistent: refused on load
 _DECIDES_CHANNELS = ("round_to", "min_channel_ratio")
 # settings recorded since a later version: a checkpoint without them ran with these values
-_SETTINGS_ADDED_LATER = {"channel_allocation": "umm", "gated_channels": False}
+_SETTINGS_ADDED_LATER = {"channel_allocation": "umm", "gated_channels": False, "grouped_channels": False}
 
 
 def _what(v) -> str:
@@ -140,6 +140,7 @@ class CheckpointMixin:
             "min_channel_ratio": c.min_channel_ratio, "channel_score": c.channel_score, "round_to": c.round_to,
             "slim_during_training": c.slim_every, "coupled_channels": c.coupled_channels,
             "gated_channels": c.gated_channels,
+            "grouped_channels": c.grouped_channels,
             "channel_allocation": c.channel_allocation,
         }
 
@@ -358,6 +359,6 @@ class CheckpointMixin:
                 s[0] = len(present[g])
             gc = self._col_group[i] if self._ch is not None else None
             if gc is not None:
-                s[1] = len(present[gc[0]]) * gc[1]
+                s[1] = len(present[gc[0]]) * gc[1] // gc[2]
             out.append(tuple(s))
         return out

@@ -148,6 +148,10 @@ class ChaseConfig:
     * ``gated_channels`` (False): producers whose outputs meet in a multiply (a
       squeeze-and-excitation or GLU gate) lose the same channels, as ``coupled_channels``
       does for residual adds (not in SPEC; ``chase_ext.graph``).
+    * ``grouped_channels`` (False): grouped convs that are not depthwise (ResNeXt, RegNet)
+      produce and read prunable channels; every conv group keeps the same width, and a
+      group read by a grouped conv is slimmed at each event that removes its channels
+      (not in SPEC; ``chase_ext.graph``, ``chase_ext.channels``).
     * ``channel_allocation`` ("umm" = SPEC | "latency"), ``latency_table`` (None | cache path |
       ``LatencyTable``), ``latency_batch`` (64): how an event's removal is split between
       groups (``chase_ext.allocation``; "latency" is not in SPEC).
@@ -181,6 +185,7 @@ class ChaseConfig:
     exclude_channels: tuple[str, ...] = ()
     coupled_channels: bool = False
     gated_channels: bool = False
+    grouped_channels: bool = False
     channel_groups: Any = field(default=None, repr=False)
     dense_first_layer: bool = False
     seed: int = 0
@@ -218,7 +223,7 @@ class ChaseConfig:
                 raise ValueError(f"slim_during_training must be False, True or an int k >= 1, got {s}")
         self.exclude = _check_names("exclude", self.exclude)
         self.exclude_channels = _check_names("exclude_channels", self.exclude_channels)
-        for n in ("coupled_channels", "gated_channels", "dense_first_layer"):
+        for n in ("coupled_channels", "gated_channels", "grouped_channels", "dense_first_layer"):
             if not isinstance(getattr(self, n), bool):
                 raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
         if self.dense_first_layer and self.init != "uniform":

@@ -89,11 +89,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 # --model: name -> (factory of the 28x28 digit model, its description in the results). The
 # VGG has no residual adds; the ResNet's block outputs form residual-coupled channel groups;
-# the EfficientNet's expand convs form gated ones (squeeze-and-excitation).
+# the EfficientNet's expand convs form gated ones (squeeze-and-excitation); the ResNeXt's
+# inner convs meet grouped convs.
 MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "vgg": (lambda: T.vgg(in_ch=1, size=28, num_classes=10), "vgg(16,M,32,M,64,64,M; 128 hidden)"),
     "resnet": (lambda: T.resnet(in_ch=1, num_classes=10),
                "resnet(bottleneck blocks; stem 16, widths 16/32, 2+2 blocks, outputs 64/128)"),
+    "resnext": (lambda: T.resnext(in_ch=1, num_classes=10),
+                "resnext(bottleneck blocks with grouped 3x3 convs of 8 groups; stem 16, widths 32/64, 2+2 blocks, "
+                "outputs 64/128)"),
     "efficientnet": (lambda: T.efficientnet(in_ch=1, num_classes=10),
                      "efficientnet(MBConv + squeeze-and-excitation; stem 16, stages 16/24/40 of 1+2+2 blocks, "
                      "expand 1/4/4, head 128)"),
@@ -112,12 +116,14 @@ def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
     p.add_argument("--channel-sparsity", "--sc", dest="channel_sparsity", type=float, default=0.5,
                    help="S_c: share of prunable channels Chase removes, in [0, 1)")
     p.add_argument("--model", choices=sorted(MODELS), default="vgg",
-                   help="the network: a VGG, a small bottleneck ResNet (ResNet-50's block, residual adds) or a "
-                   "small EfficientNet (MBConv blocks with squeeze-and-excitation)")
+                   help="the network: a VGG, a small bottleneck ResNet (ResNet-50's block, residual adds), a small "
+                   "ResNeXt (grouped 3x3 convs) or a small EfficientNet (MBConv blocks with squeeze-and-excitation)")
     p.add_argument("--coupled-channels", action="store_true",
                    help="also prune residual-coupled channels (block outputs; SPEC's opt-in coupled_channels)")
     p.add_argument("--gated-channels", action="store_true",
                    help="also prune channels a squeeze-and-excitation gate scales (gated_channels; not in SPEC)")
+    p.add_argument("--grouped-channels", action="store_true",
+                   help="also prune channels grouped convs produce or read (grouped_channels; not in SPEC)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run, >= 1 (default: 12, --quick: 2)")
     p.add_argument("--seed", type=int, default=0, help="model init, data split/order and masks; in [0, 2**64)")
     p.add_argument("--out", default="demo_report", help="report folder (created; must not be a file)")
@@ -261,7 +267,8 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bench_batch=xte[: args.bench_batch],
             bench_rounds=s["bench_rounds"],
             threads=threads,
-            channel_kwargs=dict(coupled_channels=args.coupled_channels, gated_channels=args.gated_channels),
+            channel_kwargs=dict(coupled_channels=args.coupled_channels, gated_channels=args.gated_channels,
+                                grouped_channels=args.grouped_channels),
         )
         res["timings"]["data_seconds"] = t_data
         res["config"] = {
@@ -347,7 +354,7 @@ def format_table(res: dict[str, Any]) -> str:
                  f"  (masked {100 * c['masked_test_acc']:.2f}%, max |logit diff| {c['slim_max_abs_logit_diff']:.1e})")
     lines.append("")
     cfg = res.get("config", {})
-    joins = [f"{j} channels" for j in ("coupled", "gated") if cfg.get(f"{j}_channels")]
+    joins = [f"{j} channels" for j in ("coupled", "gated", "grouped") if cfg.get(f"{j}_channels")]
     lines.append(f"Chase channels per layer (before -> after slimming), S_c target "
                  f"{c['channel_sparsity_target']:.2f}, reached {c['channel_sparsity']:.3f}"
                  f"{' (with ' + ' and '.join(joins) + ')' if joins else ''}:")

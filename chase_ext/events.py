@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from . import layout as _layout
 from . import sparsity as _sp
-from .channels import ChannelState, channel_floor, group_scores, select_channels, target_live
+from .channels import ChannelState, channel_floor, group_scores, group_step, select_channels, target_live
 from .density import erk_counts
 from .wrappers import forget_compiled
 
@@ -65,6 +66,7 @@ class ChannelEventsMixin:
                 exclude_channels=cfg.exclude_channels,
                 coupled=cfg.coupled_channels,
                 gated=cfg.gated_channels,
+                grouped=cfg.grouped_channels,
             )
         if not groups:
             warnings.warn(f"channel_sparsity={cfg.channel_sparsity} but the model has no prunable channel group "
@@ -74,7 +76,7 @@ class ChannelEventsMixin:
         self.groups = groups
         n = len(self._params)
         self._row_group: list[int | None] = [None] * n
-        self._col_group: list[tuple[int, int] | None] = [None] * n
+        self._col_group: list[tuple[int, int, int] | None] = [None] * n  # (group, repeat, conv groups)
         self._g_prod: list[list[int]] = []
         self._g_fan_in: list[list[int]] = []
         self._g_bias: list[list[nn.Parameter]] = []
@@ -114,22 +116,28 @@ class ChannelEventsMixin:
                     raise ValueError(
                         f"channel group {g.name!r}: consumer {c.module!r} has no sparse weight (excluded?)"
                     )
-                if self._orig_shapes[i][1] != C * c.repeat:
+                if self._orig_shapes[i][1] * c.groups != C * c.repeat:
                     raise ValueError(
-                        f"channel group {g.name!r}: consumer {c.module!r} reads {self._orig_shapes[i][1]} inputs, "
-                        f"expected channels*repeat = {C}*{c.repeat}"
+                        f"channel group {g.name!r}: consumer {c.module!r} reads {self._orig_shapes[i][1]} inputs"
+                        f"{f' per conv group ({c.groups} groups)' if c.groups > 1 else ''}, "
+                        f"expected channels*repeat = {C}*{c.repeat}{f' / {c.groups}' if c.groups > 1 else ''}"
                     )
                 if self._col_group[i] is not None:
                     raise ValueError(f"{c.module!r} is a consumer of two channel groups")
-                self._col_group[i] = (gi, int(c.repeat))
+                self._col_group[i] = (gi, int(c.repeat), int(c.groups))
             self._g_prod.append(prods)
             self._g_fan_in.append(fans)
             self._g_bias.append(biases)
             channels.append(C)
         self._ch = ChannelState(channels)
+        self._steps = [group_step(cfg.round_to, g.blocks) for g in groups]  # round_to, and whole conv groups
         self._floors = [
-            channel_floor(C, cfg.channel_sparsity, cfg.min_channel_ratio, cfg.round_to) for C in channels
+            channel_floor(C, cfg.channel_sparsity, cfg.min_channel_ratio, st) for C, st in zip(channels, self._steps)
         ]
+        # a grouped conv reading a group's channels keeps different columns in each conv group,
+        # which no row x column mask describes: such groups are slimmed at the event that
+        # removes their channels (``_channel_event``)
+        self._slim_at_removal = [any(c.groups > 1 for c in g.consumers) for g in groups]
         self._latency = None
         if cfg.channel_allocation == "latency" and groups:
             from .allocation import resolve_latency_table
@@ -186,13 +194,17 @@ class ChannelEventsMixin:
                 from .allocation import allocate, pick_in_groups
 
                 counts = allocate([g.name for g in self.groups], live, self._floors, need, self._latency,
-                                  cfg.round_to)
-                removed = pick_in_groups(sc, counts)
+                                  self._steps)
+                removed = pick_in_groups(sc, counts, [g.blocks for g in self.groups], ch.channels)
             else:
-                removed = select_channels(sc, live, self._floors, ch.channels, need, cfg.round_to)
+                removed = select_channels(sc, live, self._floors, ch.channels, need, cfg.round_to,
+                                          [g.blocks for g in self.groups])
             if any(removed):
                 for g, r in enumerate(removed):
                     ch.remove(g, r)
+                now = [g for g, r in enumerate(removed) if r and self._slim_at_removal[g]]
+                if now:
+                    scores = self._slim(scores, only=now)
                 self._after_removal()
         if cfg.scope == "layer":
             # SPEC §3.4: after every channel event, whether or not it removed anything
@@ -238,28 +250,34 @@ class ChannelEventsMixin:
                 "ddp = chase_ext.rewrap_ddp(ddp, chase) after every chase.step()", stacklevel=3)
             self._unwrapped_slim = None
 
-    def _slim(self, scores):
+    def _slim(self, scores, only: Sequence[int] | None = None):
+        """Slim every group with removed channels still present (``only``: those groups)."""
         ch = self._ch
         if ch is None:
             return scores
         keep = ch.pending_keep()
+        if only is not None:
+            keep = [k if g in only else None for g, k in enumerate(keep)]
         if all(k is None for k in keep):
             return scores
+        from .slim import _gather_blocks
+
         idx = self._gather_index(keep)
         self._apply_slim(keep)
         self._note_slim_under_ddp(self._t)
         if scores is not None:
             out = []
-            for s, (ri, ci) in zip(scores, idx):
+            for s, (ri, ci, blocks) in zip(scores, idx):
                 if ri is not None:
                     s = s.index_select(0, ri.to(s.device))
                 if ci is not None:
-                    s = s.index_select(1, ci.to(s.device))
+                    s = s.index_select(1, ci.to(s.device)) if blocks == 1 else _gather_blocks(s, ci, blocks)
                 out.append(s)
             scores = out
         return scores
 
     def _gather_index(self, keep):
+        """Per parameter: (rows kept, columns kept, conv groups of a grouped consumer)."""
         out = []
         for i in range(len(self._params)):
             ri = ci = None
@@ -267,10 +285,11 @@ class ChannelEventsMixin:
             if g is not None and keep[g] is not None:
                 ri = keep[g]
             gc = self._col_group[i]
+            blocks = 1
             if gc is not None and keep[gc[0]] is not None:
-                k, rep = keep[gc[0]], gc[1]
+                k, rep, blocks = keep[gc[0]], gc[1], gc[2]
                 ci = (k.view(-1, 1) * rep + torch.arange(rep).view(1, -1)).flatten()
-            out.append((ri, ci))
+            out.append((ri, ci, blocks))
         return out
 
     def _apply_slim(self, keep, with_state: bool = True) -> None:

@@ -23,7 +23,7 @@ producer's output forward through channel-wise ops until it meets consumers:
   at dim 1, ``nn.Linear`` reading it on its last dim (``Consumer.repeat`` = columns per
   channel). Several consumers are fine.
 * anything else **blocks** the producer: the model output, ``cat``, LayerNorm/GroupNorm,
-  a grouped (non-depthwise) conv, other reshapes, an attribute use (``x.size(1)``,
+  a grouped (non-depthwise) conv unless ``grouped=True``, other reshapes, an attribute use (``x.size(1)``,
   ``x.shape``...), softmax, an unknown module or function, and an elementwise op between
   two tensors unless every tensor operand is in the *same* producer's channel space
   (``x * torch.sigmoid(x)`` is fine; a residual ``a + b`` of two producers is not). An
@@ -37,6 +37,13 @@ elementwise ``add``/``sub`` (residual adds) become *one* group (several producer
 union of their followers and consumers). Such a group is still blocked when any member is
 blocked, or when an operand of one of its adds comes from outside the group (e.g. the
 model input).
+
+``grouped=True`` ("grouped_channels", not in SPEC, opt-in): grouped convs that are not
+depthwise (ResNeXt, RegNet) are producers and consumers too. A conv with ``g`` groups
+needs every conv group equally wide, so its channels form ``g`` equal blocks
+(``ChannelGroup.blocks``, the lcm over the group's grouped convs) and every event removes
+the same number from each block (:mod:`chase_ext.channels`). A group whose grouped conv
+has one channel per conv group is left out.
 
 ``gated=True`` ("gated_channels", not in SPEC, opt-in like ``coupled``): the same for
 producers whose channel spaces meet in an elementwise ``mul``: squeeze-and-excitation
@@ -84,14 +91,15 @@ joins, size checks, order) and holds the explicit groups.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Any, Sequence
 
 from torch import fx, nn
 
 from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM, ChannelGroup, Consumer
-from .tracing import (_Closure, _closure, _computed_tensor, _has_state, _is_depthwise, _is_producer_module, _match,
-                      _nodes_in, _norm_patterns, _shape_prop, _Trace, _train_mode)
+from .tracing import (_Closure, _closure, _computed_tensor, _has_state, _is_depthwise, _is_grouped,
+                      _is_producer_module, _match, _nodes_in, _norm_patterns, _shape_prop, _Trace, _train_mode)
 
 __all__ = ["find_channel_groups", "channel_coverage", "explicit_groups", "check_against_trace", "group_to_dict", "group_from_dict"]
 
@@ -121,6 +129,7 @@ def find_channel_groups(
     exclude_channels: Sequence[str] | str = (),
     coupled: bool = False,
     gated: bool = False,
+    grouped: bool = False,
 ) -> list[ChannelGroup]:
     """Prunable channel groups of ``model`` by the SPEC §4 rule (see the module doc).
 
@@ -129,7 +138,7 @@ def find_channel_groups(
     not trace. Warns when the groups reach less than a third of the candidate layers'
     weights (``channel_coverage`` tells the share and why each layer is left out).
     """
-    groups, cov = _find(model, example_inputs, exclude, exclude_channels, coupled, gated)
+    groups, cov = _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped)
     if cov is not None and cov["left_out"] and 3 * cov["weight_share"] < 1:
         _warn_low_coverage(model, cov)
     return groups
@@ -143,20 +152,21 @@ def channel_coverage(
     exclude_channels: Sequence[str] | str = (),
     coupled: bool = False,
     gated: bool = False,
+    grouped: bool = False,
 ) -> dict[str, Any] | None:
     """What channel pruning reaches in ``model`` (arguments as ``find_channel_groups``):
     ``groups``, ``reached_layers`` of ``candidate_layers`` (producers not excluded by the
     user whose channels are not the model's outputs), ``weight_share`` (their weights in
     groups, 0..1), and ``left_out``: for each candidate left out, ``why`` (what its
     channels run into) and its ``weights``. None when the model does not trace."""
-    return _find(model, example_inputs, exclude, exclude_channels, coupled, gated)[1]
+    return _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped)[1]
 
 
-def _find(model, example_inputs, exclude, exclude_channels, coupled, gated):
+def _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped):
     """(groups, coverage record, or None when the model does not trace)."""
     excl = _norm_patterns(exclude)
     excl_ch = _norm_patterns(exclude_channels)
-    _warn_unmatched_channels(model, excl_ch)
+    _warn_unmatched_channels(model, excl_ch, grouped)
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     with _train_mode(model):
         try:
@@ -170,7 +180,7 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled, gated):
             )
             return [], None
         _shape_prop(model, gm, args)
-    tr = _Trace(model, gm)
+    tr = _Trace(model, gm, grouped)
 
     closures: list[_Closure] = []
     for node in gm.graph.nodes:
@@ -178,7 +188,7 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled, gated):
             continue
         name = str(node.target)
         m = tr.modules.get(name)
-        if m is None or not _is_producer_module(m) or name in tr.bad:
+        if m is None or not _is_producer_module(m, grouped) or name in tr.bad:
             continue
         cl = _closure(tr, name, node, excl)
         if _match(f"{name}.weight", excl):
@@ -263,12 +273,22 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled, gated):
         if not _check_sizes(tr, C, fol, cons):
             leave_out(members, "a layer it feeds sees another number of channels")
             continue
+        # grouped convs among producers and consumers: every conv group keeps the same width
+        conv_groups = [tr.modules[n].groups for n in [*(c.producer for c in members), *cons]
+                       if _is_grouped(tr.modules[n])]
+        blocks = math.lcm(1, *conv_groups)
+        if blocks > 1 and blocks >= C:
+            leave_out(members, f"each conv group of the grouped conv{'s' * (len(conv_groups) > 1)} it meets has one "
+                               "channel: none can go")
+            continue
         prods = sorted((c.producer for c in members), key=lambda p: tr.param_pos.get(f"{p}.weight", 1 << 60))
         g = ChannelGroup(
             producers=prods,
-            consumers=[Consumer(n, r) for n, (nd, r) in sorted(cons.items(), key=lambda kv: tr.order[kv[1][0]])],
+            consumers=[Consumer(n, r, tr.modules[n].groups if _is_grouped(tr.modules[n]) else 1)
+                       for n, (nd, r) in sorted(cons.items(), key=lambda kv: tr.order[kv[1][0]])],
             followers=[n for n, nd in sorted(fol.items(), key=lambda kv: tr.order[kv[1]])],
             channels=int(C),
+            blocks=blocks,
         )
         groups.append((tr.param_pos.get(f"{prods[0]}.weight", 1 << 60), g))
 
@@ -351,11 +371,11 @@ def _warn_low_coverage(model: nn.Module, cov: dict[str, Any]) -> None:
     )
 
 
-def _warn_unmatched_channels(model: nn.Module, patterns: Sequence[str]) -> None:
+def _warn_unmatched_channels(model: nn.Module, patterns: Sequence[str], grouped: bool) -> None:
     """One warning per ``exclude_channels`` pattern that names no producer layer."""
     if not patterns:
         return
-    names = [n for n, m in model.named_modules(remove_duplicate=False) if _is_producer_module(m)]
+    names = [n for n, m in model.named_modules(remove_duplicate=False) if _is_producer_module(m, grouped)]
     for p in patterns:
         if not any(_match(n, (p,)) or _match(f"{n}.weight", (p,)) for n in names):
             warnings.warn(
@@ -397,7 +417,7 @@ def check_against_trace(model: nn.Module, groups: Sequence[ChannelGroup], exampl
             _shape_prop(model, gm, args)
         except Exception:  # noqa: BLE001 - not traceable here: nothing to check against
             return
-    tr = _Trace(model, gm)
+    tr = _Trace(model, gm, grouped=True)  # a grouped conv reading the channels must be listed too
     nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
     for i, g in enumerate(groups):
         for p in g.producers:
@@ -419,20 +439,23 @@ def group_to_dict(g: ChannelGroup) -> dict:
     """A plain (picklable, JSON-able) description of a group."""
     return {
         "producers": list(g.producers),
-        "consumers": [[c.module, int(c.repeat)] for c in g.consumers],
+        "consumers": [[c.module, int(c.repeat)] + ([int(c.groups)] if c.groups > 1 else []) for c in g.consumers],
         "followers": list(g.followers),
         "channels": int(g.channels),
+        **({"blocks": int(g.blocks)} if g.blocks > 1 else {}),
     }
 
 
 def group_from_dict(d: dict) -> ChannelGroup:
     """Inverse of :func:`group_to_dict` (no validation against a model)."""
-    cons = [Consumer(c) if isinstance(c, str) else Consumer(str(c[0]), int(c[1])) for c in d.get("consumers", [])]
+    cons = [Consumer(c) if isinstance(c, str) else Consumer(str(c[0]), *(int(x) for x in c[1:3]))
+            for c in d.get("consumers", [])]
     return ChannelGroup(
         producers=list(d["producers"]),
         consumers=cons,
         followers=list(d.get("followers", [])),
         channels=int(d.get("channels", 0)),
+        blocks=int(d.get("blocks", 1)),
     )
 
 
@@ -440,7 +463,8 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
     """Validate a user-given list of groups into ``ChannelGroup`` objects.
 
     Each entry is a ``ChannelGroup`` or a dict with keys ``"producers"`` (module names of
-    Conv(groups=1)/Linear layers with equal output width), ``"consumers"`` (module names,
+    Conv/Linear layers with equal output width; grouped convs keep every conv group
+    equally wide, see ``ChannelGroup.blocks``), ``"consumers"`` (module names,
     or ``(name, repeat)`` for a Linear reading each channel as ``repeat`` consecutive
     input features), optional ``"followers"`` (BatchNorm/InstanceNorm or depthwise convs
     of that width) and optional ``"channels"`` (checked). Widths are checked against the
@@ -491,7 +515,7 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
                 entry.pop("channels")
         if not isinstance(entry, dict):
             raise TypeError(f"channel_groups[{i}] must be a dict or ChannelGroup, got {type(entry).__name__}")
-        unknown = set(entry) - {"producers", "consumers", "followers", "channels"}
+        unknown = set(entry) - {"producers", "consumers", "followers", "channels", "blocks"}
         if unknown:
             raise ValueError(f"channel_groups[{i}]: unknown keys {sorted(unknown)}")
         prods = entry.get("producers")
@@ -510,10 +534,10 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
         widths = set()
         for p in prods:
             m = get(i, "producers", p)
-            if not _is_producer_module(m):
+            if not _is_producer_module(m, grouped=True):
                 raise ValueError(
                     f"channel_groups[{i}].producers: {p!r} is a {type(m).__name__}; producers must be "
-                    "Conv1d/2d/3d with groups=1 or Linear"
+                    "Conv1d/2d/3d (not depthwise) or Linear"
                 )
             widths.add(int(m.weight.shape[0]))
         if len(widths) != 1:
@@ -549,6 +573,7 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
                 raise TypeError(f"channel_groups[{i}].consumers: expected a name or (name, repeat), got {c!r}")
             if not isinstance(rep, int) or isinstance(rep, bool) or rep < 1:
                 raise ValueError(f"channel_groups[{i}].consumers: repeat of {name!r} must be a positive int, got {rep!r}")
+            cg = 1
             m = get(i, "consumers", name, coupled=len(prods) > 1)
             if isinstance(m, nn.Linear):
                 if m.in_features != C * rep:
@@ -556,20 +581,27 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
                         f"channel_groups[{i}].consumers: linear {name!r} has in_features={m.in_features}, "
                         f"expected {C} channels x repeat {rep} = {C * rep}"
                     )
-            elif isinstance(m, _CONV) and m.groups == 1:
+            elif isinstance(m, _CONV) and not _is_depthwise(m):
                 if rep != 1 or m.in_channels != C:
                     raise ValueError(
                         f"channel_groups[{i}].consumers: conv {name!r} has in_channels={m.in_channels}, "
                         f"expected {C} (repeat must be 1 for a conv)"
                     )
+                cg = m.groups
             else:
                 raise ValueError(
                     f"channel_groups[{i}].consumers: {name!r} is a {type(m).__name__}; consumers must be "
-                    "Conv1d/2d/3d with groups=1 or Linear"
+                    "Conv1d/2d/3d (not depthwise) or Linear"
                 )
-            cons.append(Consumer(name, rep))
+            cons.append(Consumer(name, rep, cg))
+        blocks = math.lcm(1, *(mods[p].groups for p in prods if _is_grouped(mods[p])), *(c.groups for c in cons))
+        if blocks > 1 and blocks >= C:
+            raise ValueError(f"channel_groups[{i}]: each conv group of its grouped convs has one channel; "
+                             "none could be removed")
+        if entry.get("blocks") not in (None, blocks):
+            raise ValueError(f"channel_groups[{i}].blocks={entry['blocks']} but its grouped convs make {blocks}")
         prods = sorted(prods, key=lambda p: pos.get(f"{p}.weight", 1 << 60))
-        g = ChannelGroup(producers=list(prods), consumers=cons, followers=list(fols), channels=C)
+        g = ChannelGroup(producers=list(prods), consumers=cons, followers=list(fols), channels=C, blocks=blocks)
         out.append((pos.get(f"{prods[0]}.weight", 1 << 60), g))
     out.sort(key=lambda t: t[0])
     return [g for _, g in out]

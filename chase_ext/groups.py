@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-# Layer kinds a group is made of: producers/consumers (conv with groups=1, or Linear),
-# depthwise followers (conv), and the channel-wise norms (SPEC §4).
+# Layer kinds a group is made of: producers/consumers (conv with groups=1, or Linear;
+# grouped convs too with ``grouped_channels``), depthwise followers (conv), and the
+# channel-wise norms (SPEC §4).
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 NORM_TYPES = (
     nn.BatchNorm1d,
@@ -21,14 +22,18 @@ NORM_TYPES = (
 
 @dataclass(frozen=True)
 class Consumer:
-    """A Conv (groups=1) or Linear that reads the group's channels on its input (dim 1).
+    """A Conv or Linear that reads the group's channels on its input (dim 1).
 
     Channel ``c`` occupies input columns ``[c * repeat, (c + 1) * repeat)``; ``repeat`` is 1
     for a conv and H*W for a Linear after ``flatten`` of a C x H x W map.
+    ``groups`` > 1: a grouped conv (``grouped_channels``): conv group ``j`` reads channels
+    ``[j * C/groups, (j + 1) * C/groups)`` as the columns of its own rows, so channel ``c``
+    is column ``c % (C/groups)`` of the rows of conv group ``c // (C/groups)``.
     """
 
     module: str
     repeat: int = 1
+    groups: int = 1
 
 
 @dataclass
@@ -43,12 +48,16 @@ class ChannelGroup:
         tensors, whose ``num_features`` follows; depthwise convs), in model order.
     consumers: modules whose input slice of each channel goes with it.
     channels: original channel count C_l.
+    blocks: the channels form this many equal consecutive blocks that must stay equally
+        wide (1, or the lcm of the ``groups`` of the grouped convs producing or reading
+        them, ``grouped_channels``): a grouped conv needs every conv group as wide.
     """
 
     producers: list[str]
     consumers: list[Consumer]
     followers: list[str] = field(default_factory=list)
     channels: int = 0
+    blocks: int = 1
 
     @property
     def name(self) -> str:

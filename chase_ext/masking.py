@@ -201,7 +201,12 @@ class MaskingMixin:
             if g is not None:
                 self._live_rows[i] = phys[g]
             gc = self._col_group[i]
-            if gc is not None:
+            if gc is not None and gc[2] > 1:
+                # a grouped conv's groups are slimmed at each removal: all it reads is live
+                if not bool(phys[gc[0]].all()):
+                    raise RuntimeError(f"chase_ext internal error: {self._names[i]!r} reads removed channels of a "
+                                       "grouped conv's group that were not slimmed")
+            elif gc is not None:
                 self._live_cols[i] = phys[gc[0]].repeat_interleave(gc[1])
         self._any_removed = any(partial)
         if self._any_removed:

@@ -5,14 +5,18 @@
     int64 tensor of the *current* physical channel indices to keep), removes the other
     channels in place:
 
-    * producers (Conv groups=1 / Linear): weight rows (dim 0) and bias entries;
-      ``out_channels`` / ``out_features``;
+    * producers (Conv / Linear): weight rows (dim 0) and bias entries;
+      ``out_channels`` / ``out_features`` (a grouped conv keeps its ``groups``: the group's
+      ``blocks`` make every conv group keep as many rows);
     * followers: BatchNorm/InstanceNorm ``weight``, ``bias``, ``running_mean``,
       ``running_var`` and ``num_features``; depthwise convs: weight rows, bias,
       ``in_channels``, ``out_channels`` and ``groups``;
     * consumers: input columns (dim 1) of the weight, ``repeat`` consecutive columns per
       channel (a Linear after ``flatten`` of a C x H x W map has ``repeat = H*W``);
-      ``in_channels`` / ``in_features``;
+      ``in_channels`` / ``in_features``; a grouped conv (``Consumer.groups``) keeps, in the
+      rows of conv group ``j``, the columns of block ``j``'s kept channels (a gather into a
+      new tensor: its state follows when shaped like the weight, other state is warned
+      about);
     * ``masks`` (dict: parameter name -> tensor shaped like the parameter): the entries
       of changed parameters are replaced by gathered tensors;
     * ``optimizer.state[p]``: every tensor whose shape equals ``p``'s old shape (momentum,
@@ -101,6 +105,20 @@ def _compact(t: Tensor, idx: Tensor, dim: int, gather: Gather) -> Tensor:
     return kept.clone() if out is kept else out
 
 
+def _gather_blocks(t: Tensor, idx: Tensor, blocks: int) -> Tensor:
+    """A grouped conv weight ``t`` (``[out, C/blocks, *kernel]``, conv group ``j`` owning rows
+    ``[j*out/blocks, (j+1)*out/blocks)``) keeping input channels ``idx`` of ``[0, C)``: the
+    rows of conv group ``j`` keep the columns of block ``j``'s kept channels. Every block
+    keeps as many (checked by ``_plan``). A new tensor laid out like ``t``."""
+    o, a = t.shape[0], t.shape[1]
+    local = idx.view(blocks, -1) - (torch.arange(blocks, dtype=idx.dtype) * a).view(-1, 1)
+    k = local.shape[1]
+    tv = t.reshape(blocks, o // blocks, a, -1)
+    index = local.to(t.device).view(blocks, 1, k, 1).expand(blocks, o // blocks, k, tv.shape[3])
+    out = torch.gather(tv, 2, index).reshape(o, k, *t.shape[2:])
+    return like(out, t)
+
+
 def _set_param_data(p: Tensor, new: Tensor) -> None:
     """``p.data = new`` that also drops the cached AccumulateGrad node (see module doc)."""
     if p.is_floating_point() or p.is_complex():
@@ -152,31 +170,42 @@ class _Slimmer:
                     self.flat_pos[id(q)] = torch.arange(off, off + q.numel()).view(q.shape)
                     off += q.numel()
 
-    def param(self, p: nn.Parameter, idx: Tensor, dim: int) -> None:
+    def param(self, p: nn.Parameter, idx: Tensor, dim: int, blocks: int = 1) -> None:
+        """Gather ``p`` (and its grad, state, mask) along ``dim``; ``blocks`` > 1: the input
+        columns of a grouped conv (``_gather_blocks``), where only state of ``p``'s own shape
+        can follow."""
         old_shape = p.shape
+
+        def compact(t: Tensor) -> Tensor:
+            return _compact(t, idx, dim, self.gather) if blocks == 1 else _gather_blocks(t, idx, blocks)
+
+        def spans(shape) -> bool:
+            return _spans(shape, old_shape, dim) if blocks == 1 else tuple(shape) == tuple(old_shape)
+
         grad = p.grad
-        new = _compact(p.data, idx, dim, self.gather)
+        new = compact(p.data)
         new_grad = None
         if grad is not None and grad.shape == old_shape:
-            new_grad = _compact(grad, idx, dim, self.gather) if not grad.is_sparse else None
+            new_grad = compact(grad) if not grad.is_sparse else None
         if self.optimizer is not None:
             st = self.optimizer.state.get(p)
             if st:
                 for k, v in list(st.items()):
-                    if isinstance(v, Tensor) and _spans(v.shape, old_shape, dim):
-                        st[k] = _compact(v, idx, dim, self.gather)
-                    elif isinstance(v, Tensor) and v.numel() > 1 and not _spans(v.shape, old_shape, dim) \
+                    if isinstance(v, Tensor) and spans(v.shape):
+                        st[k] = compact(v)
+                    elif isinstance(v, Tensor) and v.numel() > 1 and not spans(v.shape) \
                             and not (self.flat_pos is not None and k in _LBFGS_FLAT) \
-                            and (v.dim() != len(old_shape) or v.shape[dim] != 1):
+                            and (blocks > 1 or v.dim() != len(old_shape) or v.shape[dim] != 1):
                         self.unfit.append(f"{self.pname.get(id(p), '?')}[{k!r}] {tuple(v.shape)}")
             if self.flat_pos is not None and id(p) in self.flat_pos:
-                self.flat_pos[id(p)] = self.flat_pos[id(p)].index_select(dim, idx)
+                fp = self.flat_pos[id(p)]
+                self.flat_pos[id(p)] = fp.index_select(dim, idx) if blocks == 1 else _gather_blocks(fp, idx, blocks)
         name = self.pname.get(id(p))
         if self.masks is not None and name is not None and name in self.masks:
             m = self.masks[name]
             if m.shape != old_shape:
                 raise ValueError(f"slim_: masks[{name!r}] has shape {tuple(m.shape)}, expected {tuple(old_shape)}")
-            self.masks[name] = _compact(m, idx, dim, self.gather)
+            self.masks[name] = compact(m)
         p.grad = None
         _set_param_data(p, new)
         p.grad = new_grad
@@ -205,14 +234,18 @@ class _Slimmer:
     def buffer(self, b: Tensor, idx: Tensor, dim: int) -> None:
         b.data = _compact(b.data, idx, dim, self.gather)
 
-    def tensor_attr(self, m: nn.Module, attr: str, idx: Tensor, dim: int) -> None:
+    def tensor_attr(self, m: nn.Module, attr: str, idx: Tensor, dim: int, blocks: int = 1) -> None:
         t = getattr(m, attr, None)
         if t is None:
             return
         if isinstance(t, nn.Parameter):
-            self.param(t, idx, dim)
+            self.param(t, idx, dim, blocks)
         else:
             self.buffer(t, idx, dim)
+
+
+def _depthwise(m: nn.Module) -> bool:
+    return m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
 def _as_keep(k, C: int, where: str) -> Tensor:
@@ -258,8 +291,11 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
         widths = set()
         for p in g.producers:
             m = mod(i, p, "producer")
-            if not ((isinstance(m, _CONV) and m.groups == 1) or isinstance(m, nn.Linear)):
+            if not ((isinstance(m, _CONV) and not _depthwise(m)) or isinstance(m, nn.Linear)):
                 raise ValueError(f"slim_: producer {p!r} of group {i} is a {type(m).__name__}")
+            if isinstance(m, _CONV) and g.blocks % m.groups:
+                raise ValueError(f"slim_: producer {p!r} of group {i} has {m.groups} conv groups; the group's "
+                                 f"blocks={g.blocks} must be a multiple")
             widths.add(int(m.weight.shape[0]))
         if len(widths) != 1:
             raise ValueError(f"slim_: producers of group {i} have different widths {sorted(widths)}")
@@ -282,9 +318,12 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
                         f"slim_: consumer {c.module!r} of group {i} has in_features={m.in_features}, "
                         f"expected {C} x {c.repeat}"
                     )
-            elif isinstance(m, _CONV) and m.groups == 1:
+            elif isinstance(m, _CONV) and not _depthwise(m):
                 if m.in_channels != C or c.repeat != 1:
                     raise ValueError(f"slim_: consumer {c.module!r} of group {i} has in_channels={m.in_channels}, expected {C}")
+                if m.groups != c.groups or g.blocks % m.groups:
+                    raise ValueError(f"slim_: consumer {c.module!r} of group {i} has {m.groups} conv groups, the group "
+                                     f"says {c.groups} (blocks={g.blocks})")
             else:
                 raise ValueError(f"slim_: consumer {c.module!r} of group {i} is a {type(m).__name__}")
         if k is None:
@@ -292,6 +331,13 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
         kk = _as_keep(k, C, f"slim_: keep[{i}] ({g.name})")
         if kk.numel() == C:
             continue
+        if g.blocks > 1:  # every conv group of a grouped conv keeps the same width
+            if C % g.blocks:
+                raise ValueError(f"slim_: group {i} ({g.name}) has {C} channels, not a multiple of blocks={g.blocks}")
+            per = torch.bincount(kk // (C // g.blocks), minlength=g.blocks)
+            if bool((per != per[0]).any()):
+                raise ValueError(f"slim_: keep[{i}] ({g.name}) keeps {per.tolist()} channels of its {g.blocks} "
+                                 "blocks; a grouped conv needs the same number in each")
         for p in g.producers:
             claim(i, p, 0)
         for f in g.followers:
@@ -340,7 +386,7 @@ def slim_(
                 m.in_channels = m.out_channels = m.groups = K
         for c in g.consumers:
             m = mods[c.module]
-            s.tensor_attr(m, "weight", _expand(k, c.repeat), 1)
+            s.tensor_attr(m, "weight", _expand(k, c.repeat), 1, c.groups)
             if isinstance(m, nn.Linear):
                 m.in_features = K * c.repeat
             else:

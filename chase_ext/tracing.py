@@ -90,8 +90,14 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, _CONV) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def _is_producer_module(m: nn.Module) -> bool:
-    return (isinstance(m, _CONV) and m.groups == 1) or isinstance(m, nn.Linear)
+def _is_grouped(m: nn.Module) -> bool:
+    """A grouped conv that is not depthwise (ResNeXt, RegNet): a producer and a consumer
+    only with ``grouped_channels``."""
+    return isinstance(m, _CONV) and m.groups > 1 and not _is_depthwise(m)
+
+
+def _is_producer_module(m: nn.Module, grouped: bool = False) -> bool:
+    return (isinstance(m, _CONV) and (m.groups == 1 or (grouped and not _is_depthwise(m)))) or isinstance(m, nn.Linear)
 
 
 def _computed_tensor(m: nn.Module) -> str | None:
@@ -154,9 +160,10 @@ def _is_size0(user: fx.Node, v: fx.Node) -> bool:
 
 # --------------------------------------------------------------------------- tracing
 class _Trace:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule):
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, grouped: bool = False):
         self.model = model
         self.gm = gm
+        self.grouped = grouped  # grouped convs are producers and consumers (``grouped_channels``)
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         # parameter positions in named_parameters() (first appearance of shared ones)
@@ -284,7 +291,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
         if shp is None:
             cl.block(f"{name}: no shape information")
             return None
-        if _is_producer_module(m):
+        if _is_producer_module(m, tr.grouped):
             w = f"{name}.weight"
             if _match(w, excl):
                 cl.block(f"consumer {w} is excluded", by_user=True)
@@ -325,8 +332,8 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
             return (cdim, rep, nd)
         if isinstance(m, nn.Flatten):
             return _flatten(cl, m.start_dim, m.end_dim, cdim, rep, nd, shp_in, name)
-        if isinstance(m, _CONV) and m.groups > 1:
-            return _blk(cl, f"grouped conv {name} (not depthwise)")
+        if _is_grouped(m):
+            return _blk(cl, f"grouped conv {name} (not depthwise; grouped_channels=True prunes through grouped convs)")
         return _blk(cl, f"{type(m).__name__} {name}")
     if user.op == "call_function":
         fname = getattr(tgt, "__name__", str(tgt))

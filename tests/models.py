@@ -33,6 +33,9 @@ __all__ = [
     "mlp",
     "example_input",
     "MODELS",
+    "resnext_small",
+    "zero_inputs_",
+    "keep_per_block",
 ]
 
 
@@ -117,6 +120,19 @@ class Bottleneck(nn.Module):
         return self.relu(out)
 
 
+class GroupedBottleneck(Bottleneck):
+    """ResNeXt's bottleneck: a grouped 3x3 conv (4 conv groups) at twice the width."""
+
+    def __init__(self, inplanes, planes, stride=1, downsample=None, groups=4):
+        super().__init__(inplanes, planes, stride, downsample)
+        width = planes * 2
+        self.conv1 = nn.Conv2d(inplanes, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, planes * self.expansion, 1, bias=False)
+
+
 class ResNet(nn.Module):
     def __init__(self, block, layers, widths=(8, 16), stem=8, in_ch=3, num_classes=10):
         super().__init__()
@@ -160,6 +176,33 @@ def resnet_basic(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
 def resnet_bottleneck(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
     """Stem 8 -> layer1: 2 bottlenecks (4 -> 16, first with downsample) -> layer2: 2 (8 -> 32)."""
     return ResNet(Bottleneck, (2, 2), widths=(4, 8), stem=8, in_ch=in_ch, num_classes=num_classes)
+
+
+def resnext_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
+    """resnet_bottleneck with ResNeXt blocks: grouped 3x3 convs of 8 and 16 channels in 4
+    conv groups (only ``grouped_channels`` prunes through them)."""
+    return ResNet(GroupedBottleneck, (2, 2), widths=(4, 8), stem=8, in_ch=in_ch, num_classes=num_classes)
+
+
+@torch.no_grad()
+def zero_inputs_(weight: torch.Tensor, consumer, drop: torch.Tensor, channels: int) -> None:
+    """Zero what ``consumer`` (a ``chase_ext.groups.Consumer``) reads of channels ``drop``
+    of a group of ``channels``: its columns, or for a grouped conv the column of each
+    channel in the rows of its conv group."""
+    if consumer.groups == 1:
+        cols = (drop.view(-1, 1) * consumer.repeat + torch.arange(consumer.repeat, device=drop.device)).reshape(-1)
+        weight[:, cols] = 0
+        return
+    a, b = channels // consumer.groups, weight.shape[0] // consumer.groups
+    for c in drop.tolist():
+        j = c // a
+        weight[j * b:(j + 1) * b, c % a] = 0
+
+
+def keep_per_block(channels: int, blocks: int, keep_per: int, gen: torch.Generator) -> torch.Tensor:
+    """Sorted random channels to keep, ``keep_per`` of each of ``blocks`` equal blocks."""
+    width = channels // blocks
+    return torch.cat([torch.randperm(width, generator=gen)[:keep_per] + j * width for j in range(blocks)]).sort().values
 
 
 # --------------------------------------------------------------------------- MobileNetV2
@@ -262,10 +305,12 @@ MODELS = {
     "resnet_bottleneck": resnet_bottleneck,
     "mobilenet_v2_small": mobilenet_v2_small,
     "efficientnet_small": efficientnet_small,
+    "resnext_small": resnext_small,
     "mlp": mlp,
 }
 # how channel spaces that meet may join (find_channel_groups keywords)
-JOINS = {"plain": {}, "coupled": {"coupled": True}, "gated": {"gated": True}, "coupled+gated": {"coupled": True, "gated": True}}
+JOINS = {"plain": {}, "coupled": {"coupled": True}, "gated": {"gated": True}, "coupled+gated": {"coupled": True, "gated": True},
+         "grouped": {"grouped": True}, "all": {"coupled": True, "gated": True, "grouped": True}}
 
 
 class TwoGroupNet(nn.Module):

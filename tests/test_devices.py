@@ -295,6 +295,14 @@ def test_cpu_equals_cuda_gated_run():
 
 
 @needs_cuda
+def test_cpu_equals_cuda_grouped_run():
+    """The same through grouped convs (grouped_channels): blocks, slims at removal, the
+    column gathers of grouped consumers."""
+    kw = dict(grouped_channels=True, coupled_channels=True)
+    _assert_same_run(_exact_run("resnext_small", "cpu", 48, **kw), _exact_run("resnext_small", "cuda", 48, **kw))
+
+
+@needs_cuda
 @pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck"])
 @pytest.mark.parametrize("kw", EXACT_CASES, ids=EXACT_IDS)
 @pytest.mark.parametrize("mode", ["bracket", "compact"])

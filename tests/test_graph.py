@@ -13,7 +13,7 @@ from chase_ext.graph import channel_coverage, explicit_groups, find_channel_grou
 from chase_ext.groups import ChannelGroup, Consumer
 
 from models import (JOINS, MODELS, GatedMLP, efficientnet_small, example_input, mlp, mobilenet_v2_small, perturb_bn,
-                    resnet_basic, resnet_bottleneck, vgg_small)
+                    resnet_basic, resnet_bottleneck, vgg_small, zero_inputs_)
 
 
 def stochastic_depth(x, p, mode, training=True):
@@ -142,8 +142,11 @@ def test_groups_are_complete(name, joins):
     torch.manual_seed(0)
     m = {**MODELS, "gated_mlp": GatedMLP}[name]().eval()
     x = example_input(name)
-    if name == "efficientnet_small" and joins == "plain":  # most of its weights make gated or coupled channels
+    if name == "efficientnet_small" and joins in ("plain", "grouped"):  # most of its weights make gated or coupled channels
         with pytest.warns(UserWarning, match="gated_channels=True prunes such layers together"):
+            gs = find_channel_groups(m, x, **JOINS[joins])
+    elif name == "resnext_small" and joins in ("plain", "gated"):  # its convs feed grouped convs or residual adds
+        with pytest.warns(UserWarning, match="grouped_channels=True prunes through grouped convs"):
             gs = find_channel_groups(m, x, **JOINS[joins])
     else:
         gs = _find(m, x, **JOINS[joins])
@@ -153,9 +156,7 @@ def test_groups_are_complete(name, joins):
         for g in gs:
             drop = torch.arange(0, g.channels, 2)
             for c in g.consumers:
-                w = mods[c.module].weight
-                cols = (drop.view(-1, 1) * c.repeat + torch.arange(c.repeat)).reshape(-1)
-                w[:, cols] = 0
+                zero_inputs_(mods[c.module].weight, c, drop, g.channels)
         ref = m(x)
         for g in gs:
             drop = torch.arange(0, g.channels, 2)
@@ -293,14 +294,15 @@ def test_low_coverage_warns_with_the_reasons():
     msg = next(str(x.message) for x in w if "candidate layers" in str(x.message))
     assert msg.endswith("3 layers (c.0, c.1, stem): added to another layer's output (residual-coupled; "
                         "coupled_channels=True prunes such layers together); 2 layers (a.0, a.1): e.g. grouped conv "
-                        "b.0 (not depthwise)")  # fc, whose outputs are the classes, is no candidate
+                        "b.0 (not depthwise; grouped_channels=True prunes through grouped convs)")  # fc, whose outputs are the classes, is no candidate
     # coupled, the block outputs and the stem are one group: 59% of the candidates' weights
     gs = _find(m, torch.randn(1, 3, 8, 8), coupled=True)
     assert [g.producers for g in gs] == [["stem", "c.0", "c.1"]]
     cov = channel_coverage(m, torch.randn(1, 3, 8, 8), coupled=True)
     assert (cov["groups"], cov["reached_layers"], cov["candidate_layers"]) == (1, 3, 5)
     assert cov["weight_share"] == pytest.approx((1728 + 2 * 2048) / (1728 + 4 * 2048))
-    assert cov["left_out"] == {f"a.{i}": {"why": f"grouped conv b.{i} (not depthwise)", "weights": 2048}
+    assert cov["left_out"] == {f"a.{i}": {"why": f"grouped conv b.{i} (not depthwise; grouped_channels=True prunes through "
+                                                  "grouped convs)", "weights": 2048}
                                for i in (0, 1)}
     # without grouped convs the bottlenecks' inner convs are prunable: 79%
     gs = _find(TinyResNeXt(groups=1), torch.randn(1, 3, 8, 8))

@@ -143,7 +143,8 @@ class Watcher:
                 self.events.append((t, live))
                 tgt = target_live(t, cfg.channel_end_steps, cfg.channel_sparsity, ch._ch.total)
                 at_floor = any(r["live"] == f for r, f in zip(rep, ch._floors))
-                if cfg.round_to is None and not at_floor:
+                # round_to and grouped convs' blocks remove fewer rather than more
+                if cfg.round_to is None and not at_floor and all(g.blocks == 1 for g in ch.groups):
                     assert live == tgt, (t, live, tgt)
                 else:
                     assert live >= tgt
@@ -157,6 +158,12 @@ class Watcher:
                     assert not bool(m[:, ~c].any()) and bool((w[:, ~c] == 0).all())
             for b, bm in ch._bias_masks:
                 assert bool((b.detach()[~bm] == 0).all())
+            for g, grp in enumerate(ch.groups):
+                if grp.blocks > 1:  # every conv group as wide; what a grouped conv reads is slimmed at once
+                    alive = ch._ch.alive[g].view(grp.blocks, -1).sum(1)
+                    assert bool((alive == alive[0]).all()), (grp.name, alive.tolist())
+                    if any(c.groups > 1 for c in grp.consumers):
+                        assert bool(ch._ch.physical_live(g).all()), grp.name
 
 
 def run(name, model, chase, steps, start=0, watch=True, **kw):
@@ -839,9 +846,12 @@ def test_event_and_update_on_one_step_with_slimming(name):
         ("efficientnet_small", dict(gated_channels=True)),
         ("efficientnet_small", dict(gated_channels=True, coupled_channels=True, slim_during_training=2)),
         ("efficientnet_small", dict(gated_channels=True, channel_allocation="latency", latency_batch=2)),
+        ("resnext_small", dict(grouped_channels=True)),
+        ("resnext_small", dict(grouped_channels=True, coupled_channels=True, round_to=8, channel_score="active_mean")),
+        ("resnext_small", dict(grouped_channels=True, channel_allocation="latency", latency_batch=2, scope="layer")),
     ],
     ids=["coupled", "round_to", "coupled-slim-active_mean", "exclude_channels-layer", "gated", "gated-coupled-slim",
-         "gated-latency"],
+         "gated-latency", "grouped", "grouped-coupled-round_to", "grouped-latency-layer"],
 )
 def test_channel_options(name, kw):
     model, opt, chase = make(name, total_steps=48, update_interval=8, channel_sparsity=0.5, channel_end=0.5, **kw)
@@ -849,7 +859,11 @@ def test_channel_options(name, kw):
     rep = chase.channel_report()
     assert sum(r["live"] for r in rep) < sum(r["channels"] for r in rep)
     if kw.get("round_to"):
-        assert all(r["live"] % 4 == 0 or r["live"] == r["channels"] for r in rep)
+        assert all(r["live"] % kw["round_to"] == 0 or r["live"] == r["channels"] for r in rep)
+    if kw.get("grouped_channels"):  # the grouped convs' inputs and outputs shrink, every conv group alike
+        inner = [r for r in rep if r["producers"][0].endswith((".conv1", ".conv2"))]
+        assert len(inner) == 8 and any(r["live"] < r["channels"] for r in inner)
+        assert all(r["live"] % 4 == 0 for r in inner)
     if kw.get("coupled_channels"):
         assert any("+" in r["group"] for r in rep)
     if "exclude_channels" in kw:

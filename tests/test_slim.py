@@ -13,7 +13,7 @@ from torch import nn
 from chase_ext.graph import explicit_groups, find_channel_groups, group_to_dict
 from chase_ext.slim import export_dense, replay_, slim_
 
-from models import JOINS, MODELS, example_input, mlp, perturb_bn, resnet_bottleneck, vgg_small
+from models import JOINS, MODELS, example_input, keep_per_block, mlp, perturb_bn, resnet_bottleneck, vgg_small, zero_inputs_
 
 
 def _native_gather():
@@ -36,6 +36,9 @@ def _random_keep(groups, gen, frac=0.5):
     keep = []
     for g in groups:
         C = g.channels
+        if g.blocks > 1:  # a grouped conv: as many of each block
+            keep.append(keep_per_block(C, g.blocks, max(1, int(C // g.blocks * frac)), gen))
+            continue
         k = max(1, int(C * frac))
         keep.append(torch.randperm(C, generator=gen)[:k].sort().values)
     return keep
@@ -54,12 +57,11 @@ def _mask_channels(model, groups, keep):
             if mods[p].bias is not None:
                 mods[p].bias[d] = 0
         for c in g.consumers:
-            cols = (d.view(-1, 1) * c.repeat + torch.arange(c.repeat, device=d.device)).reshape(-1)
-            mods[c.module].weight[:, cols] = 0
+            zero_inputs_(mods[c.module].weight, c, d, g.channels)
 
 
 @pytest.mark.parametrize("gather", GATHERS)
-@pytest.mark.parametrize("joins", ["plain", "coupled", "coupled+gated"])
+@pytest.mark.parametrize("joins", ["plain", "coupled", "coupled+gated", "all"])
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_slim_equals_masked(device, name, joins, gather):
     torch.manual_seed(0)
@@ -95,7 +97,7 @@ def test_slim_equals_masked(device, name, joins, gather):
                 assert m.num_features == K == m.running_mean.shape[0] == m.weight.shape[0]
         for c in g.consumers:
             m = mods[c.module]
-            assert m.weight.shape[1] == K * c.repeat
+            assert m.weight.shape[1] == K * c.repeat // c.groups
             assert (m.in_features if isinstance(m, nn.Linear) else m.in_channels) == K * c.repeat
     assert len(rec["groups"]) == len(groups)
     # train mode: forward/backward at the new width
