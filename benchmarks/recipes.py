@@ -20,6 +20,9 @@ RECIPES = {
     "grouped": {"grouped_channels": True},
     "coupled_grouped": {"coupled_channels": True, "grouped_channels": True},
     "all_joins": {"coupled_channels": True, "gated_channels": True, "grouped_channels": True},
+    # round_to counts per conv group there: each conv group keeps a multiple of 8 channels
+    "coupled_grouped_round8": {"coupled_channels": True, "grouped_channels": True, "round_to": 8},
+    "all_joins_round8": {"coupled_channels": True, "gated_channels": True, "grouped_channels": True, "round_to": 8},
     # the latency table is measured at the throughput batch of the run (latency_batch set there)
     "latency": {"channel_allocation": "latency"},
     "latency_coupled": {"channel_allocation": "latency", "coupled_channels": True},

@@ -156,7 +156,8 @@ def channel_coverage(
 ) -> dict[str, Any] | None:
     """What channel pruning reaches in ``model`` (arguments as ``find_channel_groups``):
     ``groups``, ``reached_layers`` of ``candidate_layers`` (producers not excluded by the
-    user whose channels are not the model's outputs), ``weight_share`` (their weights in
+    user whose channels are not the model's outputs; with ``grouped=True`` the grouped convs
+    are producers too), ``weight_share`` (their weights in
     groups, 0..1), and ``left_out``: for each candidate left out, ``why`` (what its
     channels run into) and its ``weights``. None when the model does not trace."""
     return _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped)[1]

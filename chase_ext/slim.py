@@ -291,7 +291,9 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
         widths = set()
         for p in g.producers:
             m = mod(i, p, "producer")
-            if not ((isinstance(m, _CONV) and not _depthwise(m)) or isinstance(m, nn.Linear)):
+            # a grouped conv is judged by its role, not its current shape: one with a channel
+            # multiplier slimmed to one channel per conv group looks depthwise
+            if not isinstance(m, (*_CONV, nn.Linear)):
                 raise ValueError(f"slim_: producer {p!r} of group {i} is a {type(m).__name__}")
             if isinstance(m, _CONV) and g.blocks % m.groups:
                 raise ValueError(f"slim_: producer {p!r} of group {i} has {m.groups} conv groups; the group's "
@@ -318,7 +320,7 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
                         f"slim_: consumer {c.module!r} of group {i} has in_features={m.in_features}, "
                         f"expected {C} x {c.repeat}"
                     )
-            elif isinstance(m, _CONV) and not _depthwise(m):
+            elif isinstance(m, _CONV) and (c.groups > 1 or not _depthwise(m)):
                 if m.in_channels != C or c.repeat != 1:
                     raise ValueError(f"slim_: consumer {c.module!r} of group {i} has in_channels={m.in_channels}, expected {C}")
                 if m.groups != c.groups or g.blocks % m.groups:

@@ -144,10 +144,11 @@ def test_selection_takes_evenly_from_blocks():
     assert select_channels(sc, [8], [2], [8], 4, blocks=[2]) == [[0, 1, 4, 5]]
     # 3 to remove: rounded to 2 (one per block), the target undershot
     assert select_channels(sc, [8], [2], [8], 3, blocks=[2]) == [[0, 4]]
-    # round_to 4 with 2 blocks: the live count steps by 4
-    assert select_channels(sc, [8], [4], [8], 3, round_to=4, blocks=[2]) == [[]]
-    assert select_channels(sc, [8], [4], [8], 4, round_to=4, blocks=[2]) == [[0, 1, 4, 5]]
-    assert group_step(None, 1) is None and group_step(8, 1) == 8 and group_step(6, 4) == 12
+    # round_to 2 with 2 blocks: each block's live count a multiple of 2, so the count steps by 4
+    assert select_channels(sc, [8], [4], [8], 3, round_to=2, blocks=[2]) == [[]]
+    assert select_channels(sc, [8], [4], [8], 4, round_to=2, blocks=[2]) == [[0, 1, 4, 5]]
+    assert select_channels(sc, [8], [4], [8], 4, round_to=4, blocks=[2]) == [[]]  # 4 per block: full only
+    assert group_step(None, 1) is None and group_step(8, 1) == 8 and group_step(6, 4) == 24
     assert channel_floor(32, 0.5, 0.2, group_step(None, 8)) == 8  # floor 3 rounded up to whole blocks
 
 
@@ -363,3 +364,49 @@ def test_ema_copy_follows_the_slims_at_removal():
         assert [p.shape for p in ema.module.parameters()] == [p.shape for p in model.parameters()]
     assert chase.slim_count > 0
     ema.module(example_input("resnext_small"))
+
+
+def test_multiplier_conv_slimmed_to_one_channel_per_conv_group_slims_again():
+    """A conv with a channel multiplier (8 -> 16, 8 conv groups), slimmed at removal to one
+    channel per conv group, has in == out == groups: it looks depthwise but stays its
+    group's producer, and later slims (here the final one) accept it."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 1)
+            self.b = nn.Conv2d(8, 16, 3, padding=1, groups=8)
+            self.bn = nn.BatchNorm2d(16)
+            self.d = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+            self.c = nn.Conv2d(16, 8, 1)
+            self.fc = nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = F.relu(self.d(F.relu(self.bn(self.b(F.relu(self.a(x)))))))
+            return self.fc(F.relu(self.c(y)).mean((2, 3)))
+
+    torch.manual_seed(0)
+    m, x, y = M(), torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))
+    o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    chase = ChaseOptimizer(o, m, density=0.4, example_inputs=x, **{**KW, "channel_sparsity": 0.8},
+                           min_channel_ratio=0.0)
+    assert chase.groups[0] == ChannelGroup(["b"], [Consumer("d", 1, 4)], ["bn"], 16, 8)
+    for _ in range(48):
+        chase.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        chase.step()
+    assert (m.b.in_channels, m.b.out_channels, m.b.groups) == (8, 8, 8)
+    m.eval()
+    with torch.no_grad():
+        y0 = m(x)
+    chase.slim_()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), y0, rtol=1e-5, atol=1e-5)
+    # a checkpoint replays both slims on a fresh model
+    m2 = M()
+    c2 = ChaseOptimizer(torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9), m2, density=0.4, example_inputs=x,
+                        **{**KW, "channel_sparsity": 0.8}, min_channel_ratio=0.0)
+    c2.load_state_dict(chase.state_dict())
+    m2.load_state_dict(m.state_dict())
+    m2.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m2(x), y0, rtol=1e-5, atol=1e-5)
