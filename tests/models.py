@@ -35,6 +35,8 @@ __all__ = [
     "MODELS",
     "resnext_small",
     "zero_inputs_",
+    "mask_channels_",
+    "TinyResNeXt",
     "keep_per_block",
 ]
 
@@ -197,6 +199,42 @@ def zero_inputs_(weight: torch.Tensor, consumer, drop: torch.Tensor, channels: i
     for c in drop.tolist():
         j = c // a
         weight[j * b:(j + 1) * b, c % a] = 0
+
+
+@torch.no_grad()
+def mask_channels_(model: nn.Module, groups, keep) -> None:
+    """The 'masked' model: the channels not in ``keep`` (per group) get their producer rows
+    and biases and their consumers' inputs zeroed."""
+    mods = dict(model.named_modules())
+    for g, k in zip(groups, keep):
+        drop = torch.ones(g.channels, dtype=torch.bool)
+        drop[k] = False
+        d = drop.nonzero().flatten().to(next(model.parameters()).device)
+        for p in g.producers:
+            mods[p].weight[d] = 0
+            if mods[p].bias is not None:
+                mods[p].bias[d] = 0
+        for c in g.consumers:
+            zero_inputs_(mods[c.module].weight, c, d, g.channels)
+
+
+class TinyResNeXt(nn.Module):
+    """Bottlenecks whose 3x3 conv is grouped (ResNeXt, RegNet): under SPEC their 1x1 convs
+    cannot shrink alone, and the block outputs are residual-coupled; input (N, 3, H, W)."""
+
+    def __init__(self, width=32, groups=4, bias=True):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 64, 3, padding=1)
+        self.a = nn.ModuleList(nn.Conv2d(64, width, 1, bias=bias) for _ in range(2))
+        self.b = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=bias) for _ in range(2))
+        self.c = nn.ModuleList(nn.Conv2d(width, 64, 1) for _ in range(2))
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for a, b, c in zip(self.a, self.b, self.c):
+            x = torch.relu(x + c(torch.relu(b(torch.relu(a(x))))))
+        return self.fc(x.mean((2, 3)))
 
 
 def keep_per_block(channels: int, blocks: int, keep_per: int, gen: torch.Generator) -> torch.Tensor:

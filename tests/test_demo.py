@@ -314,44 +314,43 @@ def test_schedule_error_takes_chase_kwargs_as_run_comparison_gets_them():
     assert T.schedule_error(2, density=0.1, channel_sparsity=0.0) is None  # no channel schedule to fit
 
 
-def test_quick_efficientnet_demo_gated(tmp_path):
-    """--model efficientnet --gated-channels --coupled-channels: the expand convs lose
-    channels with their squeeze-and-excitation gates, the block outputs with their
-    residual partners, and slimming is exact; the DST run has no channel part (no warning
-    that those flags go unused)."""
+def _quick_joined_demo(tmp_path, model, *flags):
+    """A quick demo run of ``model`` with join flags: no warning that the flags go unused
+    (the DST run has no channel part) or that pruning reaches little; slimming is exact and
+    saves MACs. Returns (results, the Chase run's channels by group)."""
     pytest.importorskip("mlxtend")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        res = demo.run(["--quick", "--model", "efficientnet", "--gated-channels", "--coupled-channels", "--out",
-                        str(tmp_path), "--no-progress", "--bench-rounds", "1", "--no-plots"])
+        res = demo.run(["--quick", "--model", model, *flags, "--out", str(tmp_path), "--no-progress",
+                        "--bench-rounds", "1", "--no-plots"])
     assert not [str(i.message) for i in w if "ignored" in str(i.message) or "channel pruning reaches" in str(i.message)]
-    assert res["config"]["gated_channels"] is True and res["config"]["model_name"] == "efficientnet"
-    assert "reached 0.500 (with coupled channels and gated channels):" in demo.format_table(res)
+    assert res["config"]["model_name"] == model
     c = res["runs"]["chase"]
-    groups = {ch["group"]: ch for ch in c["channels"]}
-    assert "features.2.block.0+features.2.block.6.fc2" in groups  # expand conv + its gate
-    assert any("features.0.0" in g and "+" in g for g in groups)  # the stem, coupled with the first block's output
-    assert c["channels_total_after"] == round(0.5 * c["channels_total_before"])
     assert c["slim_test_acc"] == c["masked_test_acc"] and c["slim_max_abs_logit_diff"] < 1e-3
     assert res["models"]["chase_slim"]["macs"] < res["models"]["dense"]["macs"]
+    return res, {ch["group"]: ch for ch in c["channels"]}
+
+
+def test_quick_efficientnet_demo_gated(tmp_path):
+    """--model efficientnet --gated-channels --coupled-channels: the expand convs lose
+    channels with their squeeze-and-excitation gates, the block outputs with their
+    residual partners."""
+    res, groups = _quick_joined_demo(tmp_path, "efficientnet", "--gated-channels", "--coupled-channels")
+    assert res["config"]["gated_channels"] is True
+    assert "reached 0.500 (with coupled channels and gated channels):" in demo.format_table(res)
+    assert "features.2.block.0+features.2.block.6.fc2" in groups  # expand conv + its gate
+    assert any("features.0.0" in g and "+" in g for g in groups)  # the stem, coupled with the first block's output
+    c = res["runs"]["chase"]
+    assert c["channels_total_after"] == round(0.5 * c["channels_total_before"])
 
 
 def test_quick_resnext_demo_grouped(tmp_path):
     """--model resnext --grouped-channels --coupled-channels: the convs around the grouped
-    3x3 convs lose channels, every conv group as many, and slimming is exact."""
-    pytest.importorskip("mlxtend")
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        res = demo.run(["--quick", "--model", "resnext", "--grouped-channels", "--coupled-channels", "--out",
-                        str(tmp_path), "--no-progress", "--bench-rounds", "1", "--no-plots"])
-    assert not [str(i.message) for i in w if "ignored" in str(i.message) or "channel pruning reaches" in str(i.message)]
-    assert res["config"]["grouped_channels"] is True and res["config"]["model_name"] == "resnext"
+    3x3 convs lose channels, every conv group as many."""
+    res, groups = _quick_joined_demo(tmp_path, "resnext", "--grouped-channels", "--coupled-channels")
+    assert res["config"]["grouped_channels"] is True
     assert "(with coupled channels and grouped channels):" in demo.format_table(res)
-    c = res["runs"]["chase"]
-    groups = {ch["group"]: ch for ch in c["channels"]}
     inner = [g for g in groups if g.endswith((".conv1", ".conv2"))]
     assert len(inner) == 8
     assert all(groups[g]["after"] % 8 == 0 for g in inner)  # whole blocks of the 8 conv groups
     assert any(groups[g]["after"] < groups[g]["before"] for g in inner)
-    assert c["slim_test_acc"] == c["masked_test_acc"] and c["slim_max_abs_logit_diff"] < 1e-3
-    assert res["models"]["chase_slim"]["macs"] < res["models"]["dense"]["macs"]

@@ -13,7 +13,7 @@ from chase_ext.graph import channel_coverage, explicit_groups, find_channel_grou
 from chase_ext.groups import ChannelGroup, Consumer
 
 from models import (JOINS, MODELS, GatedMLP, efficientnet_small, example_input, mlp, mobilenet_v2_small, perturb_bn,
-                    resnet_basic, resnet_bottleneck, vgg_small, zero_inputs_)
+                    mask_channels_, resnet_basic, resnet_bottleneck, TinyResNeXt, vgg_small, zero_inputs_)
 
 
 def stochastic_depth(x, p, mode, training=True):
@@ -267,25 +267,6 @@ def test_blockers_and_reuse_warning():
     assert gs == []  # f feeds a reused conv; g feeds the output; d feeds .sum()
 
 
-class TinyResNeXt(nn.Module):
-    """Bottlenecks whose 3x3 conv is grouped (ResNeXt, RegNet): their 1x1 convs cannot
-    shrink alone, and the block outputs are residual-coupled."""
-
-    def __init__(self, width=32, groups=4):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 64, 3, padding=1)
-        self.a = nn.ModuleList(nn.Conv2d(64, width, 1) for _ in range(2))
-        self.b = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, groups=groups) for _ in range(2))
-        self.c = nn.ModuleList(nn.Conv2d(width, 64, 1) for _ in range(2))
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.relu(self.stem(x))
-        for a, b, c in zip(self.a, self.b, self.c):
-            x = F.relu(x + c(F.relu(b(F.relu(a(x))))))
-        return self.fc(x.mean((2, 3)))
-
-
 def test_low_coverage_warns_with_the_reasons():
     # no candidate layer is prunable under SPEC's rule: a user should hear why
     m = TinyResNeXt()
@@ -335,7 +316,7 @@ class DropPathBlock(nn.Module):
 
 def test_stochastic_depth_passes_channels_through():
     from chase_ext.slim import slim_
-    from test_slim import _mask_channels, _random_keep
+    from test_slim import _random_keep
 
     x = torch.randn(4, 3, 8, 8)
     m = perturb_bn(DropPathBlock())
@@ -345,7 +326,7 @@ def test_stochastic_depth_passes_channels_through():
     assert [g.producers for g in gs] == [["stem", "c2"], ["c1"]]
     # slim == masked, in eval mode and (same dropped samples) in train mode
     keep = _random_keep(gs, torch.Generator().manual_seed(0))
-    _mask_channels(m, gs, keep)
+    mask_channels_(m, gs, keep)
     slim = copy.deepcopy(m)
     slim_(slim, gs, keep)
     assert slim.c2.weight.shape[0] == len(keep[0])

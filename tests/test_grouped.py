@@ -21,30 +21,14 @@ from chase_ext.graph import (channel_coverage, check_against_trace, explicit_gro
 from chase_ext.groups import ChannelGroup, Consumer
 from chase_ext.slim import replay_, slim_
 
-from models import example_input, keep_per_block, perturb_bn, zero_inputs_
-from test_optimizer import check_masked, make, run
+from models import TinyResNeXt, example_input, keep_per_block, mask_channels_, perturb_bn
+from test_optimizer import check_masked, make, run, slim_keeps_function
 
 
 def _find(model, x, **kw):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         return find_channel_groups(model, x, **kw)
-
-
-class TinyResNeXt(nn.Module):
-    def __init__(self, width=32, groups=4, bias=True):
-        super().__init__()
-        self.stem = nn.Conv2d(3, 64, 3, padding=1)
-        self.a = nn.ModuleList(nn.Conv2d(64, width, 1, bias=bias) for _ in range(2))
-        self.b = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, groups=groups, bias=bias) for _ in range(2))
-        self.c = nn.ModuleList(nn.Conv2d(width, 64, 1) for _ in range(2))
-        self.fc = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.relu(self.stem(x))
-        for a, b, c in zip(self.a, self.b, self.c):
-            x = F.relu(x + c(F.relu(b(F.relu(a(x))))))
-        return self.fc(x.mean((2, 3)))
 
 
 class RegNetYBlock(nn.Module):
@@ -69,6 +53,13 @@ class RegNetYBlock(nn.Module):
         y = y * torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
         y = self.c(F.relu(self.d(y)))
         return self.head(F.relu(x + y).mean((2, 3)))
+
+
+def _train(model, chase, x, y, steps):
+    for _ in range(steps):
+        chase.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        chase.step()
 
 
 # --------------------------------------------------------------------------- groups
@@ -213,17 +204,8 @@ def test_slim_grouped_equals_masked_with_state(bias):
     m(x).sum().backward()
     opt.step()
     mods = dict(m.named_modules())
+    mask_channels_(m, gs, keep)
     with torch.no_grad():
-        for gr, k in zip(gs, keep):
-            drop = torch.ones(gr.channels, dtype=torch.bool)
-            drop[k] = False
-            d = drop.nonzero().flatten()
-            for p in gr.producers:
-                mods[p].weight[d] = 0
-                if mods[p].bias is not None:
-                    mods[p].bias[d] = 0
-            for c in gr.consumers:
-                zero_inputs_(mods[c.module].weight, c, d, gr.channels)
         y = m(x)
     b0 = mods["b.0"].weight.detach().clone()
     avg = opt.state[mods["b.0"].weight]["exp_avg"].clone()
@@ -278,15 +260,7 @@ def test_run_slims_what_grouped_convs_read_and_keeps_the_function(opt):
     assert any(r["live"] < r["channels"] for r in conv1)
     for r in conv1:  # read by the grouped conv2: already narrow
         assert mods[r["producers"][0]].out_channels == r["live"]
-    x = example_input("resnext_small")
-    model.eval()
-    with torch.no_grad():
-        y0 = model(x)
-    n0 = chase.active_count()
-    chase.slim_()
-    with torch.no_grad():
-        torch.testing.assert_close(model(x), y0, rtol=1e-5, atol=1e-5)
-    assert chase.active_count() == n0
+    slim_keeps_function(model, chase, example_input("resnext_small"))
     for name, mod in mods.items():
         if isinstance(mod, nn.Conv2d) and mod.groups > 1:
             assert mod.groups == 4 and mod.in_channels % 4 == 0 and mod.out_channels % 4 == 0, name
@@ -323,19 +297,11 @@ def test_grouped_and_gated_run_on_a_regnety_block():
     o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
     chase = ChaseOptimizer(o, m, density=0.4, example_inputs=x, grouped_channels=True, gated_channels=True, **{
         k: v for k, v in KW.items() if k != "grouped_channels"})
-    for _ in range(48):
-        chase.zero_grad()
-        F.cross_entropy(m(x), y).backward()
-        chase.step()
+    _train(m, chase, x, y, 48)
     rep = {r["group"]: r for r in chase.channel_report()}
     assert rep["b+se2"]["live"] % 8 == 0 and rep["d"]["live"] % 4 == 0
     assert any(r["live"] < r["channels"] for r in rep.values())
-    m.eval()
-    with torch.no_grad():
-        y0 = m(x)
-    chase.slim_()
-    with torch.no_grad():
-        torch.testing.assert_close(m(x), y0, rtol=1e-5, atol=1e-5)
+    slim_keeps_function(m, chase, x)
     assert m.b.out_channels == m.se2.out_channels == m.se1.in_channels == m.d.in_channels == rep["b+se2"]["live"]
     check_masked(chase)
 
@@ -390,17 +356,9 @@ def test_multiplier_conv_slimmed_to_one_channel_per_conv_group_slims_again():
     chase = ChaseOptimizer(o, m, density=0.4, example_inputs=x, **{**KW, "channel_sparsity": 0.8},
                            min_channel_ratio=0.0)
     assert chase.groups[0] == ChannelGroup(["b"], [Consumer("d", 1, 4)], ["bn"], 16, 8)
-    for _ in range(48):
-        chase.zero_grad()
-        F.cross_entropy(m(x), y).backward()
-        chase.step()
+    _train(m, chase, x, y, 48)
     assert (m.b.in_channels, m.b.out_channels, m.b.groups) == (8, 8, 8)
-    m.eval()
-    with torch.no_grad():
-        y0 = m(x)
-    chase.slim_()
-    with torch.no_grad():
-        torch.testing.assert_close(m(x), y0, rtol=1e-5, atol=1e-5)
+    y0 = slim_keeps_function(m, chase, x)
     # a checkpoint replays both slims on a fresh model
     m2 = M()
     c2 = ChaseOptimizer(torch.optim.SGD(m2.parameters(), lr=0.05, momentum=0.9), m2, density=0.4, example_inputs=x,

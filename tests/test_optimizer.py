@@ -874,6 +874,21 @@ def test_channel_options(name, kw):
     check_masked(chase)
 
 
+def slim_keeps_function(model, chase, x):
+    """``chase.slim_()`` leaves the eval-mode output and the active count as they were;
+    returns the output."""
+    model.eval()
+    with torch.no_grad():
+        y0 = model(x)
+    n0 = chase.active_count()
+    chase.slim_()
+    with torch.no_grad():
+        y1 = model(x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    assert chase.active_count() == n0
+    return y1
+
+
 def test_gated_channels_slim_keeps_function():
     """A squeeze-and-excitation model with gated (and coupled) channel groups: the slim
     model computes what the masked one does, and a checkpoint of it resumes."""
@@ -882,15 +897,7 @@ def test_gated_channels_slim_keeps_function():
     model, opt, chase = make("efficientnet_small", **kw)
     run("efficientnet_small", model, chase, 40, watch=False)
     x = example_input("efficientnet_small")
-    model.eval()
-    with torch.no_grad():
-        y0 = model(x)
-    n0 = chase.active_count()
-    chase.slim_()
-    with torch.no_grad():
-        y1 = model(x)
-    torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5)
-    assert chase.active_count() == n0
+    y1 = slim_keeps_function(model, chase, x)
     # a map's removed channels left the gate's rows and the squeeze's columns too
     gated = [r for r in chase.channel_report() if r["producers"][-1].endswith(".fc2")]
     assert len(gated) == 3 and any(r["live"] < r["channels"] for r in gated)

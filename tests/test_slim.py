@@ -13,7 +13,7 @@ from torch import nn
 from chase_ext.graph import explicit_groups, find_channel_groups, group_to_dict
 from chase_ext.slim import export_dense, replay_, slim_
 
-from models import JOINS, MODELS, example_input, keep_per_block, mlp, perturb_bn, resnet_bottleneck, vgg_small, zero_inputs_
+from models import JOINS, MODELS, example_input, keep_per_block, mask_channels_, mlp, perturb_bn, resnet_bottleneck, vgg_small
 
 
 def _native_gather():
@@ -44,22 +44,6 @@ def _random_keep(groups, gen, frac=0.5):
     return keep
 
 
-@torch.no_grad()
-def _mask_channels(model, groups, keep):
-    """The 'masked' model: removed channels' producer rows/bias and consumer columns = 0."""
-    mods = dict(model.named_modules())
-    for g, k in zip(groups, keep):
-        drop = torch.ones(g.channels, dtype=torch.bool)
-        drop[k] = False
-        d = drop.nonzero().flatten().to(next(model.parameters()).device)
-        for p in g.producers:
-            mods[p].weight[d] = 0
-            if mods[p].bias is not None:
-                mods[p].bias[d] = 0
-        for c in g.consumers:
-            zero_inputs_(mods[c.module].weight, c, d, g.channels)
-
-
 @pytest.mark.parametrize("gather", GATHERS)
 @pytest.mark.parametrize("joins", ["plain", "coupled", "coupled+gated", "all"])
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -71,7 +55,7 @@ def test_slim_equals_masked(device, name, joins, gather):
     x = example_input(name).to(device)
     groups = find_channel_groups(model, x, **JOINS[joins])
     keep = _random_keep(groups, torch.Generator().manual_seed(3))
-    _mask_channels(model, groups, keep)
+    mask_channels_(model, groups, keep)
     slim = copy.deepcopy(model)
     params_before = [(n, id(p)) for n, p in slim.named_parameters()]
     rec = slim_(slim, groups, keep, gather=gather)
@@ -390,7 +374,7 @@ def test_slim_self_coupled_group():
     g = next(g for g in groups if len(g.producers) > 1)
     assert g.producers == ["stem", "proj"] and [c.module for c in g.consumers] == ["proj", "head"]
     keep = _random_keep(groups, torch.Generator().manual_seed(4))
-    _mask_channels(model, groups, keep)
+    mask_channels_(model, groups, keep)
     slim = copy.deepcopy(model)
     opt = torch.optim.Adam(slim.parameters(), lr=0.0)  # state only, weights unchanged
     slim.eval()  # keep the BatchNorm statistics equal to the masked model's
@@ -448,7 +432,7 @@ def test_slim_equals_masked_traced_cases(case):
     groups = find(model, x)
     assert groups
     keep = _random_keep(groups, torch.Generator().manual_seed(3))
-    _mask_channels(model, groups, keep)
+    mask_channels_(model, groups, keep)
     state = copy.deepcopy(model.state_dict())
     slim = copy.deepcopy(model)
     rec = slim_(slim, groups, keep)
