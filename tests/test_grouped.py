@@ -368,3 +368,27 @@ def test_multiplier_conv_slimmed_to_one_channel_per_conv_group_slims_again():
     m2.eval()
     with torch.no_grad():
         torch.testing.assert_close(m2(x), y0, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.data())
+def test_gather_blocks_is_the_per_conv_group_column_select(data):
+    """``_gather_blocks`` against a plain loop: the rows of conv group j keep block j's kept
+    input channels, in order; channels_last stays channels_last."""
+    from chase_ext.slim import _gather_blocks
+
+    blocks = data.draw(st.sampled_from([1, 2, 3, 4]))
+    a = data.draw(st.integers(1, 5))  # input channels per conv group
+    b = data.draw(st.integers(1, 3))  # output channels per conv group
+    keep_per = data.draw(st.integers(1, a))
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    w = torch.randn(blocks * b, a, 3, 2, generator=gen)
+    if data.draw(st.booleans()):
+        w = w.contiguous(memory_format=torch.channels_last)
+    idx = keep_per_block(blocks * a, blocks, keep_per, gen)
+    out = _gather_blocks(w.clone(), idx, blocks)
+    want = torch.stack([w[r, [c - (r // b) * a for c in idx.tolist() if c // a == r // b]]
+                        for r in range(blocks * b)])
+    assert torch.equal(out, want)
+    cl = torch.channels_last  # the layout goes with it (where it is not ambiguous)
+    assert out.is_contiguous(memory_format=cl if w.is_contiguous(memory_format=cl) else torch.contiguous_format)
