@@ -44,6 +44,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from .channels import pick_in_blocks
 from .groups import ChannelGroup
 
 __all__ = ["LatencyTable", "measure_latency_table", "resolve_latency_table", "allocate", "pick_in_groups"]
@@ -312,8 +313,6 @@ def pick_in_groups(scores: Sequence[Sequence[tuple[float, int]]], counts: Sequen
     """The ``counts[g]`` lowest-scoring channels of each group (ties: lower index), sorted;
     a group with ``blocks[g]`` > 1 (of ``full[g]`` original channels) loses the same number
     from each block (``chase_ext.channels.pick_in_blocks``)."""
-    from .channels import pick_in_blocks
-
     out = []
     for g, (sc, n) in enumerate(zip(scores, counts)):
         if n > len(sc):

@@ -274,13 +274,11 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grou
         if not _check_sizes(tr, C, fol, cons):
             leave_out(members, "a layer it feeds sees another number of channels")
             continue
-        # grouped convs among producers and consumers: every conv group keeps the same width
-        conv_groups = [tr.modules[n].groups for n in [*(c.producer for c in members), *cons]
-                       if _is_grouped(tr.modules[n])]
-        blocks = math.lcm(1, *conv_groups)
+        names = [*(c.producer for c in members), *cons]
+        blocks = _blocks(tr.modules, names)
         if blocks > 1 and blocks >= C:
-            leave_out(members, f"each conv group of the grouped conv{'s' * (len(conv_groups) > 1)} it meets has one "
-                               "channel: none can go")
+            many = sum(_is_grouped(tr.modules[n]) for n in names) > 1
+            leave_out(members, f"each conv group of the grouped conv{'s' * many} it meets has one channel: none can go")
             continue
         prods = sorted((c.producer for c in members), key=lambda p: tr.param_pos.get(f"{p}.weight", 1 << 60))
         g = ChannelGroup(
@@ -385,6 +383,12 @@ def _warn_unmatched_channels(model: nn.Module, patterns: Sequence[str], grouped:
                 UserWarning,
                 stacklevel=4,
             )
+
+
+def _blocks(mods: dict[str, nn.Module], names) -> int:
+    """``ChannelGroup.blocks`` of a group with these producers and consumers: the lcm of
+    their grouped convs' groups (1 without any), so that every conv group keeps the same width."""
+    return math.lcm(1, *(mods[n].groups for n in names if _is_grouped(mods[n])))
 
 
 def _check_sizes(tr: _Trace, C: int, fol, cons) -> bool:
@@ -595,7 +599,7 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
                     "Conv1d/2d/3d (not depthwise) or Linear"
                 )
             cons.append(Consumer(name, rep, cg))
-        blocks = math.lcm(1, *(mods[p].groups for p in prods if _is_grouped(mods[p])), *(c.groups for c in cons))
+        blocks = _blocks(mods, [*prods, *(c.module for c in cons)])
         if blocks > 1 and blocks >= C:
             raise ValueError(f"channel_groups[{i}]: each conv group of its grouped convs has one channel; "
                              "none could be removed")

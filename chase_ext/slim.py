@@ -81,6 +81,7 @@ from torch import Tensor, nn
 from . import reference
 from .graph import group_from_dict, group_to_dict
 from .layout import like
+from .tracing import _is_depthwise
 from .groups import CONV_TYPES as _CONV, NORM_TYPES as _NORM, ChannelGroup
 
 __all__ = ["slim_", "replay_", "export_dense"]
@@ -244,10 +245,6 @@ class _Slimmer:
             self.buffer(t, idx, dim)
 
 
-def _depthwise(m: nn.Module) -> bool:
-    return m.groups > 1 and m.groups == m.in_channels == m.out_channels
-
-
 def _as_keep(k, C: int, where: str) -> Tensor:
     if not isinstance(k, Tensor):
         k = torch.as_tensor(k, dtype=torch.int64)
@@ -320,7 +317,7 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
                         f"slim_: consumer {c.module!r} of group {i} has in_features={m.in_features}, "
                         f"expected {C} x {c.repeat}"
                     )
-            elif isinstance(m, _CONV) and (c.groups > 1 or not _depthwise(m)):
+            elif isinstance(m, _CONV) and (c.groups > 1 or not _is_depthwise(m)):
                 if m.in_channels != C or c.repeat != 1:
                     raise ValueError(f"slim_: consumer {c.module!r} of group {i} has in_channels={m.in_channels}, expected {C}")
                 if m.groups != c.groups or g.blocks % m.groups:

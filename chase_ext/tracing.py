@@ -97,7 +97,7 @@ def _is_grouped(m: nn.Module) -> bool:
 
 
 def _is_producer_module(m: nn.Module, grouped: bool = False) -> bool:
-    return (isinstance(m, _CONV) and (m.groups == 1 or (grouped and not _is_depthwise(m)))) or isinstance(m, nn.Linear)
+    return (isinstance(m, _CONV) and (m.groups == 1 or (grouped and _is_grouped(m)))) or isinstance(m, nn.Linear)
 
 
 def _computed_tensor(m: nn.Module) -> str | None:

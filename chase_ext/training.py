@@ -122,12 +122,10 @@ def vgg(cfg: Sequence[int | str] = (16, "M", 32, "M", 64, 64, "M"), *, in_ch: in
 
 
 class Bottleneck(nn.Module):
-    """ResNet-50's block: 1x1 -> 3x3 (stride here) -> 1x1 to ``4 * width``, each with a
+    """ResNet-50's block: 1x1 -> 3x3 (stride here) -> 1x1 to ``expansion * width``, each with a
     BatchNorm; ReLU after the residual add. The shortcut is a 1x1 conv + BN where shape
     changes, so the block output, the shortcut and every later block of the stage form one
     residual-coupled channel group."""
-
-    expansion = 4
 
     def __init__(self, cin: int, width: int, stride: int, groups: int = 1, expansion: int = 4):
         super().__init__()
