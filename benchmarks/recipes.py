@@ -23,6 +23,10 @@ RECIPES = {
     # round_to counts per conv group there: each conv group keeps a multiple of 8 channels
     "coupled_grouped_round8": {"coupled_channels": True, "grouped_channels": True, "round_to": 8},
     "all_joins_round8": {"coupled_channels": True, "gated_channels": True, "grouped_channels": True, "round_to": 8},
+    # concatenations (DenseNet, Inception, SqueezeNet): the layers whose outputs are concatenated
+    # shrink, and the layers reading the concatenations lose those spans
+    "concat": {"concat_channels": True},
+    "concat_round8": {"concat_channels": True, "round_to": 8},
     # the latency table is measured at the throughput batch of the run (latency_batch set there)
     "latency": {"channel_allocation": "latency"},
     "latency_coupled": {"channel_allocation": "latency", "coupled_channels": True},
@@ -49,5 +53,5 @@ def uses_latency_table(recipe: dict) -> bool:
 def latency_table_name(recipe: dict) -> str:
     """One cached table per set of channel groups: the latency recipes with the same groups
     share it (a table measured for lower floors also serves higher ones)."""
-    joins = [j for j in ("coupled", "gated", "grouped") if recipe.get(f"{j}_channels")]
+    joins = [j for j in ("coupled", "gated", "grouped", "concat") if recipe.get(f"{j}_channels")]
     return "-".join(["table", *joins]) + ".json"

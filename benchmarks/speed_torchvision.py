@@ -55,7 +55,8 @@ def one_model(name: str, settings: list[str], sc: float, size: int, batch: int, 
     for s in settings:
         kw = RECIPES[s]
         cov = channel_coverage(dense, x1, coupled=kw.get("coupled_channels", False),
-                               gated=kw.get("gated_channels", False), grouped=kw.get("grouped_channels", False))
+                               gated=kw.get("gated_channels", False), grouped=kw.get("grouped_channels", False),
+                               concat=kw.get("concat_channels", False))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the low-coverage warning: the share is recorded instead
             slim, info = select_slim(dense, sc, kw, size, device)

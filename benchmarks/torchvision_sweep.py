@@ -48,6 +48,9 @@ SETTINGS = {
     "coupled_gated": {"coupled_channels": True, "gated_channels": True},
     "grouped": {"grouped_channels": True},
     "all_joins": {"coupled_channels": True, "gated_channels": True, "grouped_channels": True},
+    "concat": {"concat_channels": True},
+    "every_join": {"coupled_channels": True, "gated_channels": True, "grouped_channels": True,
+                   "concat_channels": True},
 }
 TOLERANCE = 1e-5  # relative to the largest output
 
@@ -102,7 +105,8 @@ def one_run(name: str, setting: str, steps: int, batch: int) -> dict[str, Any]:
             cov = channel_coverage(model, torch.randn(1, 3, hw, hw),
                                    coupled=SETTINGS[setting].get("coupled_channels", False),
                                    gated=SETTINGS[setting].get("gated_channels", False),
-                                   grouped=SETTINGS[setting].get("grouped_channels", False))
+                                   grouped=SETTINGS[setting].get("grouped_channels", False),
+                                   concat=SETTINGS[setting].get("concat_channels", False))
             res["coverage"] = {k: cov[k] for k in ("weight_share", "reached_layers", "candidate_layers")}
             stage = "construct"
             # channel events every 2 steps up to 70% of the run: several removals and re-growths

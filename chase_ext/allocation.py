@@ -182,6 +182,16 @@ def signature(model: nn.Module, groups: Sequence[ChannelGroup]) -> str:
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
+def _seen(mods, g: ChannelGroup, name: str, w: int, repeat: int = 1) -> int:
+    """The input width of reader ``name`` when the group keeps ``w`` channels: inside a
+    concatenation (``ChannelGroup.offsets``) the other tensors' columns stay."""
+    if name not in g.offsets:
+        return w * repeat
+    m = mods[name]
+    full = m.in_features if isinstance(m, nn.Linear) else getattr(m, "num_features", None) or m.in_channels
+    return full - (g.channels - w) * repeat
+
+
 def measure_latency_table(model: nn.Module, groups: Sequence[ChannelGroup], example_inputs: Any,
                           floors: Sequence[int], *, batch: int = 64, points: int = 6, step: int = 8,
                           timer: Callable[[nn.Module, torch.Tensor], float] | None = None) -> LatencyTable:
@@ -204,9 +214,10 @@ def measure_latency_table(model: nn.Module, groups: Sequence[ChannelGroup], exam
         times = []
         for w in ws:
             total = 0.0
-            layers = [(n, None, w) for n in g.producers] + [(n, w, w) for n in g.followers
+            layers = [(n, None, w) for n in g.producers] + [(n, _seen(mods, g, n, w), _seen(mods, g, n, w))
+                                                            for n in g.followers
                                                             if isinstance(mods[n], (*_BNS, *_CONVS))]
-            layers += [(c.module, w * c.repeat, None) for c in g.consumers]
+            layers += [(c.module, _seen(mods, g, c.module, w, c.repeat), None) for c in g.consumers]
             for n, cin, cout in layers:
                 if n not in shapes:
                     continue  # not reached by example_inputs: it costs nothing measurable here

@@ -38,7 +38,8 @@ _STATE_VERSION = 1
 # settings whose change would make the recorded channel state inconsistent: refused on load
 _DECIDES_CHANNELS = ("round_to", "min_channel_ratio")
 # settings recorded since a later version: a checkpoint without them ran with these values
-_SETTINGS_ADDED_LATER = {"channel_allocation": "umm", "gated_channels": False, "grouped_channels": False}
+_SETTINGS_ADDED_LATER = {"channel_allocation": "umm", "gated_channels": False, "grouped_channels": False,
+                         "concat_channels": False}
 
 
 def _what(v) -> str:
@@ -141,6 +142,7 @@ class CheckpointMixin:
             "slim_during_training": c.slim_every, "coupled_channels": c.coupled_channels,
             "gated_channels": c.gated_channels,
             "grouped_channels": c.grouped_channels,
+            "concat_channels": c.concat_channels,
             "channel_allocation": c.channel_allocation,
         }
 
@@ -360,5 +362,9 @@ class CheckpointMixin:
             gc = self._col_group[i] if self._ch is not None else None
             if gc is not None:
                 s[1] = len(present[gc[0]]) * gc[1] // gc[2]
+            seg = self._segs[i] if self._ch is not None else None
+            if seg is not None:  # inside a concatenation: less what each group read there lost
+                dim, m = seg
+                s[dim] -= sum((self._ch.channels[g] - len(present[g])) * r for g, r, _ in self._reader_segs[m])
             out.append(tuple(s))
         return out

@@ -152,6 +152,10 @@ class ChaseConfig:
       produce and read prunable channels; every conv group keeps the same width, and a
       group read by a grouped conv is slimmed at each event that removes its channels
       (not in SPEC; ``chase_ext.graph``, ``chase_ext.channels``).
+    * ``concat_channels`` (False): channels pass through concatenations along the channel dim
+      (DenseNet, Inception, SqueezeNet, U-Net skips): the layers reading a concatenation
+      lose the removed channels' span of it, and a group read through a concatenation is
+      slimmed at each event that removes its channels (not in SPEC; ``chase_ext.graph``).
     * ``channel_allocation`` ("umm" = SPEC | "latency"), ``latency_table`` (None | cache path |
       ``LatencyTable``), ``latency_batch`` (64): how an event's removal is split between
       groups (``chase_ext.allocation``; "latency" is not in SPEC).
@@ -186,6 +190,7 @@ class ChaseConfig:
     coupled_channels: bool = False
     gated_channels: bool = False
     grouped_channels: bool = False
+    concat_channels: bool = False
     channel_groups: Any = field(default=None, repr=False)
     dense_first_layer: bool = False
     seed: int = 0
@@ -223,7 +228,7 @@ class ChaseConfig:
                 raise ValueError(f"slim_during_training must be False, True or an int k >= 1, got {s}")
         self.exclude = _check_names("exclude", self.exclude)
         self.exclude_channels = _check_names("exclude_channels", self.exclude_channels)
-        for n in ("coupled_channels", "gated_channels", "grouped_channels", "dense_first_layer"):
+        for n in ("coupled_channels", "gated_channels", "grouped_channels", "concat_channels", "dense_first_layer"):
             if not isinstance(getattr(self, n), bool):
                 raise TypeError(f"{n} must be a bool, got {getattr(self, n)!r}")
         if self.dense_first_layer and self.init != "uniform":

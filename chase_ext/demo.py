@@ -90,7 +90,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 # --model: name -> (factory of the 28x28 digit model, its description in the results). The
 # VGG has no residual adds; the ResNet's block outputs form residual-coupled channel groups;
 # the EfficientNet's expand convs form gated ones (squeeze-and-excitation); the ResNeXt's
-# inner convs meet grouped convs.
+# inner convs meet grouped convs; the DenseNet's layer outputs are read inside concatenations.
 MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "vgg": (lambda: T.vgg(in_ch=1, size=28, num_classes=10), "vgg(16,M,32,M,64,64,M; 128 hidden)"),
     "resnet": (lambda: T.resnet(in_ch=1, num_classes=10),
@@ -101,6 +101,8 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str]] = {
     "efficientnet": (lambda: T.efficientnet(in_ch=1, num_classes=10),
                      "efficientnet(MBConv + squeeze-and-excitation; stem 16, stages 16/24/40 of 1+2+2 blocks, "
                      "expand 1/4/4, head 128)"),
+    "densenet": (lambda: T.densenet(in_ch=1, num_classes=10),
+                 "densenet(DenseNet-BC; stem 24 of stride 2, growth 12, 3 blocks of 4 layers, transitions halving)"),
 }
 
 
@@ -117,13 +119,16 @@ def build_parser(prog: str = "chase-demo") -> argparse.ArgumentParser:
                    help="S_c: share of prunable channels Chase removes, in [0, 1)")
     p.add_argument("--model", choices=sorted(MODELS), default="vgg",
                    help="the network: a VGG, a small bottleneck ResNet (ResNet-50's block, residual adds), a small "
-                   "ResNeXt (grouped 3x3 convs) or a small EfficientNet (MBConv blocks with squeeze-and-excitation)")
+                   "ResNeXt (grouped 3x3 convs), a small EfficientNet (MBConv blocks with squeeze-and-excitation) or a "
+                   "small DenseNet-BC (layers reading concatenations)")
     p.add_argument("--coupled-channels", action="store_true",
                    help="also prune residual-coupled channels (block outputs; SPEC's opt-in coupled_channels)")
     p.add_argument("--gated-channels", action="store_true",
                    help="also prune channels a squeeze-and-excitation gate scales (gated_channels; not in SPEC)")
     p.add_argument("--grouped-channels", action="store_true",
                    help="also prune channels grouped convs produce or read (grouped_channels; not in SPEC)")
+    p.add_argument("--concat-channels", action="store_true",
+                   help="also prune channels read inside concatenations (concat_channels; not in SPEC)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run, >= 1 (default: 12, --quick: 2)")
     p.add_argument("--seed", type=int, default=0, help="model init, data split/order and masks; in [0, 2**64)")
     p.add_argument("--out", default="demo_report", help="report folder (created; must not be a file)")
@@ -268,7 +273,7 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             bench_rounds=s["bench_rounds"],
             threads=threads,
             channel_kwargs=dict(coupled_channels=args.coupled_channels, gated_channels=args.gated_channels,
-                                grouped_channels=args.grouped_channels),
+                                grouped_channels=args.grouped_channels, concat_channels=args.concat_channels),
         )
         res["timings"]["data_seconds"] = t_data
         res["config"] = {
@@ -354,7 +359,7 @@ def format_table(res: dict[str, Any]) -> str:
                  f"  (masked {100 * c['masked_test_acc']:.2f}%, max |logit diff| {c['slim_max_abs_logit_diff']:.1e})")
     lines.append("")
     cfg = res.get("config", {})
-    joins = [f"{j} channels" for j in ("coupled", "gated", "grouped") if cfg.get(f"{j}_channels")]
+    joins = [f"{j} channels" for j in ("coupled", "gated", "grouped", "concat") if cfg.get(f"{j}_channels")]
     lines.append(f"Chase channels per layer (before -> after slimming), S_c target "
                  f"{c['channel_sparsity_target']:.2f}, reached {c['channel_sparsity']:.3f}"
                  f"{' (with ' + ' and '.join(joins) + ')' if joins else ''}:")

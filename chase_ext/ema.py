@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .groups import at_widths
 from .slim import slim_
 from .wrappers import unwrap_model
 
@@ -73,6 +74,7 @@ def follow_slims(copy: nn.Module, chase) -> nn.Module:
                          f"(from {history[0]} to {history[-1]}): is it a copy of this ChaseOptimizer's model?")
     seen = len(history) - 1 - history[::-1].index(have)
     with torch.no_grad():
-        for rec in records[seen:]:
-            slim_(target, groups, [None if k is None else torch.as_tensor(k, dtype=torch.int64) for k in rec])
+        for rec, widths in zip(records[seen:], history[seen:]):  # concatenation readers' offsets at those widths
+            slim_(target, at_widths(groups, widths),
+                  [None if k is None else torch.as_tensor(k, dtype=torch.int64) for k in rec])
     return copy

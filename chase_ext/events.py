@@ -33,6 +33,7 @@ from . import layout as _layout
 from . import sparsity as _sp
 from .channels import ChannelState, channel_floor, group_scores, group_step, select_channels, target_live
 from .density import erk_counts
+from .groups import at_widths
 from .wrappers import forget_compiled
 
 __all__ = ["ChannelEventsMixin"]
@@ -67,6 +68,7 @@ class ChannelEventsMixin:
                 coupled=cfg.coupled_channels,
                 gated=cfg.gated_channels,
                 grouped=cfg.grouped_channels,
+                concat=cfg.concat_channels,
             )
         if not groups:
             warnings.warn(f"channel_sparsity={cfg.channel_sparsity} but the model has no prunable channel group "
@@ -77,6 +79,10 @@ class ChannelEventsMixin:
         n = len(self._params)
         self._row_group: list[int | None] = [None] * n
         self._col_group: list[tuple[int, int, int] | None] = [None] * n  # (group, repeat, conv groups)
+        # readers inside a concatenation (``concat_channels``): module -> [(group, repeat, offset at full
+        # width)]; parameter -> (dim, module) for the sparse ones among them
+        self._reader_segs: dict[str, list[tuple[int, int, int]]] = {}
+        self._segs: list[tuple[int, str] | None] = [None] * n
         self._g_prod: list[list[int]] = []
         self._g_fan_in: list[list[int]] = []
         self._g_bias: list[list[nn.Parameter]] = []
@@ -101,6 +107,12 @@ class ChannelEventsMixin:
                     biases.append(b)
             for f in g.followers:
                 mod = modules.get(f)
+                if f in g.offsets:
+                    self._reader_segs.setdefault(f, []).append((gi, 1, int(g.offsets[f])))
+                    i = self._index.get(f"{f}.weight")
+                    if i is not None:  # a depthwise conv after a concatenation
+                        self._segs[i] = (0, f)
+                    continue
                 if isinstance(mod, _sp.SPARSE_MODULES):  # depthwise conv: rows are channels
                     i = self._index.get(f"{f}.weight")
                     if i is not None:
@@ -116,6 +128,15 @@ class ChannelEventsMixin:
                     raise ValueError(
                         f"channel group {g.name!r}: consumer {c.module!r} has no sparse weight (excluded?)"
                     )
+                if c.module in g.offsets:
+                    off = int(g.offsets[c.module])
+                    if off + C * c.repeat > self._orig_shapes[i][1]:
+                        raise ValueError(f"channel group {g.name!r}: consumer {c.module!r} reads "
+                                         f"{self._orig_shapes[i][1]} inputs, fewer than offset {off} + "
+                                         f"channels*repeat = {C}*{c.repeat}")
+                    self._reader_segs.setdefault(c.module, []).append((gi, int(c.repeat), off))
+                    self._segs[i] = (1, c.module)
+                    continue
                 if self._orig_shapes[i][1] * c.groups != C * c.repeat:
                     raise ValueError(
                         f"channel group {g.name!r}: consumer {c.module!r} reads {self._orig_shapes[i][1]} inputs"
@@ -135,9 +156,16 @@ class ChannelEventsMixin:
             channel_floor(C, cfg.channel_sparsity, cfg.min_channel_ratio, st) for C, st in zip(channels, self._steps)
         ]
         # a grouped conv reading a group's channels keeps different columns in each conv group,
-        # which no row x column mask describes: such groups are slimmed at the event that
-        # removes their channels (``_channel_event``)
-        self._slim_at_removal = [any(c.groups > 1 for c in g.consumers) for g in groups]
+        # and a layer reading a concatenation reads several groups: no row x column mask of one
+        # group describes them, so such groups are slimmed at the event that removes their
+        # channels (``_channel_event``)
+        self._slim_at_removal = [any(c.groups > 1 for c in g.consumers) or bool(g.offsets) for g in groups]
+        for m, segs in self._reader_segs.items():
+            segs.sort(key=lambda t: t[2])
+            for (g1, r1, o1), (g2, _, o2) in zip(segs, segs[1:]):
+                if o1 + channels[g1] * r1 > o2:
+                    raise ValueError(f"channel groups {groups[g1].name!r} and {groups[g2].name!r} overlap in "
+                                     f"what {m!r} reads")
         self._latency = None
         if cfg.channel_allocation == "latency" and groups:
             from .allocation import resolve_latency_table
@@ -279,6 +307,7 @@ class ChannelEventsMixin:
     def _gather_index(self, keep):
         """Per parameter: (rows kept, columns kept, conv groups of a grouped consumer)."""
         out = []
+        now = self._groups_now() if self._reader_segs else None
         for i in range(len(self._params)):
             ri = ci = None
             g = self._row_group[i]
@@ -289,15 +318,33 @@ class ChannelEventsMixin:
             if gc is not None and keep[gc[0]] is not None:
                 k, rep, blocks = keep[gc[0]], gc[1], gc[2]
                 ci = (k.view(-1, 1) * rep + torch.arange(rep).view(1, -1)).flatten()
+            if self._segs[i] is not None:
+                dim, m = self._segs[i]
+                idx = torch.arange(self._params[i].shape[dim])
+                changed = False
+                for g, rep, _ in reversed(self._reader_segs[m]):  # the last span first: the offsets hold
+                    off = now[g].offsets[m]
+                    if keep[g] is not None:
+                        k = keep[g]
+                        cols = (k.view(-1, 1) * rep + torch.arange(rep).view(1, -1)).flatten()
+                        n = len(self._ch.present[g]) * rep
+                        idx = torch.cat([idx[:off], idx[off + cols], idx[off + n:]])
+                        changed = True
+                if changed:
+                    ri, ci = (idx, ci) if dim == 0 else (ri, idx)
             out.append((ri, ci, blocks))
         return out
+
+    def _groups_now(self):
+        """The groups with the offsets of their concatenation readers as the model is now."""
+        return at_widths(self.groups, [len(p) for p in self._ch.present])
 
     def _apply_slim(self, keep, with_state: bool = True) -> None:
         from .slim import slim_ as _slim_model
 
         gather = self.ops.gather_channels_
         opt = self.optimizer if with_state else None
-        _slim_model(self.model, self.groups, list(keep), optimizer=opt, masks=self._mask_dict, gather=gather)
+        _slim_model(self.model, self._groups_now(), list(keep), optimizer=opt, masks=self._mask_dict, gather=gather)
         if isinstance(self.optimizer, torch.optim.LBFGS):  # also when its state came slimmed from a checkpoint
             self.optimizer._numel_cache = None
         self._ch.commit_slim(keep)

@@ -130,6 +130,7 @@ def find_channel_groups(
     coupled: bool = False,
     gated: bool = False,
     grouped: bool = False,
+    concat: bool = False,
 ) -> list[ChannelGroup]:
     """Prunable channel groups of ``model`` by the SPEC §4 rule (see the module doc).
 
@@ -138,7 +139,7 @@ def find_channel_groups(
     not trace. Warns when the groups reach less than a third of the candidate layers'
     weights (``channel_coverage`` tells the share and why each layer is left out).
     """
-    groups, cov = _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped)
+    groups, cov = _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped, concat)
     if cov is not None and cov["left_out"] and 3 * cov["weight_share"] < 1:
         _warn_low_coverage(model, cov)
     return groups
@@ -153,6 +154,7 @@ def channel_coverage(
     coupled: bool = False,
     gated: bool = False,
     grouped: bool = False,
+    concat: bool = False,
 ) -> dict[str, Any] | None:
     """What channel pruning reaches in ``model`` (arguments as ``find_channel_groups``):
     ``groups``, ``reached_layers`` of ``candidate_layers`` (producers not excluded by the
@@ -160,10 +162,10 @@ def channel_coverage(
     are producers too), ``weight_share`` (their weights in
     groups, 0..1), and ``left_out``: for each candidate left out, ``why`` (what its
     channels run into) and its ``weights``. None when the model does not trace."""
-    return _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped)[1]
+    return _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped, concat)[1]
 
 
-def _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped):
+def _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grouped, concat=False):
     """(groups, coverage record, or None when the model does not trace)."""
     excl = _norm_patterns(exclude)
     excl_ch = _norm_patterns(exclude_channels)
@@ -181,7 +183,7 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grou
             )
             return [], None
         _shape_prop(model, gm, args)
-    tr = _Trace(model, gm, grouped)
+    tr = _Trace(model, gm, grouped, concat)
 
     closures: list[_Closure] = []
     for node in gm.graph.nodes:
@@ -263,15 +265,17 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grou
             continue
         cons: dict[str, tuple[fx.Node, int]] = {}
         fol: dict[str, fx.Node] = {}
+        offs: dict[str, int] = {}
         for c in members:
             cons.update(c.consumers)
             fol.update(c.followers)
+            offs.update(c.offsets)
         if not cons:
             leave_out(members, "no layer reads its channels")
             continue
         (C,) = chans
         # shapes double check: every follower/consumer sees C channels
-        if not _check_sizes(tr, C, fol, cons):
+        if not _check_sizes(tr, C, fol, cons, offs):
             leave_out(members, "a layer it feeds sees another number of channels")
             continue
         names = [*(c.producer for c in members), *cons]
@@ -288,6 +292,7 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grou
             followers=[n for n, nd in sorted(fol.items(), key=lambda kv: tr.order[kv[1]])],
             channels=int(C),
             blocks=blocks,
+            offsets={n: int(offs[n]) for n in (*fol, *cons) if n in offs},
         )
         groups.append((tr.param_pos.get(f"{prods[0]}.weight", 1 << 60), g))
 
@@ -391,18 +396,23 @@ def _blocks(mods: dict[str, nn.Module], names) -> int:
     return math.lcm(1, *(mods[n].groups for n in names if _is_grouped(mods[n])))
 
 
-def _check_sizes(tr: _Trace, C: int, fol, cons) -> bool:
+def _check_sizes(tr: _Trace, C: int, fol, cons, offs) -> bool:
+    """Every follower / consumer sees C channels (repeat columns each), or, inside a
+    concatenation, C channels from its offset on."""
+    def fits(n, width, r):
+        return width == C * r if n not in offs else offs[n] + C * r <= width
+
     for n in fol:
         m = tr.modules[n]
-        if isinstance(m, _NORM) and m.num_features != C:
+        if isinstance(m, _NORM) and not fits(n, m.num_features, 1):
             return False
-        if _is_depthwise(m) and m.in_channels != C:
+        if _is_depthwise(m) and not fits(n, m.in_channels, 1):
             return False
     for n, (_, r) in cons.items():
         m = tr.modules[n]
-        if isinstance(m, nn.Linear) and m.in_features != C * r:
+        if isinstance(m, nn.Linear) and not fits(n, m.in_features, r):
             return False
-        if isinstance(m, _CONV) and (m.in_channels != C or r != 1):
+        if isinstance(m, _CONV) and (not fits(n, m.in_channels, 1) or r != 1):
             return False
     return True
 
@@ -448,6 +458,7 @@ def group_to_dict(g: ChannelGroup) -> dict:
         "followers": list(g.followers),
         "channels": int(g.channels),
         **({"blocks": int(g.blocks)} if g.blocks > 1 else {}),
+        **({"offsets": {str(k): int(v) for k, v in g.offsets.items()}} if g.offsets else {}),
     }
 
 
@@ -461,6 +472,7 @@ def group_from_dict(d: dict) -> ChannelGroup:
         followers=list(d.get("followers", [])),
         channels=int(d.get("channels", 0)),
         blocks=int(d.get("blocks", 1)),
+        offsets={str(k): int(v) for k, v in (d.get("offsets") or {}).items()},
     )
 
 
@@ -520,7 +532,10 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
                 entry.pop("channels")
         if not isinstance(entry, dict):
             raise TypeError(f"channel_groups[{i}] must be a dict or ChannelGroup, got {type(entry).__name__}")
-        unknown = set(entry) - {"producers", "consumers", "followers", "channels", "blocks"}
+        if entry.get("offsets"):
+            raise ValueError(f"channel_groups[{i}]: channels read inside a concatenation ('offsets') come from "
+                             "tracing only (concat_channels=True): leave channel_groups out")
+        unknown = set(entry) - {"producers", "consumers", "followers", "channels", "blocks", "offsets"}
         if unknown:
             raise ValueError(f"channel_groups[{i}]: unknown keys {sorted(unknown)}")
         prods = entry.get("producers")

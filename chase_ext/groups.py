@@ -1,7 +1,9 @@
 """Data types for channel groups (shared by graph.py, tracing.py, slim.py, optimizer.py)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Sequence
 
 from torch import nn
 
@@ -51,6 +53,13 @@ class ChannelGroup:
     blocks: the channels form this many equal consecutive blocks that must stay equally
         wide (1, or the lcm of the ``groups`` of the grouped convs producing or reading
         them, ``grouped_channels``): a grouped conv needs every conv group as wide.
+    offsets: readers (followers and consumers) that see the channels inside a
+        concatenation (``concat_channels``), mapped to where the group's first channel
+        sits on their channel dim (dim 0 of a follower's tensors, dim 1 of a consumer's
+        weight, in columns: channel ``c`` of the group is column ``offset + c * repeat``).
+        The other columns belong to other tensors of the concatenation (other groups, or
+        fixed ones). A group's offsets are those of its widths as given: tracing gives
+        them at full width; :func:`chase_ext.slim.slim_` takes them as they are now.
     """
 
     producers: list[str]
@@ -58,7 +67,29 @@ class ChannelGroup:
     followers: list[str] = field(default_factory=list)
     channels: int = 0
     blocks: int = 1
+    offsets: dict[str, int] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
         return "+".join(self.producers)
+
+
+def at_widths(groups: Sequence[ChannelGroup], widths: Sequence[int]) -> list[ChannelGroup]:
+    """``groups`` (offsets at full width) with the offsets of their concatenation readers
+    where they are when group ``i`` has ``widths[i]`` channels: each span moves left by
+    what the spans before it in the same reader lost."""
+    if not any(g.offsets for g in groups):
+        return list(groups)
+    rep = {(i, c.module): c.repeat for i, g in enumerate(groups) for c in g.consumers}
+    spans: dict[str, list[tuple[int, int]]] = {}  # reader -> [(offset at full width, group)]
+    for i, g in enumerate(groups):
+        for m, off in g.offsets.items():
+            spans.setdefault(m, []).append((off, i))
+    now: dict[tuple[int, str], int] = {}
+    for m, ss in spans.items():
+        lost = 0
+        for off, i in sorted(ss):
+            now[(i, m)] = off - lost
+            lost += (groups[i].channels - widths[i]) * rep.get((i, m), 1)
+    return [dataclasses.replace(g, offsets={m: now[(i, m)] for m in g.offsets}) if g.offsets else g
+            for i, g in enumerate(groups)]

@@ -164,7 +164,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
       ``channel_interval``, ``channel_end``, ``min_channel_ratio``, ``channel_score``,
       ``round_to``, ``slim_during_training``, ``exclude``, ``exclude_channels``,
       ``coupled_channels``, ``channel_groups``, ``dense_first_layer``, ``seed``; beyond
-      SPEC ``gated_channels``, ``grouped_channels``, ``channel_allocation``, ``latency_table``,
+      SPEC ``gated_channels``, ``grouped_channels``, ``concat_channels``, ``channel_allocation``, ``latency_table``,
       ``latency_batch``;
       see ``chase_ext.config``). Keywords given with ``config`` override its fields.
     * ``backend``: ``"native"`` (the compiled kernels) or ``"reference"`` (plain PyTorch).
@@ -266,7 +266,7 @@ class ChaseOptimizer(CheckpointMixin, ChannelEventsMixin, MaskingMixin, CaptureM
             self._setup_channels()
         else:
             unused = [k for k in ("exclude_channels", "coupled_channels", "gated_channels", "grouped_channels",
-                                "channel_groups", "round_to")
+                                "concat_channels", "channel_groups", "round_to")
                       if getattr(cfg, k) not in ((), False, None)]
             if unused:
                 warnings.warn(f"channel_sparsity=0 (no channel part): {', '.join(unused)} ignored", stacklevel=2)

@@ -17,6 +17,12 @@
       rows of conv group ``j``, the columns of block ``j``'s kept channels (a gather into a
       new tensor: its state follows when shaped like the weight, other state is warned
       about);
+    * a follower or consumer in ``ChannelGroup.offsets`` reads the group inside a
+      concatenation: only its span ``[offset, offset + C * repeat)`` (offsets as the model
+      is now) loses the removed channels, the rest of the dim is kept, and its width
+      shrinks by what the group removes. Several groups may share such a layer when their
+      spans are disjoint; the spans are cut from the last to the first, so every offset
+      given holds when its span is cut;
     * ``masks`` (dict: parameter name -> tensor shaped like the parameter): the entries
       of changed parameters are replaced by gathered tensors;
     * ``optimizer.state[p]``: every tensor whose shape equals ``p``'s old shape (momentum,
@@ -138,6 +144,17 @@ def _spans(shape, param_shape, dim: int) -> bool:
         and shape[dim] == param_shape[dim]
         and all(a == b or a == 1 for a, b in zip(shape, param_shape))
     )
+
+
+def _width(m: nn.Module) -> int:
+    return int(m.num_features if isinstance(m, _NORM) else m.in_channels)
+
+
+def _in_span(idx: Tensor, off: int, n: int, width: int) -> Tensor:
+    """Indices into a dim of ``width`` that keep everything but the span ``[off, off + n)``,
+    where they keep ``off + idx``."""
+    return torch.cat([torch.arange(off, dtype=idx.dtype), idx + off,
+                      torch.arange(off + n, width, dtype=idx.dtype)])
 
 
 def _expand(idx: Tensor, repeat: int) -> Tensor:
@@ -265,7 +282,7 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
     if len(keep) != len(groups):
         raise ValueError(f"slim_: got {len(keep)} keep entries for {len(groups)} groups")
     mods = dict(model.named_modules())
-    used: dict[tuple[str, int], str] = {}
+    used: dict[tuple[str, int], list[tuple[float, float, int]]] = {}  # (module, dim) -> claimed spans
 
     def mod(i, name, role):
         m = mods.get(name)
@@ -273,13 +290,20 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
             raise ValueError(f"slim_: group {i} ({groups[i].name}): model has no module {name!r} ({role})")
         return m
 
-    def claim(i, name, dim):
-        key = (name, dim)
-        if key in used:
-            raise ValueError(
-                f"slim_: module {name!r} dim {dim} appears in group {i} and in {used[key]}"
-            )
-        used[key] = f"group {i}"
+    def claim(i, name, dim, span=(0, math.inf)):
+        # inside a concatenation several groups own disjoint spans of one dim
+        for lo, hi, j in used.get((name, dim), []):
+            if span[0] < hi and lo < span[1]:
+                raise ValueError(f"slim_: module {name!r} dim {dim} appears in group {i} and in group {j}")
+        used.setdefault((name, dim), []).append((*span, i))
+
+    def fits(i, g, name, width, C, r=1):
+        off = g.offsets.get(name)
+        if off is None:
+            return width == C * r
+        if not isinstance(off, int) or off < 0:
+            raise ValueError(f"slim_: group {i} ({g.name}): offset of {name!r} must be an int >= 0, got {off!r}")
+        return off + C * r <= width
 
     plan = []
     for i, (g, k) in enumerate(zip(groups, keep)):
@@ -307,19 +331,24 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
                 w = m.in_channels
             else:
                 raise ValueError(f"slim_: follower {f!r} of group {i} is a {type(m).__name__}")
-            if w != C:
-                raise ValueError(f"slim_: follower {f!r} of group {i} has width {w}, producers have {C}")
+            if not fits(i, g, f, w, C):
+                where = f" from offset {g.offsets[f]}" if f in g.offsets else ""
+                raise ValueError(f"slim_: follower {f!r} of group {i} has width {w}, producers have {C}{where}")
         for c in g.consumers:
             m = mod(i, c.module, "consumer")
+            where = f" from offset {g.offsets[c.module]}" if c.module in g.offsets else ""
+            if c.module in g.offsets and c.groups > 1:
+                raise ValueError(f"slim_: consumer {c.module!r} of group {i} is a grouped conv with an offset")
             if isinstance(m, nn.Linear):
-                if m.in_features != C * c.repeat:
+                if not fits(i, g, c.module, m.in_features, C, c.repeat):
                     raise ValueError(
                         f"slim_: consumer {c.module!r} of group {i} has in_features={m.in_features}, "
-                        f"expected {C} x {c.repeat}"
+                        f"expected {C} x {c.repeat}{where}"
                     )
             elif isinstance(m, _CONV) and (c.groups > 1 or not _is_depthwise(m)):
-                if m.in_channels != C or c.repeat != 1:
-                    raise ValueError(f"slim_: consumer {c.module!r} of group {i} has in_channels={m.in_channels}, expected {C}")
+                if not fits(i, g, c.module, m.in_channels, C) or c.repeat != 1:
+                    raise ValueError(f"slim_: consumer {c.module!r} of group {i} has in_channels={m.in_channels}, "
+                                     f"expected {C}{where}")
                 if m.groups != c.groups or g.blocks % m.groups:
                     raise ValueError(f"slim_: consumer {c.module!r} of group {i} has {m.groups} conv groups, the group "
                                      f"says {c.groups} (blocks={g.blocks})")
@@ -340,9 +369,11 @@ def _plan(model: nn.Module, groups: Sequence[ChannelGroup], keep: Sequence[Any])
         for p in g.producers:
             claim(i, p, 0)
         for f in g.followers:
-            claim(i, f, 0)
+            off = g.offsets.get(f)
+            claim(i, f, 0, (0, math.inf) if off is None else (off, off + C))
         for c in g.consumers:
-            claim(i, c.module, 1)
+            off = g.offsets.get(c.module)
+            claim(i, c.module, 1, (0, math.inf) if off is None else (off, off + C * c.repeat))
         plan.append((g, kk, C))
     return plan
 
@@ -365,6 +396,7 @@ def slim_(
     mods = dict(model.named_modules())
     s = _Slimmer(model, optimizer, masks, gather)
     rec_groups, rec_keep = [], []
+    readers = []  # (offset, group, keep, C, module, consumer or None)
     for g, k, C in plan:
         K = int(k.numel())
         for name in g.producers:
@@ -375,23 +407,32 @@ def slim_(
                 m.out_features = K
             else:
                 m.out_channels = K
-        for name in g.followers:
-            m = mods[name]
-            for attr in ("weight", "bias", "running_mean", "running_var"):
-                s.tensor_attr(m, attr, k, 0)
-            if isinstance(m, _NORM):
-                m.num_features = K
-            else:  # depthwise conv
-                m.in_channels = m.out_channels = m.groups = K
-        for c in g.consumers:
-            m = mods[c.module]
-            s.tensor_attr(m, "weight", _expand(k, c.repeat), 1, c.groups)
-            if isinstance(m, nn.Linear):
-                m.in_features = K * c.repeat
-            else:
-                m.in_channels = K
+        readers += [(g.offsets.get(f), g, k, C, f, None) for f in g.followers]
+        readers += [(g.offsets.get(c.module), g, k, C, c.module, c) for c in g.consumers]
         rec_groups.append(group_to_dict(g))
         rec_keep.append(k.clone())
+    # inside a concatenation the last span goes first: the offsets before it stay true
+    readers.sort(key=lambda t: -1 if t[0] is None else -t[0])
+    for off, g, k, C, name, c in readers:
+        m = mods[name]
+        gone = C - int(k.numel())
+        if c is None:  # follower: per-channel tensors, dim 0
+            idx = k if off is None else _in_span(k, off, C, _width(m))
+            for attr in ("weight", "bias", "running_mean", "running_var"):
+                s.tensor_attr(m, attr, idx, 0)
+            if isinstance(m, _NORM):
+                m.num_features -= gone
+            else:  # depthwise conv
+                m.in_channels = m.out_channels = m.groups = m.in_channels - gone
+        else:
+            cols = _expand(k, c.repeat)
+            if off is not None:
+                cols = _in_span(cols, off, C * c.repeat, int(m.weight.shape[1]))
+            s.tensor_attr(m, "weight", cols, 1, c.groups)
+            if isinstance(m, nn.Linear):
+                m.in_features -= gone * c.repeat
+            else:
+                m.in_channels -= gone
     s.finish()
     return {"groups": rec_groups, "keep": rec_keep}
 

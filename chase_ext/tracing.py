@@ -76,6 +76,7 @@ _ADD_METHODS = {"add", "add_", "sub", "sub_"}
 _MUL_METHODS = {"mul", "mul_"}
 _DIV_METHODS = {"div", "div_"}
 _BINARY_METHODS = _ADD_METHODS | _MUL_METHODS | {"div", "div_"}
+_CAT = {torch.cat, torch.concat, torch.concatenate}
 
 
 def _is_stochastic_depth(fn) -> bool:
@@ -160,10 +161,11 @@ def _is_size0(user: fx.Node, v: fx.Node) -> bool:
 
 # --------------------------------------------------------------------------- tracing
 class _Trace:
-    def __init__(self, model: nn.Module, gm: fx.GraphModule, grouped: bool = False):
+    def __init__(self, model: nn.Module, gm: fx.GraphModule, grouped: bool = False, concat: bool = False):
         self.model = model
         self.gm = gm
         self.grouped = grouped  # grouped convs are producers and consumers (``grouped_channels``)
+        self.concat = concat  # channels pass through concatenations (``concat_channels``)
         self.modules = dict(model.named_modules(remove_duplicate=False))
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
         # parameter positions in named_parameters() (first appearance of shared ones)
@@ -225,9 +227,12 @@ class _Closure:
     def __init__(self, producer: str, node: fx.Node):
         self.producer = producer
         self.node = node
-        self.state: dict[fx.Node, tuple[int, int, int]] = {}  # node -> (cdim, repeat, ndim)
+        # node -> (cdim, repeat, ndim, offset): channel c is at index offset + c * repeat + j
+        # (j < repeat) of dim cdim; offset is None until a concatenation, then an int
+        self.state: dict[fx.Node, tuple[int, int, int, int | None]] = {}
         self.followers: dict[str, fx.Node] = {}
         self.consumers: dict[str, tuple[fx.Node, int]] = {}
+        self.offsets: dict[str, int] = {}  # follower / consumer reached through a concatenation -> offset
         self.joins: list[fx.Node] = []
         self.add_joins: list[fx.Node] = []
         self.mul_joins: list[fx.Node] = []  # may gate this space with another producer's
@@ -267,7 +272,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
     """Handle one use of channel-carrying value ``v``; return the new state of ``user``'s
     output when the channel flows on, ``None`` when the path ends here (consumer / size).
     Blocks the closure on anything else."""
-    cdim, rep, nd = cl.state[v]
+    cdim, rep, nd, off = cl.state[v]
     shp_in = _shape(v)
     shp = _shape(user)
     tgt = user.target
@@ -297,14 +302,19 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
                 cl.block(f"consumer {w} is excluded", by_user=True)
                 return None
             if isinstance(m, nn.Linear):
-                if cdim != nd - 1 or m.in_features % rep or shp_in[cdim] != m.in_features:
+                if cdim != nd - 1 or (off is None and m.in_features % rep) or shp_in[cdim] != m.in_features:
                     cl.block(f"linear {name} does not read the channels on its input features")
                     return None
             else:
                 if cdim != 1 or rep != 1 or nd != m.weight.dim():
                     cl.block(f"conv {name} does not read the channels at dim 1")
                     return None
+                if off is not None and _is_grouped(m):
+                    cl.block(f"grouped conv {name} reads a concatenation")
+                    return None
             cl.consumers[name] = (user, rep)
+            if off is not None:
+                cl.offsets[name] = off
             return None
         if isinstance(m, _NORM) or _is_depthwise(m):
             # InstanceNorm/conv see a 2-D / unbatched input as (C, L): not our layout
@@ -320,18 +330,20 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
             # it cannot follow one group and is left out (then only that warning reads it)
             if _has_state(m) or (tr.calls.get(id(m)) == 1 and m.num_features == shp_in[cdim]):
                 cl.followers[name] = user
-            return (cdim, rep, nd)
+                if off is not None:
+                    cl.offsets[name] = off
+            return (cdim, rep, nd, off)
         if isinstance(m, _ACT_MODULES):
-            return (cdim, rep, len(shp)) if len(shp) == nd else _blk(cl, name)
+            return (cdim, rep, nd, off) if len(shp) == nd else _blk(cl, name)
         if isinstance(m, nn.PReLU) and m.num_parameters == 1:
-            return (cdim, rep, nd) if len(shp) == nd else _blk(cl, name)
+            return (cdim, rep, nd, off) if len(shp) == nd else _blk(cl, name)
         if isinstance(m, _SPATIAL_MODULES):
             need = _batched_rank(type(m).__name__)
             if cdim != 1 or rep != 1 or nd < 3 or len(shp) != nd or (need is not None and nd != need):
                 return _blk(cl, f"{name} on a map without spatial dims")
-            return (cdim, rep, nd)
+            return (cdim, rep, nd, off)
         if isinstance(m, nn.Flatten):
-            return _flatten(cl, m.start_dim, m.end_dim, cdim, rep, nd, shp_in, name)
+            return _flatten(cl, m.start_dim, m.end_dim, cdim, rep, nd, off, shp_in, name)
         if _is_grouped(m):
             return _blk(cl, f"grouped conv {name} (not depthwise; grouped_channels=True prunes through grouped convs)")
         return _blk(cl, f"{type(m).__name__} {name}")
@@ -340,7 +352,7 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
         if tgt in _ACT_FUNCS or _is_stochastic_depth(tgt):
             if not _primary_input(user, v) or shp is None or len(shp) != nd:
                 return _blk(cl, fname)
-            return (cdim, rep, nd)
+            return (cdim, rep, nd, off)
         if tgt in _SPATIAL_FUNCS:
             need = _batched_rank(fname)
             if (
@@ -348,33 +360,35 @@ def _step(tr: _Trace, cl: _Closure, v: fx.Node, user: fx.Node, excl: tuple[str, 
                 or len(shp) != nd or (need is not None and nd != need)
             ):
                 return _blk(cl, fname)
-            return (cdim, rep, nd)
+            return (cdim, rep, nd, off)
         if tgt is torch.flatten:
             if not _primary_input(user, v):
                 return _blk(cl, fname)
             s, e = _flatten_args(user)
-            return _flatten(cl, s, e, cdim, rep, nd, shp_in, "flatten")
+            return _flatten(cl, s, e, cdim, rep, nd, off, shp_in, "flatten")
         if tgt is torch.mean:
-            return _mean(cl, user, v, cdim, rep, nd)
+            return _mean(cl, user, v, cdim, rep, nd, off)
         if tgt in _BINARY:
-            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_LIKE, tgt in _MUL, tgt in _DIV)
+            return _binary(cl, user, v, cdim, rep, nd, off, tgt in _ADD_LIKE, tgt in _MUL, tgt in _DIV)
+        if tgt in _CAT:
+            return _cat(cl, tr, user, v, cdim, rep, nd, off)
         return _blk(cl, f"function {fname}")
     if user.op == "call_method":
         if tgt in _ACT_METHODS:
             if not _primary_input(user, v) or shp is None or len(shp) != nd:
                 return _blk(cl, f".{tgt}()")
-            return (cdim, rep, nd)
+            return (cdim, rep, nd, off)
         if tgt == "flatten":
             if not _primary_input(user, v):
                 return _blk(cl, ".flatten()")
             s, e = _flatten_args(user)
-            return _flatten(cl, s, e, cdim, rep, nd, shp_in, ".flatten()")
+            return _flatten(cl, s, e, cdim, rep, nd, off, shp_in, ".flatten()")
         if tgt in ("view", "reshape"):
-            return _view(cl, tr, user, v, cdim, rep, nd, shp_in, shp)
+            return _view(cl, tr, user, v, cdim, rep, nd, off, shp_in, shp)
         if tgt == "mean":
-            return _mean(cl, user, v, cdim, rep, nd)
+            return _mean(cl, user, v, cdim, rep, nd, off)
         if tgt in _BINARY_METHODS:
-            return _binary(cl, user, v, cdim, rep, nd, tgt in _ADD_METHODS, tgt in _MUL_METHODS, tgt in _DIV_METHODS)
+            return _binary(cl, user, v, cdim, rep, nd, off, tgt in _ADD_METHODS, tgt in _MUL_METHODS, tgt in _DIV_METHODS)
         return _blk(cl, f"method .{tgt}()")
     return _blk(cl, f"{user.op} {tgt}")
 
@@ -393,26 +407,30 @@ def _blk(cl: _Closure, why: str):
     return None
 
 
-def _flatten(cl, s, e, cdim, rep, nd, shp_in, what):
+def _scaled(off: int | None, k: int) -> int | None:
+    return None if off is None else off * k
+
+
+def _flatten(cl, s, e, cdim, rep, nd, off, shp_in, what):
     if not isinstance(s, int) or not isinstance(e, int) or shp_in is None:
         return _blk(cl, what)
     s = s + nd if s < 0 else s
     e = e + nd if e < 0 else e
     if s == e:
-        return (cdim, rep, nd)
+        return (cdim, rep, nd, off)
     if s > e:
         return _blk(cl, what)
     if s == cdim:
         inner = math.prod(shp_in[cdim + 1 : e + 1])
-        return (cdim, rep * inner, nd - (e - s))
+        return (cdim, rep * inner, nd - (e - s), _scaled(off, inner))
     if s > cdim and rep == 1:
-        return (cdim, rep, nd - (e - s))
+        return (cdim, rep, nd - (e - s), off)
     if e < cdim:
-        return (cdim - (e - s), rep, nd - (e - s))
+        return (cdim - (e - s), rep, nd - (e - s), off)
     return _blk(cl, f"{what} merges the channel dim with an outer dim")
 
 
-def _view(cl, tr, user, v, cdim, rep, nd, shp_in, shp):
+def _view(cl, tr, user, v, cdim, rep, nd, off, shp_in, shp):
     """``x.view(N, -1)`` / ``x.reshape(x.size(0), -1)``: same as ``flatten(x, 1)``."""
     if not user.args or user.args[0] is not v or user.kwargs or shp is None or shp_in is None:
         return _blk(cl, f".{user.target}()")
@@ -429,7 +447,7 @@ def _view(cl, tr, user, v, cdim, rep, nd, shp_in, shp):
         and shp[0] == shp_in[0]
         and shp[1] == math.prod(shp_in[1:])
     ):
-        return (1, rep * math.prod(shp_in[2:]), 2)
+        return (1, rep * math.prod(shp_in[2:]), 2, _scaled(off, math.prod(shp_in[2:])))
     return _blk(cl, f".{user.target}() other than flatten")
 
 
@@ -443,7 +461,7 @@ def _is_batch(d: fx.Node, v: fx.Node) -> bool:
     return False
 
 
-def _mean(cl, user, v, cdim, rep, nd):
+def _mean(cl, user, v, cdim, rep, nd, off):
     if not user.args or user.args[0] is not v:
         return _blk(cl, "mean")
     a = list(user.args[1:])
@@ -456,11 +474,11 @@ def _mean(cl, user, v, cdim, rep, nd):
     if 0 in dims or cdim in dims or rep != 1:
         return _blk(cl, "mean over the batch or channel dim")
     if keep:
-        return (cdim, rep, nd)
-    return (cdim - sum(d < cdim for d in dims), rep, nd - len(set(dims)))
+        return (cdim, rep, nd, off)
+    return (cdim - sum(d < cdim for d in dims), rep, nd - len(set(dims)), off)
 
 
-def _binary(cl, user, v, cdim, rep, nd, add_like, mul_like, div=False):
+def _binary(cl, user, v, cdim, rep, nd, off, add_like, mul_like, div=False):
     tensors = _nodes_in((user.args, user.kwargs))
     if div and not (user.args and user.args[0] is v and tensors == [v]):
         # a removed channel is a constant (0, or its norm's shift): dividing by it may give inf / NaN
@@ -470,7 +488,7 @@ def _binary(cl, user, v, cdim, rep, nd, add_like, mul_like, div=False):
         shp = _shape(user)
         if shp is None or len(shp) != nd:
             return _blk(cl, "elementwise op changes the rank")
-        return (cdim, rep, nd)  # with a Python number (or with itself)
+        return (cdim, rep, nd, off)  # with a Python number (or with itself)
     shp = _shape(user)
     shp_v = _shape(v)
     if shp is None or shp_v is None or (shp != shp_v and not _keeps_channels(shp_v, shp, cdim, rep)):
@@ -481,7 +499,30 @@ def _binary(cl, user, v, cdim, rep, nd, add_like, mul_like, div=False):
             cl.add_joins.append(user)
         if mul_like:
             cl.mul_joins.append(user)
-    return (cdim, rep, nd)
+    return (cdim, rep, nd, off)
+
+
+def _cat(cl, tr, user, v, cdim, rep, nd, off):
+    """``torch.cat(tensors, dim)`` along the channel dim (``concat_channels``): the channels
+    go on, shifted by the width of the tensors before ``v``; the others do not mix with
+    them (they are other groups' channels or fixed ones)."""
+    if not tr.concat:
+        return _blk(cl, "concatenated with other tensors (concat_channels=True prunes through concatenations)")
+    seq = user.args[0] if user.args else user.kwargs.get("tensors")
+    dim = user.args[1] if len(user.args) > 1 else user.kwargs.get("dim", 0)
+    shp = _shape(user)
+    if (not isinstance(seq, (list, tuple)) or not isinstance(dim, int) or shp is None or len(shp) != nd
+            or any(not isinstance(t, fx.Node) or _shape(t) is None or len(_shape(t)) != nd for t in seq)
+            or sum(t is v for t in seq) != 1 or v in _nodes_in((user.args[2:], user.kwargs))):
+        return _blk(cl, "a concatenation other than torch.cat of equal-rank tensors, each once")
+    if (dim + nd if dim < 0 else dim) != cdim:
+        return _blk(cl, "concatenated along another dim than its channels")
+    before = 0
+    for t in seq:
+        if t is v:
+            break
+        before += _shape(t)[cdim]
+    return (cdim, rep, nd, (off or 0) + before)
 
 
 def _keeps_channels(a: tuple[int, ...], out: tuple[int, ...], cdim: int, rep: int) -> bool:
@@ -503,7 +544,7 @@ def _closure(tr: _Trace, producer: str, node: fx.Node, excl) -> _Closure:
         cl.block(f"conv {producer} runs on an unbatched input: its channels are not at dim 1")
         return cl
     cdim = 1 if isinstance(m, _CONV) else len(shp) - 1
-    cl.state[node] = (cdim, 1, len(shp))
+    cl.state[node] = (cdim, 1, len(shp), None)
     work = [node]
     while work:
         v = work.pop(0)

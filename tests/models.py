@@ -23,6 +23,7 @@ Channel structure (what ``chase_ext.graph.find_channel_groups`` should find by d
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
@@ -187,13 +188,13 @@ def resnext_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
 
 
 @torch.no_grad()
-def zero_inputs_(weight: torch.Tensor, consumer, drop: torch.Tensor, channels: int) -> None:
+def zero_inputs_(weight: torch.Tensor, consumer, drop: torch.Tensor, channels: int, offset: int = 0) -> None:
     """Zero what ``consumer`` (a ``chase_ext.groups.Consumer``) reads of channels ``drop``
-    of a group of ``channels``: its columns, or for a grouped conv the column of each
-    channel in the rows of its conv group."""
+    of a group of ``channels``: its columns (from ``offset`` on, inside a concatenation),
+    or for a grouped conv the column of each channel in the rows of its conv group."""
     if consumer.groups == 1:
         cols = (drop.view(-1, 1) * consumer.repeat + torch.arange(consumer.repeat, device=drop.device)).reshape(-1)
-        weight[:, cols] = 0
+        weight[:, cols + offset] = 0
         return
     a, b = channels // consumer.groups, weight.shape[0] // consumer.groups
     for c in drop.tolist():
@@ -215,7 +216,7 @@ def mask_channels_(model: nn.Module, groups, keep) -> None:
             if mods[p].bias is not None:
                 mods[p].bias[d] = 0
         for c in g.consumers:
-            zero_inputs_(mods[c.module].weight, c, d, g.channels)
+            zero_inputs_(mods[c.module].weight, c, d, g.channels, g.offsets.get(c.module, 0))
 
 
 class TinyResNeXt(nn.Module):
@@ -337,6 +338,125 @@ def mlp(in_features: int = 20, hidden: int = 32, num_classes: int = 5) -> nn.Mod
     )
 
 
+class DenseLayer(nn.Module):
+    """DenseNet's layer: BN-ReLU-conv1x1-BN-ReLU-conv3x3 over the concatenation of all earlier
+    outputs of its block (torchvision's layout)."""
+
+    def __init__(self, cin, growth, inner):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, inner, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(inner)
+        self.conv2 = nn.Conv2d(inner, growth, 3, padding=1, bias=False)
+
+    def forward(self, feats):
+        x = self.conv1(torch.relu(self.norm1(torch.cat(feats, 1))))
+        return self.conv2(torch.relu(self.norm2(x)))
+
+
+class TinyDenseNet(nn.Module):
+    """Two dense blocks (3 and 2 layers, growth 6) with a transition: every layer's output
+    is read inside concatenations, through a norm (under SPEC, only the inner convs
+    prune); input (N, 3, H, W)."""
+
+    def __init__(self, in_ch=3, num_classes=10, growth=6, inner=12):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, 8, 3, padding=1, bias=False)
+        self.norm0 = nn.BatchNorm2d(8)
+        c = 8
+        self.block1 = nn.ModuleList()
+        for _ in range(3):
+            self.block1.append(DenseLayer(c, growth, inner))
+            c += growth
+        self.tnorm = nn.BatchNorm2d(c)
+        self.tconv = nn.Conv2d(c, 10, 1, bias=False)
+        c = 10
+        self.block2 = nn.ModuleList()
+        for _ in range(2):
+            self.block2.append(DenseLayer(c, growth, inner))
+            c += growth
+        self.norm5 = nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, num_classes)
+
+    def forward(self, x):
+        feats = [F.max_pool2d(torch.relu(self.norm0(self.stem(x))), 2)]
+        for layer in self.block1:
+            feats.append(layer(feats))
+        x = F.avg_pool2d(self.tconv(torch.relu(self.tnorm(torch.cat(feats, 1)))), 2)
+        feats = [x]
+        for layer in self.block2:
+            feats.append(layer(feats))
+        x = torch.relu(self.norm5(torch.cat(feats, 1)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def densenet_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
+    return TinyDenseNet(in_ch, num_classes)
+
+
+class TinyInception(nn.Module):
+    """Inception-style branches (1x1; 1x1 -> 3x3; pool -> 1x1) concatenated, a SqueezeNet
+    Fire module (squeeze, then 1x1 and 3x3 expands concatenated), and a head reading a
+    concatenation of flattened maps at several column offsets (a 2x2 map, 4 columns per
+    channel, then a pooled one); input (N, 3, H, W)."""
+
+    def __init__(self, in_ch=3, num_classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(in_ch, 12, 3, padding=1)
+        self.b1 = nn.Conv2d(12, 8, 1)
+        self.b2a = nn.Conv2d(12, 6, 1)
+        self.b2b = nn.Conv2d(6, 10, 3, padding=1)
+        self.b3 = nn.Conv2d(12, 4, 1)
+        self.bn = nn.BatchNorm2d(22)
+        self.squeeze = nn.Conv2d(22, 8, 1)
+        self.e1 = nn.Conv2d(8, 8, 1)
+        self.e3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.side = nn.Conv2d(22, 6, 1)
+        self.fc = nn.Linear(16 * 4 + 6, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.cat([self.b1(x), self.b2b(torch.relu(self.b2a(x))), self.b3(F.max_pool2d(x, 3, 1, 1))], 1)
+        x = torch.relu(self.bn(x))
+        s = torch.relu(self.squeeze(x))
+        f = torch.relu(torch.cat([self.e1(s), self.e3(s)], dim=1))
+        side = F.adaptive_avg_pool2d(torch.relu(self.side(x)), 1).flatten(1)
+        return self.fc(torch.cat([F.adaptive_avg_pool2d(f, 2).flatten(1), side], 1))
+
+
+def inception_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
+    return TinyInception(in_ch, num_classes)
+
+
+class TinyUNet(nn.Module):
+    """Encoder-decoder with a skip concatenation; the encoder's second stage is a residual
+    pair (two convs added, ``coupled_channels``) whose sum is also concatenated; input
+    (N, 3, H, W) with H, W divisible by 2."""
+
+    def __init__(self, in_ch=3, num_classes=10):
+        super().__init__()
+        self.enc1 = nn.Conv2d(in_ch, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.enc2a = nn.Conv2d(8, 12, 3, padding=1)
+        self.enc2b = nn.Conv2d(8, 12, 1)
+        self.dec = nn.Conv2d(12 + 8, 10, 3, padding=1)
+        self.dec_bn = nn.BatchNorm2d(10)
+        self.head = nn.Conv2d(10 + 12, num_classes, 1)
+
+    def forward(self, x):
+        s = torch.relu(self.bn1(self.enc1(x)))
+        p = F.max_pool2d(s, 2)
+        e = torch.relu(self.enc2a(p) + self.enc2b(p))
+        u = F.interpolate(e, scale_factor=2.0, mode="nearest")
+        d = torch.relu(self.dec_bn(self.dec(torch.cat([u, s], 1))))
+        d = F.max_pool2d(d, 2)
+        return self.head(torch.cat((d, e), dim=1)).mean((2, 3))
+
+
+def unet_small(in_ch: int = 3, num_classes: int = 10) -> nn.Module:
+    return TinyUNet(in_ch, num_classes)
+
+
 MODELS = {
     "vgg_small": vgg_small,
     "resnet_basic": resnet_basic,
@@ -344,11 +464,15 @@ MODELS = {
     "mobilenet_v2_small": mobilenet_v2_small,
     "efficientnet_small": efficientnet_small,
     "resnext_small": resnext_small,
+    "densenet_small": densenet_small,
+    "inception_small": inception_small,
+    "unet_small": unet_small,
     "mlp": mlp,
 }
 # how channel spaces that meet may join (find_channel_groups keywords)
 JOINS = {"plain": {}, "coupled": {"coupled": True}, "gated": {"gated": True}, "coupled+gated": {"coupled": True, "gated": True},
-         "grouped": {"grouped": True}, "all": {"coupled": True, "gated": True, "grouped": True}}
+         "grouped": {"grouped": True}, "concat": {"concat": True},
+         "all": {"coupled": True, "gated": True, "grouped": True, "concat": True}}
 
 
 class TwoGroupNet(nn.Module):

@@ -354,3 +354,14 @@ def test_quick_resnext_demo_grouped(tmp_path):
     assert len(inner) == 8
     assert all(groups[g]["after"] % 8 == 0 for g in inner)  # whole blocks of the 8 conv groups
     assert any(groups[g]["after"] < groups[g]["before"] for g in inner)
+
+
+def test_quick_densenet_demo_concat(tmp_path):
+    """--model densenet --concat-channels: every layer's output loses channels, and the
+    layers reading the concatenations lose those spans."""
+    res, groups = _quick_joined_demo(tmp_path, "densenet", "--concat-channels")
+    assert res["config"]["concat_channels"] is True
+    assert "(with concat channels):" in demo.format_table(res)
+    outer = [g for g in groups if g.endswith(".conv2") or g == "stem" or g.startswith("transitions")]
+    assert len(outer) == 15  # the stem, 12 layer outputs, 2 transitions
+    assert any(groups[g]["after"] < groups[g]["before"] for g in outer)

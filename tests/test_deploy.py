@@ -48,9 +48,10 @@ def test_folded_equals_unfolded(name):
     with torch.no_grad():
         ref, got = model(x), dep(x)
     _close(got, ref)
-    # every BN of these models follows a conv/linear that feeds only it
-    assert len(dep.folded) == _n_bn(model) > 0
-    assert _n_bn(dep) == 0
+    # every BN of these models follows a conv/linear that feeds only it, but those after a concatenation
+    after_cat = {"densenet_small": 7, "inception_small": 1}.get(name, 0)
+    assert len(dep.folded) == _n_bn(model) - after_cat and _n_bn(model) > 0
+    assert _n_bn(dep) == after_cat
     assert not dep.training and not any(p.requires_grad for p in dep.parameters())
     assert model.training is False and _n_bn(model) > 0  # the caller's model is untouched
 

@@ -303,6 +303,15 @@ def test_cpu_equals_cuda_grouped_run():
 
 
 @needs_cuda
+@pytest.mark.parametrize("name", ["densenet_small", "unet_small"])
+def test_cpu_equals_cuda_concat_run(name):
+    """The same through concatenations (concat_channels): spans of shared readers slimmed
+    at removal, offsets moving as the spans before them shrink."""
+    kw = dict(concat_channels=True, coupled_channels=True)
+    _assert_same_run(_exact_run(name, "cpu", 48, **kw), _exact_run(name, "cuda", 48, **kw))
+
+
+@needs_cuda
 @pytest.mark.parametrize("name", ["vgg_small", "resnet_bottleneck"])
 @pytest.mark.parametrize("kw", EXACT_CASES, ids=EXACT_IDS)
 @pytest.mark.parametrize("mode", ["bracket", "compact"])

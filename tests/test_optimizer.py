@@ -114,6 +114,18 @@ def expected_target(chase, t):
     return min(chase.budget, L)
 
 
+def reader_width(m: nn.Module) -> int:
+    """The input width of a layer, checked against its tensors."""
+    if isinstance(m, nn.Linear):
+        assert m.weight.shape[1] == m.in_features
+        return m.in_features
+    if isinstance(m, nn.modules.batchnorm._NormBase):
+        assert m.weight is None or m.weight.shape[0] == m.num_features
+        return m.num_features
+    assert m.weight.shape[1] * m.groups == m.in_channels
+    return m.in_channels
+
+
 class Watcher:
     """Checks the invariants after every step."""
 
@@ -121,6 +133,10 @@ class Watcher:
         self.chase = chase
         self.removed: set[tuple[int, int]] = set()
         self.events = []
+        mods = dict(chase.model.named_modules())
+        self.widths0 = {m: reader_width(mods[m]) + sum((chase._ch.channels[g] - len(chase._ch.present[g])) * r
+                                                      for g, r, _ in segs)
+                        for m, segs in getattr(chase, "_reader_segs", {}).items()}
 
     def after(self):
         ch = self.chase
@@ -164,6 +180,12 @@ class Watcher:
                     assert bool((alive == alive[0]).all()), (grp.name, alive.tolist())
                     if any(c.groups > 1 for c in grp.consumers):
                         assert bool(ch._ch.physical_live(g).all()), grp.name
+                if grp.offsets:  # read inside a concatenation: slimmed at once, the readers as wide as the spans
+                    assert bool(ch._ch.physical_live(g).all()), grp.name
+            mods = dict(ch.model.named_modules())
+            for m, segs in ch._reader_segs.items():  # a concatenation's reader lost what its groups lost there
+                lost = sum((ch._ch.channels[g] - len(ch._ch.present[g])) * r for g, r, _ in segs)
+                assert reader_width(mods[m]) == self.widths0[m] - lost, m
 
 
 def run(name, model, chase, steps, start=0, watch=True, **kw):

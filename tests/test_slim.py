@@ -67,6 +67,13 @@ def test_slim_equals_masked(device, name, joins, gather):
         torch.testing.assert_close(slim(x), model(x), rtol=1e-5, atol=1e-5)
     assert all(p.device.type == torch.device(device).type for p in slim.parameters())
     mods = dict(slim.named_modules())
+    full = dict(model.named_modules())
+    # inside a concatenation a reader loses what every group it reads there lost
+    lost = {}
+    for g, k in zip(groups, keep):
+        for n in g.offsets:
+            rep = next((c.repeat for c in g.consumers if c.module == n), 1)
+            lost[n] = lost.get(n, 0) + (g.channels - len(k)) * rep
     for g, k in zip(groups, keep):
         K = len(k)
         for p in g.producers:
@@ -75,14 +82,16 @@ def test_slim_equals_masked(device, name, joins, gather):
             assert (m.out_features if isinstance(m, nn.Linear) else m.out_channels) == K
         for f in g.followers:
             m = mods[f]
+            W = K if f not in g.offsets else full[f].weight.shape[0] - lost[f]
             if isinstance(m, nn.Conv2d):
-                assert m.in_channels == m.out_channels == m.groups == K == m.weight.shape[0]
+                assert m.in_channels == m.out_channels == m.groups == W == m.weight.shape[0]
             else:
-                assert m.num_features == K == m.running_mean.shape[0] == m.weight.shape[0]
+                assert m.num_features == W == m.running_mean.shape[0] == m.weight.shape[0]
         for c in g.consumers:
             m = mods[c.module]
-            assert m.weight.shape[1] == K * c.repeat // c.groups
-            assert (m.in_features if isinstance(m, nn.Linear) else m.in_channels) == K * c.repeat
+            W = K * c.repeat if c.module not in g.offsets else full[c.module].weight.shape[1] - lost[c.module]
+            assert m.weight.shape[1] == W // c.groups
+            assert (m.in_features if isinstance(m, nn.Linear) else m.in_channels) == W
     assert len(rec["groups"]) == len(groups)
     # train mode: forward/backward at the new width
     slim.train()
