@@ -47,7 +47,8 @@ def one_model(name: str, settings: list[str], sc: float, size: int, batch: int, 
     import torchvision.models as tvm
 
     torch.manual_seed(0)
-    dense = getattr(tvm, name)(weights=None).to(device).eval()
+    extra = {"aux_logits": False, "init_weights": True} if name in ("googlenet", "inception_v3") else {}
+    dense = getattr(tvm, name)(weights=None, **extra).to(device).eval()
     x1 = torch.randn(1, 3, size, size, device=device)
     xb = torch.randn(batch, 3, size, size, device=device)
     dtype = torch.float16 if device == "cuda" else torch.float32

@@ -22,7 +22,8 @@ producer's output forward through channel-wise ops until it meets consumers:
 * **consumers** (end of the path): ``nn.Conv*`` with ``groups == 1`` reading the channel
   at dim 1, ``nn.Linear`` reading it on its last dim (``Consumer.repeat`` = columns per
   channel). Several consumers are fine.
-* anything else **blocks** the producer: the model output, ``cat``, LayerNorm/GroupNorm,
+* anything else **blocks** the producer: the model output, ``cat`` unless ``concat=True``,
+  LayerNorm/GroupNorm,
   a grouped (non-depthwise) conv unless ``grouped=True``, other reshapes, an attribute use (``x.size(1)``,
   ``x.shape``...), softmax, an unknown module or function, and an elementwise op between
   two tensors unless every tensor operand is in the *same* producer's channel space
@@ -44,6 +45,16 @@ needs every conv group equally wide, so its channels form ``g`` equal blocks
 (``ChannelGroup.blocks``, the lcm over the group's grouped convs) and every event removes
 the same number from each block (:mod:`chase_ext.channels`). A group whose grouped conv
 has one channel per conv group is left out.
+
+``concat=True`` ("concat_channels", not in SPEC, opt-in): ``torch.cat`` /
+``torch.concat`` / ``torch.concatenate`` along the channel dim passes the channels on,
+shifted by the widths of the tensors before them (DenseNet, Inception, GoogLeNet,
+SqueezeNet, U-Net skips). The layers reached through it read the group inside a
+concatenation: ``ChannelGroup.offsets`` maps each to where the group's first channel
+sits on its channel dim (in columns, ``repeat`` per channel after a flatten); the rest of
+that dim belongs to other tensors (other groups, or fixed ones). A tensor concatenated
+twice into one cat, a cat along another dim, a grouped conv reading a concatenation and
+``torch.stack`` still block.
 
 ``gated=True`` ("gated_channels", not in SPEC, opt-in like ``coupled``): the same for
 producers whose channel spaces meet in an elementwise ``mul``: squeeze-and-excitation
@@ -210,8 +221,15 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grou
 
     for j, cs in by_join.items():
         if couples(j, cs[0]):
-            for c in cs[1:]:
-                dsu.union(cs[0].producer, c.producer)
+            # couple only the spaces the join meets at the same place: the add of two
+            # concatenations couples each span with the one at its offset in the other
+            first: dict = {}
+            for c in cs:
+                k = c.state.get(j)
+                if k in first:
+                    dsu.union(first[k], c.producer)
+                else:
+                    first[k] = c.producer
     comps: dict[str, list[_Closure]] = {}
     for c in closures:
         comps.setdefault(dsu.find(c.producer), []).append(c)
@@ -266,10 +284,16 @@ def _find(model, example_inputs, exclude, exclude_channels, coupled, gated, grou
         cons: dict[str, tuple[fx.Node, int]] = {}
         fol: dict[str, fx.Node] = {}
         offs: dict[str, int] = {}
+        clash = None
         for c in members:
             cons.update(c.consumers)
             fol.update(c.followers)
-            offs.update(c.offsets)
+            for n, o in c.offsets.items():
+                if offs.setdefault(n, o) != o:
+                    clash = n
+        if clash is not None:
+            leave_out(members, f"its channels sit at two places of what {clash} reads")
+            continue
         if not cons:
             leave_out(members, "no layer reads its channels")
             continue

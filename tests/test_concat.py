@@ -130,6 +130,62 @@ def test_fixed_spans_and_other_groups_share_a_reader():
     assert gs["a"].offsets == {"c": 3} and gs["b"].offsets == {"c": 7}
 
 
+class _CatAdd(nn.Module):
+    """Residual add of two concatenations of equal-width parts; with ``twice`` one coupled
+    pair also read side by side in a concatenation."""
+
+    def __init__(self, twice=False):
+        super().__init__()
+        self.twice = twice
+        self.a, self.b, self.c, self.d = (nn.Conv2d(3, 4, 1) for _ in range(4))
+        self.e = nn.Conv2d(8, 5, 1)
+        self.n = nn.Conv2d(4, 5, 1)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        a, c = self.a(x), self.c(x)
+        if self.twice:  # a + c couple them; the cat reads them at offsets 0 and 4
+            y = self.n(a + c) + self.e(torch.cat([a, c], 1))
+        else:
+            y = self.e(torch.cat([a, self.b(x)], 1) + torch.cat([c, self.d(x)], 1))
+        return self.head(torch.relu(y).mean((2, 3)))
+
+
+def test_an_add_of_concatenations_couples_span_with_span():
+    m, x = _CatAdd(), torch.randn(4, 3, 4, 4)
+    gs = _by_name(_find(m, x, concat=True, coupled=True))
+    assert sorted(gs) == ["a+c", "b+d", "e"]  # not one group a+b+c+d
+    assert gs["a+c"].offsets == {"e": 0} and gs["b+d"].offsets == {"e": 4}
+    o = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    chase = ChaseOptimizer(o, m, density=0.5, example_inputs=x, coupled_channels=True, **KW)
+    y = torch.randint(0, 2, (4,))
+    for _ in range(48):
+        chase.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        chase.step()
+    assert chase.slim_count > 0 and m.e.in_channels < 8
+    slim_keeps_function(m, chase, x)
+
+
+def test_a_coupled_group_read_at_two_places_of_a_concatenation_is_left_out():
+    m, x = _CatAdd(twice=True), torch.randn(4, 3, 4, 4)
+    cov = channel_coverage(m, x, concat=True, coupled=True)
+    assert "two places of what e reads" in cov["left_out"]["a"]["why"]
+
+    class GLU(nn.Module):  # a SwiGLU whose halves are also read side by side
+        def __init__(self):
+            super().__init__()
+            self.w1, self.w3 = nn.Linear(6, 8), nn.Linear(6, 8)
+            self.w2, self.side, self.head = nn.Linear(8, 4), nn.Linear(16, 4), nn.Linear(4, 2)
+
+        def forward(self, x):
+            a, b = self.w1(x), self.w3(x)
+            return self.head(torch.relu(self.w2(F.silu(a) * b) + self.side(torch.cat([a, b], 1))))
+
+    cov = channel_coverage(GLU(), torch.randn(8, 6), concat=True, gated=True, coupled=True)
+    assert "two places of what side reads" in cov["left_out"]["w1"]["why"]
+
+
 def test_explicit_groups_refuse_offsets_and_dicts_keep_them():
     m, x = TinyDenseNet(), example_input("densenet_small")
     gs = find_channel_groups(m, x, concat=True)
