@@ -18,7 +18,8 @@ works on the attributes ``ChaseOptimizer.__init__`` sets (``model``, ``config``,
 ``_params``, ``_names``, ``_index``, ``_orig_shapes``, ``_mask_dict``, ``ops``,
 ``optimizer``, ``_k``, ``budget``) and on :class:`chase_ext.masking.MaskingMixin`, and
 sets ``groups``, ``_ch`` (the :class:`chase_ext.channels.ChannelState`), ``_floors`` and
-the index tables ``_row_group``, ``_col_group``, ``_g_prod``, ``_g_fan_in``, ``_g_bias``.
+the index tables ``_row_group``, ``_col_group``, ``_g_prod``, ``_g_fan_in``, ``_g_bias``, and
+``_reader_segs`` / ``_segs`` for the layers that read groups inside a concatenation.
 """
 from __future__ import annotations
 

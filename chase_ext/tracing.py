@@ -6,8 +6,8 @@
   tensors (``add``/``sub`` may couple producers, ``mul`` may gate one with another);
 * :class:`_Trace` (module table, call counts, parameter positions and the layers that
   cannot take part, of one ``torch.fx`` trace) and :class:`_Closure` (what one producer's
-  output reaches: followers, consumers with their ``repeat``, joins, or why it is
-  blocked);
+  output reaches: followers, consumers with their ``repeat``, their offsets inside
+  concatenations, joins, or why it is blocked);
 * :func:`_closure` walks the graph forward from a producer; :func:`_step` decides one
   use of a tensor in the producer's channel space (pass, consume or block);
 * :func:`_train_mode` holds the model in train mode while it is traced (the groups serve

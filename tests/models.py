@@ -363,20 +363,12 @@ class TinyDenseNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(in_ch, 8, 3, padding=1, bias=False)
         self.norm0 = nn.BatchNorm2d(8)
-        c = 8
-        self.block1 = nn.ModuleList()
-        for _ in range(3):
-            self.block1.append(DenseLayer(c, growth, inner))
-            c += growth
-        self.tnorm = nn.BatchNorm2d(c)
-        self.tconv = nn.Conv2d(c, 10, 1, bias=False)
-        c = 10
-        self.block2 = nn.ModuleList()
-        for _ in range(2):
-            self.block2.append(DenseLayer(c, growth, inner))
-            c += growth
-        self.norm5 = nn.BatchNorm2d(c)
-        self.fc = nn.Linear(c, num_classes)
+        self.block1 = nn.ModuleList(DenseLayer(8 + i * growth, growth, inner) for i in range(3))
+        self.tnorm = nn.BatchNorm2d(8 + 3 * growth)
+        self.tconv = nn.Conv2d(8 + 3 * growth, 10, 1, bias=False)
+        self.block2 = nn.ModuleList(DenseLayer(10 + i * growth, growth, inner) for i in range(2))
+        self.norm5 = nn.BatchNorm2d(10 + 2 * growth)
+        self.fc = nn.Linear(10 + 2 * growth, num_classes)
 
     def forward(self, x):
         feats = [F.max_pool2d(torch.relu(self.norm0(self.stem(x))), 2)]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import io
 import warnings
 
 import pytest
@@ -20,7 +19,7 @@ from chase_ext.graph import channel_coverage, explicit_groups, find_channel_grou
 from chase_ext.slim import replay_, slim_
 
 from models import TinyDenseNet, TinyInception, TinyUNet, example_input, mask_channels_, perturb_bn
-from test_optimizer import check_masked, make, run, slim_keeps_function
+from test_optimizer import check_masked, make, resume_is_exact, run, slim_keeps_function
 
 
 def _find(model, x, **kw):
@@ -296,23 +295,7 @@ def test_run_through_concatenations_keeps_every_invariant(name, opt):
 def test_concat_checkpoint_resumes_exactly():
     """A checkpoint taken after slims at removal loads into a fresh full-width model and
     the run goes on as the uninterrupted one does."""
-    model, o, chase = make("densenet_small", **KW)
-    run("densenet_small", model, chase, 48, watch=False)
-    m1, o1, c1 = make("densenet_small", **KW)
-    run("densenet_small", m1, c1, 20, watch=False)
-    assert c1.slim_count > 0
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "opt": c1.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=False)
-    m2, o2, c2 = make("densenet_small", **KW)
-    c2.load_state_dict(ck["opt"])
-    m2.load_state_dict(ck["model"])
-    run("densenet_small", m2, c2, 28, start=20, watch=False)
-    for (n, a), b in zip(model.named_parameters(), m2.parameters()):
-        assert torch.equal(a, b), n
-    for n in chase.masks:
-        assert torch.equal(chase.masks[n], c2.masks[n]), n
+    resume_is_exact("densenet_small", KW)
 
 
 def test_layer_scope_round_to_and_slim_every_event():

@@ -3,7 +3,6 @@ selection by blocks, slimming, whole runs, checkpoints."""
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 
 import pytest
@@ -22,7 +21,7 @@ from chase_ext.groups import ChannelGroup, Consumer
 from chase_ext.slim import replay_, slim_
 
 from models import TinyResNeXt, example_input, keep_per_block, mask_channels_, perturb_bn
-from test_optimizer import check_masked, make, run, slim_keeps_function
+from test_optimizer import check_masked, make, resume_is_exact, run, slim_keeps_function
 
 
 def _find(model, x, **kw):
@@ -270,23 +269,7 @@ def test_run_slims_what_grouped_convs_read_and_keeps_the_function(opt):
 def test_grouped_checkpoint_resumes_exactly():
     """A checkpoint taken after a slim at removal loads into a fresh full-width model
     and the run goes on as the uninterrupted one does."""
-    model, o, chase = make("resnext_small", **KW)
-    run("resnext_small", model, chase, 48, watch=False)
-    m1, o1, c1 = make("resnext_small", **KW)
-    run("resnext_small", m1, c1, 20, watch=False)
-    assert c1.slim_count > 0
-    buf = io.BytesIO()
-    torch.save({"model": m1.state_dict(), "opt": c1.state_dict()}, buf)
-    buf.seek(0)
-    ck = torch.load(buf, weights_only=False)
-    m2, o2, c2 = make("resnext_small", **KW)
-    c2.load_state_dict(ck["opt"])
-    m2.load_state_dict(ck["model"])
-    run("resnext_small", m2, c2, 28, start=20, watch=False)
-    for (n, a), b in zip(model.named_parameters(), m2.parameters()):
-        assert torch.equal(a, b), n
-    for n in chase.masks:
-        assert torch.equal(chase.masks[n], c2.masks[n]), n
+    resume_is_exact("resnext_small", KW)
 
 
 def test_grouped_and_gated_run_on_a_regnety_block():

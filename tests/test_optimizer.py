@@ -896,6 +896,28 @@ def test_channel_options(name, kw):
     check_masked(chase)
 
 
+def resume_is_exact(name, kw, steps=48, cut=20):
+    """A checkpoint taken at step ``cut`` (after the slims so far) loads into a fresh
+    full-width model and the run goes on as the uninterrupted one does, bit for bit."""
+    model, o, chase = make(name, **kw)
+    run(name, model, chase, steps, watch=False)
+    m1, o1, c1 = make(name, **kw)
+    run(name, m1, c1, cut, watch=False)
+    assert c1.slim_count > 0
+    buf = io.BytesIO()
+    torch.save({"model": m1.state_dict(), "opt": c1.state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    m2, o2, c2 = make(name, **kw)
+    c2.load_state_dict(ck["opt"])
+    m2.load_state_dict(ck["model"])
+    run(name, m2, c2, steps - cut, start=cut, watch=False)
+    for (n, a), b in zip(model.named_parameters(), m2.parameters()):
+        assert torch.equal(a, b), n
+    for n in chase.masks:
+        assert torch.equal(chase.masks[n], c2.masks[n]), n
+
+
 def slim_keeps_function(model, chase, x):
     """``chase.slim_()`` leaves the eval-mode output and the active count as they were;
     returns the output."""
