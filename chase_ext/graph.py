@@ -446,8 +446,9 @@ def check_against_trace(model: nn.Module, groups: Sequence[ChannelGroup], exampl
     """Explicit groups against the traced graph, where ``model`` traces with
     ``example_inputs``: every norm with tensors or depthwise conv that tracing finds in a
     producer's channel space must be among its group's followers, and every conv / linear reading that
-    space among its consumers; slimming would leave it at the old width (the next forward
-    fails, after the model changed). ``ValueError`` naming the layers otherwise. A model
+    space among its consumers, also past concatenations, where ``offsets`` must say where
+    (tracing's offsets); slimming would leave it at the old width or cut the wrong columns
+    (the next forward fails, after the model changed). ``ValueError`` naming the layers otherwise. A model
     that does not trace is not checked (explicit groups are its way in)."""
     args = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     with _train_mode(model):
@@ -456,7 +457,8 @@ def check_against_trace(model: nn.Module, groups: Sequence[ChannelGroup], exampl
             _shape_prop(model, gm, args)
         except Exception:  # noqa: BLE001 - not traceable here: nothing to check against
             return
-    tr = _Trace(model, gm, grouped=True)  # a grouped conv reading the channels must be listed too
+    # a grouped conv reading the channels, and a layer reading them inside a concatenation, must be listed too
+    tr = _Trace(model, gm, grouped=True, concat=True)
     nodes = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
     for i, g in enumerate(groups):
         for p in g.producers:
@@ -472,6 +474,13 @@ def check_against_trace(model: nn.Module, groups: Sequence[ChannelGroup], exampl
                     f"channel_groups[{i}] ({g.name}): the traced model shows {', '.join(missing)} reading the "
                     f"channels of producer {p!r}; list {it} in the group, or slimming would leave {it} at the "
                     "old width")
+            listed = [*g.followers, *(x.module for x in g.consumers)]
+            wrong = [f"{n!r} at {cl.offsets.get(n, 'no offset (not in a concatenation)')}, given "
+                     f"{g.offsets.get(n, 'none')}" for n in listed
+                     if (n in cl.followers or n in cl.consumers) and g.offsets.get(n) != cl.offsets.get(n)]
+            if wrong:
+                raise ValueError(f"channel_groups[{i}] ({g.name}): the traced model reads the channels of producer "
+                                 f"{p!r} at other offsets: {', '.join(wrong)}")
 
 
 def group_to_dict(g: ChannelGroup) -> dict:
@@ -514,7 +523,11 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
     one group and produce the next, as every inner layer of a chain does, but not both
     within one group, unless the group has several producers (a coupled group where a
     residual branch reads the sum it adds to, as ``find_channel_groups(coupled=True)``
-    returns for a pre-activation ResNet). A layer whose weight, bias or statistics are
+    returns for a pre-activation ResNet). Optional ``"offsets"`` (``{module: offset}``,
+    ``concat_channels``): followers and consumers that read the group inside a
+    concatenation, at that offset of their channel dim (in columns, at the model's current
+    widths); such a layer may read several groups, on spans that do not overlap, and only
+    other groups' offset spans. A layer whose weight, bias or statistics are
     computed (``torch.nn.utils.parametrize``, the hook-based ``weight_norm``) is refused.
     Groups come back ordered by their first producer's position in
     ``model.named_parameters()``. Raises ``ValueError``/``TypeError`` naming the entry.
@@ -524,9 +537,10 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
     mods = dict(model.named_modules())
     pos = {n: i for i, (n, _) in enumerate(model.named_parameters())}
     used: dict[tuple[str, str], str] = {}  # (module, "out" | "in") -> where it appeared
+    spans: dict[tuple[str, str], list[tuple[int, int, str]]] = {}  # the same, read inside a concatenation
     out: list[tuple[int, ChannelGroup]] = []
 
-    def get(i, role, name, coupled=False):
+    def get(i, role, name, coupled=False, span=None):
         if not isinstance(name, str):
             raise TypeError(f"channel_groups[{i}].{role}: module names must be strings, got {name!r}")
         if name not in mods:
@@ -535,6 +549,13 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
         key = used.get((name, side))
         if key is not None:
             raise ValueError(f"channel_groups[{i}].{role}: module {name!r} already appears in {key}")
+        here = f"channel_groups[{i}].{role}"
+        if span is None and (name, side) in spans:
+            raise ValueError(f"{here}: module {name!r} already appears in {spans[(name, side)][0][2]} (with an offset)")
+        for lo, hi, where in spans.get((name, side), []) if span is not None else []:
+            if span[0] < hi and lo < span[1]:
+                raise ValueError(f"{here}: module {name!r} reads columns [{span[0]}, {span[1]}) here and "
+                                 f"[{lo}, {hi}) in {where}")
         other = used.get((name, "out" if side == "in" else "in"), "")
         # a residual block's conv may read a coupled group and add its output to it
         # (pre-activation ResNet: x + conv(relu(bn(x)))); a lone producer cannot
@@ -546,7 +567,10 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
         if attr is not None:
             raise ValueError(f"channel_groups[{i}].{role}: the {attr} of {name!r} is computed (a parametrization "
                              "such as weight_norm, or a weight_norm/spectral_norm hook); slimming cannot narrow it")
-        used[(name, side)] = f"channel_groups[{i}].{role}"
+        if span is None:
+            used[(name, side)] = here
+        else:
+            spans.setdefault((name, side), []).append((*span, here))
         return mods[name]
 
     for i, entry in enumerate(spec):
@@ -556,9 +580,6 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
                 entry.pop("channels")
         if not isinstance(entry, dict):
             raise TypeError(f"channel_groups[{i}] must be a dict or ChannelGroup, got {type(entry).__name__}")
-        if entry.get("offsets"):
-            raise ValueError(f"channel_groups[{i}]: channels read inside a concatenation ('offsets') come from "
-                             "tracing only (concat_channels=True): leave channel_groups out")
         unknown = set(entry) - {"producers", "consumers", "followers", "channels", "blocks", "offsets"}
         if unknown:
             raise ValueError(f"channel_groups[{i}]: unknown keys {sorted(unknown)}")
@@ -575,6 +596,16 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
         fols = entry.get("followers", []) or []
         if isinstance(fols, str):
             fols = [fols]
+        offs = entry.get("offsets") or {}
+        if not isinstance(offs, dict):
+            raise TypeError(f"channel_groups[{i}].offsets must be a dict {{module: offset}}, got {type(offs).__name__}")
+        readers = {*fols, *((c if isinstance(c, str) else c.module if isinstance(c, Consumer) else c[0])
+                            for c in cons_raw if isinstance(c, (str, Consumer, tuple, list)) and c)}
+        for n, o in offs.items():
+            if n not in readers:
+                raise ValueError(f"channel_groups[{i}].offsets: {n!r} is not a follower or consumer of the group")
+            if not isinstance(o, int) or isinstance(o, bool) or o < 0:
+                raise ValueError(f"channel_groups[{i}].offsets: offset of {n!r} must be an int >= 0, got {o!r}")
         widths = set()
         for p in prods:
             m = get(i, "producers", p)
@@ -589,16 +620,23 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
         (C,) = widths
         if "channels" in entry and entry["channels"] is not None and int(entry["channels"]) != C:
             raise ValueError(f"channel_groups[{i}].channels={entry['channels']} but the producers have {C}")
+        def fits(name, width, r=1):  # C channels (repeat columns each), or inside a concatenation from its offset
+            return width == C * r if name not in offs else offs[name] + C * r <= width
+
+        def at(name):
+            return f" from offset {offs[name]}" if name in offs else ""
+
         for f in fols:
-            m = get(i, "followers", f)
+            m = get(i, "followers", f, span=(offs[f], offs[f] + C) if f in offs else None)
             if isinstance(m, _NORM):
-                if m.num_features != C:
-                    raise ValueError(f"channel_groups[{i}].followers: {f!r} has num_features={m.num_features}, expected {C}")
+                if not fits(f, m.num_features):
+                    raise ValueError(f"channel_groups[{i}].followers: {f!r} has num_features={m.num_features}, "
+                                     f"expected {C}{at(f)}")
             elif isinstance(m, _CONV) and m.groups > 1:
-                if not _is_depthwise(m) or m.in_channels != C:
+                if not _is_depthwise(m) or not fits(f, m.in_channels):
                     raise ValueError(
                         f"channel_groups[{i}].followers: conv {f!r} must be depthwise with "
-                        f"groups == in_channels == out_channels == {C}"
+                        f"groups == in_channels == out_channels == {C}{at(f)}"
                     )
             else:
                 raise ValueError(
@@ -618,20 +656,24 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
             if not isinstance(rep, int) or isinstance(rep, bool) or rep < 1:
                 raise ValueError(f"channel_groups[{i}].consumers: repeat of {name!r} must be a positive int, got {rep!r}")
             cg = 1
-            m = get(i, "consumers", name, coupled=len(prods) > 1)
+            m = get(i, "consumers", name, coupled=len(prods) > 1,
+                    span=(offs[name], offs[name] + C * rep) if name in offs else None)
             if isinstance(m, nn.Linear):
-                if m.in_features != C * rep:
+                if not fits(name, m.in_features, rep):
                     raise ValueError(
                         f"channel_groups[{i}].consumers: linear {name!r} has in_features={m.in_features}, "
-                        f"expected {C} channels x repeat {rep} = {C * rep}"
+                        f"expected {C} channels x repeat {rep} = {C * rep}{at(name)}"
                     )
             elif isinstance(m, _CONV) and not _is_depthwise(m):
-                if rep != 1 or m.in_channels != C:
+                if rep != 1 or not fits(name, m.in_channels):
                     raise ValueError(
                         f"channel_groups[{i}].consumers: conv {name!r} has in_channels={m.in_channels}, "
-                        f"expected {C} (repeat must be 1 for a conv)"
+                        f"expected {C}{at(name)} (repeat must be 1 for a conv)"
                     )
                 cg = m.groups
+                if cg > 1 and name in offs:
+                    raise ValueError(f"channel_groups[{i}].consumers: grouped conv {name!r} cannot read a "
+                                     "concatenation (offsets)")
             else:
                 raise ValueError(
                     f"channel_groups[{i}].consumers: {name!r} is a {type(m).__name__}; consumers must be "
@@ -645,7 +687,8 @@ def explicit_groups(model: nn.Module, spec: Sequence[dict | ChannelGroup]) -> li
         if entry.get("blocks") not in (None, blocks):
             raise ValueError(f"channel_groups[{i}].blocks={entry['blocks']} but its grouped convs make {blocks}")
         prods = sorted(prods, key=lambda p: pos.get(f"{p}.weight", 1 << 60))
-        g = ChannelGroup(producers=list(prods), consumers=cons, followers=list(fols), channels=C, blocks=blocks)
+        g = ChannelGroup(producers=list(prods), consumers=cons, followers=list(fols), channels=C, blocks=blocks,
+                         offsets=dict(offs))
         out.append((pos.get(f"{prods[0]}.weight", 1 << 60), g))
     out.sort(key=lambda t: t[0])
     return [g for _, g in out]

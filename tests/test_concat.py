@@ -185,18 +185,45 @@ def test_a_coupled_group_read_at_two_places_of_a_concatenation_is_left_out():
     assert "two places of what side reads" in cov["left_out"]["w1"]["why"]
 
 
-def test_explicit_groups_refuse_offsets_and_dicts_keep_them():
+def test_explicit_groups_with_offsets():
     m, x = TinyDenseNet(), example_input("densenet_small")
     gs = find_channel_groups(m, x, concat=True)
     g = _by_name(gs)["block1.1.conv2"]
     d = group_to_dict(g)
     assert d["offsets"]["tconv"] == 14 and group_from_dict(d) == g
     assert "offsets" not in group_to_dict(_by_name(gs)["block1.0.conv1"])
-    with pytest.raises(ValueError, match="concatenation .*'offsets'.* tracing only"):
-        explicit_groups(m, [g])
-    with pytest.raises(ValueError, match="tracing only"):
-        ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), m, density=0.5, total_steps=40,
-                       channel_sparsity=0.5, channel_groups=[d])
+    assert explicit_groups(m, gs) == gs and explicit_groups(m, [group_to_dict(h) for h in gs]) == gs
+    # checked against the trace: the offsets, and the readers inside concatenations
+    chase = ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.05), m, channel_groups=gs, example_inputs=x,
+                           density=0.5, **KW)
+    assert [h.offsets for h in chase.groups] == [h.offsets for h in gs]
+    wrong = [dict(d, offsets={**g.offsets, "tconv": 15})]  # fits its width, but not where the trace puts it
+    with pytest.raises(ValueError, match=r"other offsets: 'tconv' at 14, given 15"):
+        ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.05), m, channel_groups=wrong, example_inputs=x,
+                       density=0.5, **KW)
+    stem = group_to_dict(_by_name(gs)["stem"])  # block1.0 reads cat([stem]): width 8 either way
+    no_off = dict(stem, offsets={k: v for k, v in stem["offsets"].items() if k != "block1.0.norm1"})
+    with pytest.raises(ValueError, match=r"'block1.0.norm1' at 0, given none"):
+        ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.05), m, example_inputs=x, density=0.5,
+                       channel_groups=[no_off], **KW)
+    short = dict(d, followers=[f for f in d["followers"] if f != "tnorm"],
+                 offsets={k: v for k, v in d["offsets"].items() if k != "tnorm"})
+    with pytest.raises(ValueError, match=r"follower 'tnorm'"):
+        ChaseOptimizer(torch.optim.SGD(m.parameters(), lr=0.05), m, example_inputs=x, density=0.5,
+                       channel_groups=[short], **KW)
+    # widths and spans are checked without a trace too
+    for offsets, match in [({**g.offsets, "tconv": 21}, "in_channels=26, expected 6 from offset 21"),
+                           ({**g.offsets, "tconv": -1}, "int >= 0"), ({**g.offsets, "fc": 0}, "not a follower or consumer"),
+                           ({**g.offsets, "tconv": True}, "int >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            explicit_groups(m, [dict(d, offsets=offsets)])
+    other = _by_name(gs)["block1.0.conv2"]  # its span [8, 14) meets [13, 19) below
+    with pytest.raises(ValueError, match=r"'tconv' reads columns \[13, 19\) here and \[8, 14\)"):
+        explicit_groups(m, [other, dict(d, offsets={**g.offsets, "tconv": 13})])
+    with pytest.raises(ValueError, match=r"already appears in .* \(with an offset\)"):
+        explicit_groups(m, [other, dict(d, offsets={k: v for k, v in g.offsets.items() if k != "tnorm"})])
+    with pytest.raises(TypeError, match="offsets must be a dict"):
+        explicit_groups(m, [dict(d, offsets=[14])])
 
 
 # --------------------------------------------------------------------------- slim_
