@@ -161,12 +161,8 @@ class ChannelEventsMixin:
         # group describes them, so such groups are slimmed at the event that removes their
         # channels (``_channel_event``)
         self._slim_at_removal = [any(c.groups > 1 for c in g.consumers) or bool(g.offsets) for g in groups]
-        for m, segs in self._reader_segs.items():
+        for segs in self._reader_segs.values():  # in column order (spans are disjoint: tracing, explicit_groups)
             segs.sort(key=lambda t: t[2])
-            for (g1, r1, o1), (g2, _, o2) in zip(segs, segs[1:]):
-                if o1 + channels[g1] * r1 > o2:
-                    raise ValueError(f"channel groups {groups[g1].name!r} and {groups[g2].name!r} overlap in "
-                                     f"what {m!r} reads")
         self._latency = None
         if cfg.channel_allocation == "latency" and groups:
             from .allocation import resolve_latency_table
@@ -307,6 +303,8 @@ class ChannelEventsMixin:
 
     def _gather_index(self, keep):
         """Per parameter: (rows kept, columns kept, conv groups of a grouped consumer)."""
+        from .slim import _expand, _in_span
+
         out = []
         now = self._groups_now() if self._reader_segs else None
         for i in range(len(self._params)):
@@ -318,18 +316,15 @@ class ChannelEventsMixin:
             blocks = 1
             if gc is not None and keep[gc[0]] is not None:
                 k, rep, blocks = keep[gc[0]], gc[1], gc[2]
-                ci = (k.view(-1, 1) * rep + torch.arange(rep).view(1, -1)).flatten()
+                ci = _expand(k, rep)
             if self._segs[i] is not None:
                 dim, m = self._segs[i]
                 idx = torch.arange(self._params[i].shape[dim])
                 changed = False
                 for g, rep, _ in reversed(self._reader_segs[m]):  # the last span first: the offsets hold
-                    off = now[g].offsets[m]
                     if keep[g] is not None:
-                        k = keep[g]
-                        cols = (k.view(-1, 1) * rep + torch.arange(rep).view(1, -1)).flatten()
                         n = len(self._ch.present[g]) * rep
-                        idx = torch.cat([idx[:off], idx[off + cols], idx[off + n:]])
+                        idx = idx[_in_span(_expand(keep[g], rep), now[g].offsets[m], n, len(idx))]
                         changed = True
                 if changed:
                     ri, ci = (idx, ci) if dim == 0 else (ri, idx)

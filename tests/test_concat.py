@@ -19,7 +19,7 @@ from chase_ext.graph import channel_coverage, explicit_groups, find_channel_grou
 from chase_ext.slim import replay_, slim_
 
 from models import TinyDenseNet, TinyInception, TinyUNet, example_input, mask_channels_, perturb_bn
-from test_optimizer import check_masked, make, resume_is_exact, run, slim_keeps_function
+from test_optimizer import check_masked, ema_follows_slims, make, resume_is_exact, run, slim_keeps_function
 
 
 def _find(model, x, **kw):
@@ -346,20 +346,7 @@ def test_native_equals_reference_concat_run():
 
 
 def test_ema_copy_follows_the_slims_at_removal():
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    from chase_ext.ema import follow_slims
-    from test_optimizer import train_step
-
-    model, o, chase = make("inception_small", **KW)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
-    for i in range(48):
-        train_step("inception_small", model, chase, i)
-        follow_slims(ema, chase)
-        ema.update_parameters(model)
-        assert [p.shape for p in ema.module.parameters()] == [p.shape for p in model.parameters()]
-    assert chase.slim_count > 0
-    ema.module(example_input("inception_small"))
+    ema_follows_slims("inception_small", KW)
 
 
 def test_latency_table_times_readers_at_their_concatenated_width():

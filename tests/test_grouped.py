@@ -21,7 +21,7 @@ from chase_ext.groups import ChannelGroup, Consumer
 from chase_ext.slim import replay_, slim_
 
 from models import TinyResNeXt, example_input, keep_per_block, mask_channels_, perturb_bn
-from test_optimizer import check_masked, make, resume_is_exact, run, slim_keeps_function
+from test_optimizer import check_masked, ema_follows_slims, make, resume_is_exact, run, slim_keeps_function
 
 
 def _find(model, x, **kw):
@@ -299,20 +299,7 @@ def test_native_equals_reference_grouped_run():
 
 
 def test_ema_copy_follows_the_slims_at_removal():
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    from chase_ext.ema import follow_slims
-    from test_optimizer import train_step
-
-    model, o, chase = make("resnext_small", **KW)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
-    for i in range(48):
-        train_step("resnext_small", model, chase, i)
-        follow_slims(ema, chase)
-        ema.update_parameters(model)
-        assert [p.shape for p in ema.module.parameters()] == [p.shape for p in model.parameters()]
-    assert chase.slim_count > 0
-    ema.module(example_input("resnext_small"))
+    ema_follows_slims("resnext_small", KW)
 
 
 def test_multiplier_conv_slimmed_to_one_channel_per_conv_group_slims_again():

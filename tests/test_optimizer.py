@@ -918,6 +918,24 @@ def resume_is_exact(name, kw, steps=48, cut=20):
         assert torch.equal(chase.masks[n], c2.masks[n]), n
 
 
+def ema_follows_slims(name, kw, steps=48):
+    """An EMA copy kept in step with ``chase_ext.ema.follow_slims`` has the model's shapes
+    after every step of a run that slims, and runs."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    from chase_ext.ema import follow_slims
+
+    model, o, chase = make(name, **kw)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    for i in range(steps):
+        train_step(name, model, chase, i)
+        follow_slims(ema, chase)
+        ema.update_parameters(model)
+        assert [p.shape for p in ema.module.parameters()] == [p.shape for p in model.parameters()]
+    assert chase.slim_count > 0
+    ema.module(example_input(name))
+
+
 def slim_keeps_function(model, chase, x):
     """``chase.slim_()`` leaves the eval-mode output and the active count as they were;
     returns the output."""
